@@ -1,0 +1,47 @@
+# predgate: `make run` sets up, builds the default bundle if needed and serves it; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PREDGATE := $(VENV)/bin/predgate
+BUNDLE ?= bundles/fashion-mnist-quick
+PROFILE ?= quick
+DATASET ?= fashion-mnist
+PORT ?= 8000
+FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup data system-deps bundle run serve test lint clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist package (IDX files).
+data:
+	@if [ ! -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz ] && [ ! -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte ]; then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; fi
+
+# Programs the integration tests start or call: a Prometheus server and docker-compose (config validation only).
+system-deps: data
+	@if ! command -v prometheus >/dev/null || ! command -v docker-compose >/dev/null; then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq prometheus docker-compose; fi
+
+bundle: setup data
+	$(PREDGATE) build --dataset $(DATASET) --profile $(PROFILE) --out $(BUNDLE)
+
+run: bundle
+	$(PREDGATE) serve --bundle $(BUNDLE) --port $(PORT)
+
+serve: setup
+	$(PREDGATE) serve --bundle $(BUNDLE) --port $(PORT)
+
+test: setup system-deps
+	$(VENV)/bin/pytest
+
+lint: setup
+	$(VENV)/bin/ruff check models offline service bench tests

@@ -1,0 +1,242 @@
+"""The bundle: one versioned directory that offline jobs write and the server loads.
+
+Layout: ``manifest.json`` (a schema-versioned description plus the sha256 of every file) and the
+files it names (weights as safetensors, arrays as npz without pickle, JSON). ``load_bundle``
+refuses anything it cannot trust, naming the file, so that a server never starts on a bundle that
+is half-written, edited by hand or produced by an unknown schema.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file as _load_safetensors
+from safetensors.torch import save_file as _save_safetensors
+from torch import nn
+
+from models import __version__
+from models.architectures import build_model
+from models.errors import BundleError
+from models.preprocess import Normalisation
+
+SCHEMA_VERSION = 1
+SUPPORTED_SCHEMAS = frozenset({1})
+MANIFEST_NAME = "manifest.json"
+WEIGHTS_NAME = "weights.safetensors"
+REQUIRED_KEYS = (
+    "schema_version",
+    "package_version",
+    "bundle_id",
+    "dataset",
+    "class_names",
+    "input_shape",
+    "normalisation",
+    "architecture",
+    "files",
+)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same directory, then rename: no half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Bundle:
+    """A bundle directory and its manifest; stages add files and sections, then ``save()``."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.manifest = manifest
+
+    # ----------------------------------------------------------------- creation
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        dataset: dict[str, Any],
+        class_names: list[str],
+        input_shape: tuple[int, int, int],
+        normalisation: Normalisation,
+        architecture: dict[str, Any],
+        overwrite: bool = False,
+    ) -> Bundle:
+        """Start a new bundle; refuse to write over an existing one unless asked."""
+        path = Path(path)
+        if (path / MANIFEST_NAME).exists() and not overwrite:
+            raise BundleError(f"{path} already holds a bundle; pass overwrite to replace it")
+        path.mkdir(parents=True, exist_ok=True)
+        manifest: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "package_version": __version__,
+            "bundle_id": f"{path.name}-{uuid.uuid4().hex[:8]}",
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "dataset": dataset,
+            "class_names": list(class_names),
+            "input_shape": list(input_shape),
+            "normalisation": normalisation.to_dict(),
+            "architecture": architecture,
+            "stages": {},
+            "files": {},
+        }
+        bundle = cls(path, manifest)
+        bundle.save()
+        return bundle
+
+    # ----------------------------------------------------------------- files
+    def _record(self, name: str) -> None:
+        self.manifest["files"][name] = {"sha256": sha256_file(self.path / name)}
+
+    def write_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        _atomic_write(self.path / name, lambda tmp: _save_safetensors(clean, str(tmp)))
+        self._record(name)
+
+    def read_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        self._require(name)
+        return _load_safetensors(str(self.path / name))
+
+    def write_arrays(self, name: str, arrays: dict[str, np.ndarray]) -> None:
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                np.savez_compressed(handle, **arrays)
+
+        _atomic_write(self.path / name, write)
+        self._record(name)
+
+    def read_arrays(self, name: str) -> dict[str, np.ndarray]:
+        self._require(name)
+        with np.load(self.path / name, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+
+    def write_json(self, name: str, obj: Any) -> None:
+        text = json.dumps(obj, indent=2, sort_keys=True)
+        _atomic_write(self.path / name, lambda tmp: tmp.write_text(text))
+        self._record(name)
+
+    def read_json(self, name: str) -> Any:
+        self._require(name)
+        return json.loads((self.path / name).read_text())
+
+    def write_file(self, name: str, data: bytes) -> None:
+        _atomic_write(self.path / name, lambda tmp: tmp.write_bytes(data))
+        self._record(name)
+
+    def has_file(self, name: str) -> bool:
+        return name in self.manifest["files"]
+
+    def _require(self, name: str) -> None:
+        if name not in self.manifest["files"]:
+            raise BundleError(f"bundle {self.path} has no file {name!r} in its manifest")
+
+    # ----------------------------------------------------------------- sections
+    def set(self, key: str, value: Any) -> None:
+        """Set a manifest section (``mutants``, ``detectors``, ...); persisted by ``save()``."""
+        self.manifest[key] = value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.manifest.get(key, default)
+
+    def mark_stage(self, stage: str, **info: Any) -> None:
+        self.manifest.setdefault("stages", {})[stage] = {
+            "done": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            **info,
+        }
+        self.save()
+
+    def stage_done(self, stage: str) -> bool:
+        return stage in self.manifest.get("stages", {})
+
+    def save(self) -> None:
+        text = json.dumps(self.manifest, indent=2, sort_keys=True)
+        _atomic_write(self.path / MANIFEST_NAME, lambda tmp: tmp.write_text(text))
+
+    # ----------------------------------------------------------------- model
+    @property
+    def normalisation(self) -> Normalisation:
+        return Normalisation.from_dict(self.manifest["normalisation"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest["class_names"])
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.manifest["input_shape"]
+        return int(c), int(h), int(w)
+
+    def save_model(self, model: nn.Module) -> None:
+        self.write_tensors(WEIGHTS_NAME, model.state_dict())
+
+    def load_model(self, device: str | torch.device = "cpu") -> nn.Module:
+        """Rebuild the architecture and load the weights; the model is returned in eval mode."""
+        arch = self.manifest["architecture"]
+        model = build_model(arch["name"], int(arch["num_classes"]), int(arch["in_channels"]))
+        state = self.read_tensors(WEIGHTS_NAME)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise BundleError(f"{WEIGHTS_NAME} does not fit architecture {arch['name']!r}: {exc}") from exc
+        return model.to(device).eval()
+
+
+def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
+    """Open a bundle, refusing unknown schemas, missing files and files whose hash changed."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_NAME
+    if not path.is_dir():
+        raise BundleError(f"bundle directory {path} does not exist")
+    if not manifest_path.is_file():
+        raise BundleError(f"{manifest_path} is missing: {path} is not a bundle (or its build never started)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{manifest_path} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{manifest_path} must hold a JSON object")
+    version = manifest.get("schema_version")
+    if version not in SUPPORTED_SCHEMAS:
+        raise BundleError(
+            f"{manifest_path} has schema_version {version!r}; this predgate "
+            f"({__version__}) reads {sorted(SUPPORTED_SCHEMAS)}"
+        )
+    missing = [key for key in REQUIRED_KEYS if key not in manifest]
+    if missing:
+        raise BundleError(f"{manifest_path} lacks required keys {missing}")
+    if verify:
+        for name, info in manifest["files"].items():
+            file_path = path / name
+            if not file_path.is_file():
+                raise BundleError(f"bundle file {name} is missing from {path}")
+            actual = sha256_file(file_path)
+            if actual != info.get("sha256"):
+                raise BundleError(
+                    f"bundle file {name} does not match its manifest hash "
+                    f"(expected {info.get('sha256')}, found {actual}): it was changed after the build"
+                )
+    return Bundle(path, manifest)

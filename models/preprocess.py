@@ -1,0 +1,39 @@
+"""Turn raw uint8 images into the normalised tensors the CNN (and the conductance baseline) expect."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """Per-channel statistics of cnn-train, in units of [0, 1] pixel values."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_images(cls, images: np.ndarray) -> Normalisation:
+        """Statistics of an ``N x H x W x C`` uint8 array (computed on cnn-train only)."""
+        data = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+        return cls(tuple(float(v) for v in data.mean(0)), tuple(float(v) for v in data.std(0)))
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, list[float]]) -> Normalisation:
+        return cls(tuple(data["mean"]), tuple(data["std"]))
+
+    def apply(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``N x H x W x C`` uint8 -> ``N x C x H x W`` float32, normalised."""
+        tensor = torch.as_tensor(np.asarray(images))
+        if tensor.ndim != 4:
+            raise ValueError(f"expected N x H x W x C images, got shape {tuple(tensor.shape)}")
+        tensor = tensor.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
+        return (tensor - mean) / std

@@ -1,0 +1,92 @@
+"""The ``predgate`` command: one subcommand per offline job, plus ``serve``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from models.errors import PredgateError
+from offline.profiles import get_profile
+
+
+def _progress() -> bool:
+    return os.environ.get("PREDGATE_NO_PROGRESS", "") not in ("1", "true", "yes")
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "cifar10", "imagefolder"])
+    parser.add_argument("--data-root", default=None, help="data directory (default: the data set's standard place)")
+    parser.add_argument("--image-size", type=int, default=None, help="imagefolder: side of the square input")
+    parser.add_argument("--channels", type=int, default=3, choices=[1, 3], help="imagefolder: 3 (RGB) or 1 (grey)")
+    parser.add_argument("--profile", default="quick", help="quick (default) or full; flags below override it")
+    parser.add_argument("--arch", default="resnet20", help="resnet20 or a torchvision model name")
+    parser.add_argument("--layer", default=None, help="conductance layer (default: the architecture's last stage)")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--cnn-train", type=int, default=None, help="cnn-train split size")
+    parser.add_argument("--fit", type=int, default=None, help="fit split size (detector training)")
+    parser.add_argument("--val", type=int, default=None, help="val split size")
+    parser.add_argument("--test", type=int, default=None, help="test split size")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--weights", type=Path, default=None, help="state-dict file: import instead of training")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    parser.add_argument("--out", type=Path, required=True, help="bundle directory (e.g. bundles/NAME)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+
+
+def _profile_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    profile = get_profile(args.dataset, args.profile)
+    return profile.with_overrides(
+        epochs=args.epochs, cnn_train=args.cnn_train, fit=args.fit, val=args.val, test=args.test, seed=args.seed
+    )
+
+
+def _source_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from offline.stages import DataSource
+
+    return DataSource(args.dataset, args.data_root, args.image_size, args.channels if args.dataset == "imagefolder" else None)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from offline.stages import prepare, train_stage
+
+    profile = _profile_from(args)
+    bundle, arrays = prepare(args.out, _source_from(args), profile, arch=args.arch, layer=args.layer, overwrite=args.overwrite)
+    train_stage(
+        bundle, arrays, epochs=profile.epochs, seed=profile.seed, weights=args.weights,
+        device=args.device, progress=_progress(),
+    )
+    info = bundle.manifest["training"]
+    print(
+        f"trained {args.arch} on {args.dataset}: cnn-train acc {info['cnn-train_accuracy']:.4f}, "
+        f"val acc {info['val_accuracy']:.4f}, test acc {info['test_accuracy']:.4f} -> {bundle.path}"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="predgate", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="cut the splits and train (or import) the CNN into a bundle")
+    _add_data_args(train)
+    train.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        args.func(args)
+    except PredgateError as exc:
+        print(f"predgate {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

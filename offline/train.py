@@ -1,0 +1,187 @@
+"""Train the CNN that the gate protects: SGD + Nesterov, one-cycle or cosine, resumable.
+
+Checkpoints are written after every epoch so a long CIFAR-10 run on a CPU can be stopped and
+continued with ``--resume`` without changing the result it converges to.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from models.errors import ConfigError
+from models.preprocess import Normalisation
+from offline.data import ImageArrays, augment_images
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters, recorded in the bundle manifest as they were used."""
+
+    epochs: int = 3
+    batch_size: int = 128
+    max_lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"  # or "cosine"
+    flip: bool = False
+    crop_padding: int = 0
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    epochs_done: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def _make_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    total = config.epochs * steps_per_epoch
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.max_lr, total_steps=total)
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+    raise ConfigError(f"unknown schedule {config.schedule!r}; choose 'onecycle' or 'cosine'")
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, x: torch.Tensor, batch_size: int = 512, device: torch.device | None = None
+) -> torch.Tensor:
+    """Logits of an eval-mode model over a normalised tensor, in batches (returned on the CPU)."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    outs = [model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    logits = predict_logits(model, x, batch_size)
+    return float((logits.argmax(1) == torch.as_tensor(y)).float().mean())
+
+
+def train_model(
+    model: nn.Module,
+    train: ImageArrays,
+    normalisation: Normalisation,
+    config: TrainConfig,
+    *,
+    val: ImageArrays | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    device: torch.device | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train in place on cnn-train; augmentation acts on raw pixels, then each batch is normalised
+    by ``normalisation.apply``, the same call the gate makes at serve time.
+
+    With ``resume`` and an existing checkpoint, model, optimiser, schedule and random state are
+    restored and training continues at the next epoch.
+    """
+    device = device or pick_device()
+    torch.manual_seed(config.seed)
+    model.to(device)
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    raw_images = torch.from_numpy(train.images)
+    y_train = torch.from_numpy(train.labels)
+    x_val = normalisation.apply(val.images) if val is not None else None
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=config.max_lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=True,
+    )
+    scheduler = _make_scheduler(optimizer, config, steps_per_epoch)
+    generator = torch.Generator().manual_seed(config.seed)
+    result = TrainResult(epochs_done=0)
+    if resume and checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        if state["config"] != config.to_dict():
+            raise ConfigError(
+                f"checkpoint {checkpoint} was made with {state['config']}, not {config.to_dict()}; "
+                "resume with the same settings or start afresh"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        result = TrainResult(state["epochs_done"], state["history"], state["wall_seconds"])
+    loss_fn = nn.CrossEntropyLoss()
+    for epoch in range(result.epochs_done, config.epochs):
+        start = time.perf_counter()
+        model.train()
+        order = torch.randperm(len(train), generator=generator)
+        seen = correct = 0
+        loss_sum = 0.0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress)
+        for step in bar:
+            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+            raw = augment_images(raw_images[idx], config.flip, config.crop_padding, generator)
+            xb = normalisation.apply(raw).to(device)
+            yb = y_train[idx].to(device)
+            logits = model(xb)
+            loss = loss_fn(logits, yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            seen += len(idx)
+            correct += int((logits.argmax(1) == yb).sum())
+            loss_sum += loss.item() * len(idx)
+            if step % 20 == 0 or step == steps_per_epoch - 1:
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc_running": correct / seen}
+        if val is not None and x_val is not None:
+            record["val_acc"] = accuracy(model, x_val, torch.from_numpy(val.labels))
+        record["seconds"] = time.perf_counter() - start
+        result.history.append(record)
+        result.epochs_done = epoch + 1
+        result.wall_seconds += record["seconds"]
+        if progress:
+            tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        if checkpoint is not None:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            tmp = checkpoint.with_suffix(".tmp")
+            torch.save(
+                {
+                    "config": config.to_dict(),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "epochs_done": result.epochs_done,
+                    "history": result.history,
+                    "wall_seconds": result.wall_seconds,
+                },
+                tmp,
+            )
+            tmp.replace(checkpoint)
+    model.eval()
+    return result
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)

@@ -1,0 +1,51 @@
+"""Architectures: ResNet20 shapes and size (He et al.: ~0.27 M parameters), torchvision by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.architectures import DEFAULT_LAYERS, ResNet20, build_model, default_layer, resolve_layer
+from models.errors import BundleError
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_resnet20_cifar_parameter_count() -> None:
+    # He et al. (2016) table 6: 0.27 M. Conv+BN+fc with projection shortcuts counted exactly:
+    model = ResNet20(10, 3)
+    assert 0.26e6 < _params(model) < 0.28e6
+    assert sum(1 for m in model.modules() if isinstance(m, torch.nn.Conv2d)) == 21
+
+
+@pytest.mark.parametrize(("channels", "size"), [(3, 32), (1, 28)])
+def test_resnet20_shapes(channels: int, size: int) -> None:
+    model = build_model("resnet20", 10, channels).eval()
+    features = {}
+    resolve_layer(model, default_layer("resnet20")).register_forward_hook(
+        lambda _m, _i, out: features.setdefault("a", out)
+    )
+    with torch.no_grad():
+        logits = model(torch.randn(2, channels, size, size))
+    assert logits.shape == (2, 10)
+    assert features["a"].shape == (2, 64, (size + 3) // 4, (size + 3) // 4)
+
+
+def test_torchvision_model_by_name_with_grey_input() -> None:
+    model = build_model("resnet18", 7, 1).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 32, 32)).shape == (1, 7)
+    assert default_layer("resnet18") == "layer4"
+    assert default_layer("inception_v3") == "Mixed_7c"
+    assert set(DEFAULT_LAYERS) >= {"resnet20", "resnet50", "mobilenet_v3_small"}
+
+
+def test_unknown_names_are_refused() -> None:
+    with pytest.raises(BundleError, match="unknown architecture"):
+        build_model("no_such_net", 10)
+    with pytest.raises(BundleError, match="no default conductance layer"):
+        default_layer("no_such_net")
+    with pytest.raises(BundleError, match="has no module 'layer9'"):
+        resolve_layer(ResNet20(), "layer9")

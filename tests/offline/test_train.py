@@ -1,0 +1,118 @@
+"""Training: it learns, and a run stopped after an epoch and resumed ends where an unbroken run does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.architectures import build_model
+from models.errors import ConfigError
+from models.preprocess import Normalisation
+from offline.data import ImageArrays
+from offline.train import TrainConfig, accuracy, train_model
+
+
+def _toy_data(n: int = 192, seed: int = 0) -> ImageArrays:
+    """Class = which quadrant is bright: learnable in a few steps, not solvable by chance."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    images = rng.integers(0, 60, (n, 12, 12, 1)).astype(np.uint8)
+    for i, label in enumerate(labels):
+        r, c = divmod(int(label), 2)
+        images[i, r * 6 : r * 6 + 6, c * 6 : c * 6 + 6] += 150
+    return ImageArrays(images, labels, ["a", "b", "c", "d"])
+
+
+def _fresh_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("resnet20", 4, 1)
+
+
+def test_training_learns_a_separable_task() -> None:
+    data = _toy_data()
+    norm = Normalisation.from_images(data.images)
+    model = _fresh_model()
+    config = TrainConfig(epochs=3, batch_size=32, max_lr=0.05, crop_padding=1)
+    result = train_model(model, data, norm, config, val=data, progress=False, device=torch.device("cpu"))
+    assert result.epochs_done == 3 and len(result.history) == 3
+    assert not model.training
+    assert accuracy(model, norm.apply(data.images), torch.from_numpy(data.labels)) > 0.8
+
+
+def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    data = _toy_data(96)
+    norm = Normalisation.from_images(data.images)
+    config = TrainConfig(epochs=2, batch_size=32, max_lr=0.05, crop_padding=1, flip=True)
+    cpu = torch.device("cpu")
+
+    straight = _fresh_model()
+    train_model(straight, data, norm, config, progress=False, device=cpu)
+
+    ckpt = tmp_path / "ckpt.pt"
+    first = _fresh_model()
+    train_model(
+        first,
+        data,
+        norm,
+        TrainConfig(**{**config.to_dict(), "epochs": 2}),
+        checkpoint=ckpt,
+        progress=False,
+        device=cpu,
+    )
+    # Simulate an interruption after epoch 1: rewrite the checkpoint from a 1-epoch prefix run.
+    partial = _fresh_model()
+    ckpt2 = tmp_path / "ckpt2.pt"
+    state_after_two = torch.load(ckpt, weights_only=False)
+    assert state_after_two["epochs_done"] == 2
+
+    class Stop(Exception):
+        pass
+
+    calls = {"n": 0}
+    original_save = torch.save
+
+    def save_then_stop(obj, path):  # noqa: ANN001, ANN202
+        original_save(obj, path)
+        calls["n"] += 1
+        raise Stop
+
+    torch.save = save_then_stop
+    try:
+        with pytest.raises(Stop):
+            train_model(partial, data, norm, config, checkpoint=ckpt2, progress=False, device=cpu)
+    finally:
+        torch.save = original_save
+    assert torch.load(ckpt2.with_suffix(".tmp"), weights_only=False)["epochs_done"] == 1
+    ckpt2.with_suffix(".tmp").replace(ckpt2)
+
+    resumed = _fresh_model()
+    result = train_model(
+        resumed, data, norm, config, checkpoint=ckpt2, resume=True, progress=False, device=cpu
+    )
+    assert result.epochs_done == 2
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+
+
+def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
+    data = _toy_data(64)
+    norm = Normalisation.from_images(data.images)
+    ckpt = tmp_path / "c.pt"
+    config = TrainConfig(epochs=1, batch_size=32)
+    train_model(
+        _fresh_model(), data, norm, config, checkpoint=ckpt, progress=False, device=torch.device("cpu")
+    )
+    with pytest.raises(ConfigError, match="resume with the same settings"):
+        train_model(
+            _fresh_model(),
+            data,
+            norm,
+            TrainConfig(epochs=1, batch_size=16),
+            checkpoint=ckpt,
+            resume=True,
+            progress=False,
+            device=torch.device("cpu"),
+        )
