@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,3 +38,22 @@ class Normalisation:
         mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
         return (tensor - mean) / std
+
+
+def resize_and_crop(image: Any, image_size: int) -> Any:
+    """Scale a PIL image so its shorter side is ``image_size`` (bilinear, antialiased), then cut the
+    centre square: keeps the aspect ratio, unlike a plain resize.
+
+    Rounding follows torchvision's ``Resize(size)`` + ``CenterCrop(size)`` (long side truncated,
+    crop offset rounded), so images prepared either way are pixel-identical.
+    """
+    from PIL import Image
+
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    new_long = int(image_size * long / short)
+    new_w, new_h = (image_size, new_long) if width <= height else (new_long, image_size)
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    top, left = round((new_h - image_size) / 2.0), round((new_w - image_size) / 2.0)
+    return image.crop((left, top, left + image_size, top + image_size))

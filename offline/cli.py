@@ -55,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     profile = _profile_from(args)
     bundle, arrays = prepare(args.out, _source_from(args), profile, arch=args.arch, layer=args.layer, overwrite=args.overwrite)
     train_stage(
-        bundle, arrays, epochs=profile.epochs, seed=profile.seed, weights=args.weights,
+        bundle, arrays, epochs=profile.epochs, seed=profile.seed, batch_size=profile.batch_size, weights=args.weights,
         device=args.device, progress=_progress(),
     )
     info = bundle.manifest["training"]
@@ -63,6 +63,38 @@ def cmd_train(args: argparse.Namespace) -> None:
         f"trained {args.arch} on {args.dataset}: cnn-train acc {info['cnn-train_accuracy']:.4f}, "
         f"val acc {info['val_accuracy']:.4f}, test acc {info['test_accuracy']:.4f} -> {bundle.path}"
     )
+
+
+def cmd_build(args: argparse.Namespace) -> None:
+    from offline.build import build_bundle
+
+    build_bundle(
+        args.out, _source_from(args), _profile_from(args), arch=args.arch, layer=args.layer,
+        weights=args.weights, device=args.device, default_set=args.default_set, overwrite=args.overwrite,
+        redo=args.redo, progress=_progress(),
+    )
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from models.bundle import load_bundle
+    from offline.report import write_report
+    from offline.stages import load_splits
+
+    bundle = load_bundle(args.bundle)
+    arrays = load_splits(bundle)
+    out = write_report(bundle, val_images=arrays["val"].images, n_boot=args.n_boot, progress=_progress())
+    print(f"report written to {out}")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.server import serve
+    from service.settings import Settings
+
+    overrides = {
+        "bundle": args.bundle, "host": args.host, "port": args.port, "signal_set": args.signal_set,
+        "operating_point": args.operating_point, "device": args.device,
+    }
+    return serve(Settings(**{k: v for k, v in overrides.items() if v is not None}))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +105,29 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="cut the splits and train (or import) the CNN into a bundle")
     _add_data_args(train)
     train.set_defaults(func=cmd_train)
+
+    build = sub.add_parser("build", help="train, mutants, features, detectors, operating points and report")
+    _add_data_args(build)
+    build.add_argument("--default-set", default=None, help="signal set the server uses by default (cond+lcr)")
+    build.add_argument(
+        "--redo", default=None, choices=["conductance", "mutants", "features", "detectors", "report"],
+        help="run this stage and every later one again (earlier stages stay as built)",
+    )
+    build.set_defaults(func=cmd_build)
+
+    serve = sub.add_parser("serve", help="serve a bundle over HTTP (other settings: PREDGATE_* variables)")
+    serve.add_argument("--bundle", type=Path, default=None)
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--signal-set", default=None, help="signal set for verdicts (default: the bundle's)")
+    serve.add_argument("--operating-point", default=None, help="stored operating point (default: equal-recall)")
+    serve.add_argument("--device", default=None, help="auto, cpu or cuda")
+    serve.set_defaults(func=cmd_serve)
+
+    report = sub.add_parser("report", help="(re)write a bundle's evaluation report")
+    report.add_argument("--bundle", type=Path, required=True)
+    report.add_argument("--n-boot", type=int, default=1000)
+    report.set_defaults(func=cmd_report)
     return parser
 
 
@@ -81,11 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        args.func(args)
+        code = args.func(args)
     except PredgateError as exc:
         print(f"predgate {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

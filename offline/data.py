@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10
 
 from models.errors import PredgateError
-from models.preprocess import Normalisation
+from models.preprocess import Normalisation, resize_and_crop
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",
@@ -301,25 +301,6 @@ class _UncheckedCIFAR10(CIFAR10):
 # --------------------------------------------------------------------------------------------------
 # Image folders
 # --------------------------------------------------------------------------------------------------
-
-
-def resize_and_crop(image: Any, image_size: int) -> Any:
-    """Scale a PIL image so its shorter side is ``image_size`` (bilinear, antialiased), then cut the
-    centre square: keeps the aspect ratio, unlike a plain resize.
-
-    Rounding follows torchvision's ``Resize(size)`` + ``CenterCrop(size)`` (long side truncated,
-    crop offset rounded), so images prepared either way are pixel-identical.
-    """
-    from PIL import Image
-
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    new_long = int(image_size * long / short)
-    new_w, new_h = (image_size, new_long) if width <= height else (new_long, image_size)
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    top, left = round((new_h - image_size) / 2.0), round((new_w - image_size) / 2.0)
-    return image.crop((left, top, left + image_size, top + image_size))
 
 
 def load_image_folder(

@@ -111,6 +111,7 @@ def train_stage(
     *,
     epochs: int,
     seed: int = 0,
+    batch_size: int = 128,
     resume: bool = True,
     weights: Path | None = None,
     device: str = "auto",
@@ -123,7 +124,7 @@ def train_stage(
     model = build_model(arch["name"], arch["num_classes"], arch["in_channels"])
     normalisation = bundle.normalisation
     flip, padding = AUGMENTATION.get(bundle.manifest["dataset"]["name"], (False, 0))
-    config = TrainConfig(epochs=epochs, flip=flip, crop_padding=padding, seed=seed)
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, flip=flip, crop_padding=padding, seed=seed)
     torch_device = pick_device(device)
     info: dict[str, Any] = {"device": str(torch_device)}
     if weights is not None:
@@ -153,3 +154,196 @@ def train_stage(
     bundle.save_model(model)
     bundle.set("training", info)
     bundle.mark_stage("train")
+
+
+# ------------------------------------------------------------------------------ conductance
+def conductance_stage(
+    bundle: Bundle, arrays: dict[str, ImageArrays], *, n_steps: int = 10, rule: str = "left", n_check: int = 64
+) -> None:
+    """Decide between the exact shortcut and the general form, proving the shortcut on val images."""
+    if bundle.stage_done("conductance"):
+        return
+    from models.conductance import ShortcutConductance, verify_shortcut
+    from models.errors import ConfigError
+    from models.gate import CONDUCTANCE_FILE
+
+    model = bundle.load_model()
+    layer = bundle.manifest["conductance"]["layer"]
+    samples = bundle.normalisation.apply(arrays["val"].images[:n_check])
+    info: dict[str, Any] = {"layer": layer, "n_steps": n_steps, "rule": rule, "baseline": "zeros"}
+    try:
+        shortcut = ShortcutConductance.from_model(model, layer, bundle.input_shape, samples=samples, n_steps=n_steps)
+    except ConfigError as exc:
+        check = verify_shortcut(model, layer, samples, n_steps=n_steps)
+        info.update(mode="general", shortcut_refused=str(exc), shortcut_max_rel_diff=check.max_rel_diff)
+    else:
+        assert shortcut.check_ is not None
+        bundle.write_tensors(CONDUCTANCE_FILE, shortcut.state_dict())
+        info.update(mode="shortcut", shortcut_max_rel_diff=shortcut.check_.max_rel_diff, shortcut_samples=n_check)
+    bundle.set("conductance", info)
+    bundle.mark_stage("conductance", mode=info["mode"])
+
+
+# ------------------------------------------------------------------------------ mutants
+def mutants_stage(
+    bundle: Bundle,
+    arrays: dict[str, ImageArrays],
+    *,
+    operator: str,
+    rate: float,
+    n_mutants: int,
+    seed: int = 0,
+    acceptance_images: int = 2000,
+    progress: bool = True,
+) -> None:
+    """Generate mutants until ``n_mutants`` keep >= 90% of the original's val accuracy."""
+    if bundle.stage_done("mutants"):
+        return
+    from models.gate import MUTANTS_FILE
+    from models.mutation import generate_mutants, mutant_weights_hash
+
+    model = bundle.load_model()
+    val = arrays["val"]
+    n = min(len(val), acceptance_images)
+    x_val = bundle.normalisation.apply(val.images[:n])
+    start = time.perf_counter()
+    mutants = generate_mutants(
+        model, operator, rate, n_mutants, x_val, torch.from_numpy(val.labels[:n]), seed=seed, progress=progress
+    )
+    bundle.write_json(MUTANTS_FILE, mutants.to_dict())
+    filters = mutants.filters_per_mutant
+    bundle.set(
+        "mutants",
+        {
+            "operator": operator,
+            "rate": rate,
+            "count": len(mutants.specs),
+            "total_filters": mutants.total_filters,
+            "filters_per_mutant": sorted(set(filters)),
+            "attempts": mutants.attempts,
+            "acceptance_rate": mutants.acceptance_rate,
+            "acceptance_images": n,
+            "original_accuracy": mutants.original_accuracy,
+            "kept_accuracy_min": min(mutants.accuracies),
+            "kept_accuracy_median": float(sorted(mutants.accuracies)[len(mutants.accuracies) // 2]),
+            "weight_hashes": [mutant_weights_hash(model, spec) for spec in mutants.specs],
+            "seconds": time.perf_counter() - start,
+        },
+    )
+    bundle.mark_stage("mutants")
+
+
+# ------------------------------------------------------------------------------ features
+def features_stage(
+    bundle: Bundle, arrays: dict[str, ImageArrays], *, batch_size: int = 256, progress: bool = True
+) -> None:
+    """Evidence for fit, val and test (resumable per split)."""
+    from models.gate import load_extractor
+    from offline.features import extract_features
+
+    extractor = None
+    for split in ("fit", "val", "test"):
+        stage = f"features:{split}"
+        if bundle.stage_done(stage):
+            continue
+        extractor = extractor or load_extractor(bundle)
+        start = time.perf_counter()
+        feats = extract_features(
+            extractor, bundle.normalisation, arrays[split], with_lcr=extractor.ensemble is not None,
+            batch_size=batch_size, progress=progress, desc=f"features {split}",
+        )
+        bundle.write_arrays(f"features/{split}.npz", feats)
+        bundle.mark_stage(stage, images=len(arrays[split]), seconds=time.perf_counter() - start)
+
+
+def load_features(bundle: Bundle) -> dict[str, dict[str, Any]]:
+    return {split: bundle.read_arrays(f"features/{split}.npz") for split in ("fit", "val", "test")}
+
+
+# ------------------------------------------------------------------------------ detectors
+OPERATING_POINTS = ("equal-recall", "correct-recall=0.98", "wrong-recall=0.995", "risk=0.02@0.95")
+
+
+def detectors_stage(
+    bundle: Bundle,
+    *,
+    seeds: int = 3,
+    default_set: str | None = None,
+    progress: bool = True,
+) -> None:
+    """Fit detectors for every signal set over several seeds; store seed 0's with operating points."""
+    if bundle.stage_done("detectors"):
+        return
+    import numpy as np
+
+    from models.detectors import save_state
+    from models.errors import ConfigError
+    from models.operating_points import choose_threshold
+    from models.signals import PAPER_SET
+    from offline.features import wrong_labels
+    from offline.fit import fit_detectors
+
+    features = load_features(bundle)
+    start = time.perf_counter()
+    first = fit_detectors(features, seed=0, progress=progress)
+    fits = [first]
+    chosen = {name: s.kind for name, s in first.sets.items()}
+    for seed in range(1, seeds):
+        fits.append(fit_detectors(features, seed=seed, chosen_kinds=chosen, progress=progress))
+    wrong_val = wrong_labels(features["val"])
+
+    def save(stem: str, detector: Any) -> None:
+        config, arrays = save_state(detector)
+        bundle.write_json(f"{stem}.json", config)
+        bundle.write_arrays(f"{stem}.npz", arrays)
+
+    save("detectors/conductance", first.cond_detector)
+    sets: dict[str, Any] = {}
+    for name, set_fit in first.sets.items():
+        stem = f"detectors/set-{name}"
+        save(stem, set_fit.classifier)
+        points, skipped = {}, {}
+        for spec in OPERATING_POINTS:
+            try:
+                points[spec] = choose_threshold(set_fit.scores["val"], wrong_val, spec).to_dict()
+            except ConfigError as exc:
+                skipped[spec] = str(exc)
+        sets[name] = {
+            "signals": list(set_fit.signals),
+            "kind": set_fit.kind,
+            "val_auroc_by_kind": set_fit.val_auroc_by_kind,
+            "val_auroc": set_fit.val_auroc_by_kind[set_fit.kind],
+            "stem": stem,
+            "operating_points": points,
+            "skipped_points": skipped,
+            "default_point": "equal-recall",
+        }
+    scores: dict[str, np.ndarray] = {}
+    for fit in fits:
+        for split in ("fit", "val", "test"):
+            scores[f"{fit.seed}/conductance-detector/{split}"] = fit.cond_scores[split]
+            for name, set_fit in fit.sets.items():
+                scores[f"{fit.seed}/{name}/{split}"] = set_fit.scores[split]
+                for kind, by_split in set_fit.scores_by_kind.items():
+                    scores[f"{fit.seed}/{name}@{kind}/{split}"] = by_split[split]
+    bundle.write_arrays("detectors/scores.npz", scores)
+    if default_set is None:
+        default_set = PAPER_SET if PAPER_SET in sets else "cond"
+    if default_set not in sets:
+        raise ConfigError(f"default signal set {default_set!r} was not fitted; fitted: {sorted(sets)}")
+    bundle.set(
+        "detectors",
+        {
+            "conductance": {
+                "stem": "detectors/conductance",
+                "best_val_auroc": first.cond_detector.best_val_auroc_,
+                "best_epoch": first.cond_detector.best_epoch_,
+                "trained_on": "fit",
+            },
+            "signal_sets": sets,
+            "default_set": default_set,
+            "seeds": [fit.seed for fit in fits],
+            "seconds": time.perf_counter() - start,
+        },
+    )
+    bundle.mark_stage("detectors")

@@ -16,13 +16,26 @@ import numpy as np
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def class_images(n: int, shape: tuple[int, int, int], seed: int, n_classes: int = 10):
-    """``n`` uint8 images of ``shape`` (H, W, C) and int64 labels ``0..n_classes-1`` in turn."""
+def class_images(
+    n: int,
+    shape: tuple[int, int, int],
+    seed: int,
+    n_classes: int = 10,
+    signal: float = 0.7,
+    template_seed: int | None = None,
+):
+    """``n`` uint8 images of ``shape`` (H, W, C) and int64 labels ``0..n_classes-1`` in turn.
+
+    ``signal`` is the template's weight against noise: low values make a task a small CNN gets
+    partly wrong, which detector tests need. Give train and test the same ``template_seed`` so they
+    are one task."""
     rng = np.random.default_rng(seed)
     templates = rng.integers(0, 256, size=(n_classes, *shape))
+    if template_seed is not None:
+        templates = np.random.default_rng(template_seed).integers(0, 256, size=(n_classes, *shape))
     labels = np.arange(n, dtype=np.int64) % n_classes
     noise = rng.integers(0, 256, size=(n, *shape))
-    images = (0.7 * templates[labels] + 0.3 * noise).round().clip(0, 255).astype(np.uint8)
+    images = (signal * templates[labels] + (1 - signal) * noise).round().clip(0, 255).astype(np.uint8)
     return images, labels
 
 
@@ -38,13 +51,15 @@ def write_idx(path: Path, array: np.ndarray, **kwargs) -> Path:
     return path
 
 
-def write_fashion_mnist(folder: Path, n_train: int = 60, n_test: int = 20, gz: bool = True, seed: int = 0):
+def write_fashion_mnist(
+    folder: Path, n_train: int = 60, n_test: int = 20, gz: bool = True, seed: int = 0, signal: float = 0.7
+):
     """The four Fashion-MNIST IDX files; returns ``{"train": (images N x 28 x 28, labels), "test": ...}``."""
     folder.mkdir(parents=True, exist_ok=True)
     ext = ".gz" if gz else ""
     written = {}
     for split, prefix, n, offset in (("train", "train", n_train, 0), ("test", "t10k", n_test, 1)):
-        images, labels = class_images(n, (28, 28, 1), seed + offset)
+        images, labels = class_images(n, (28, 28, 1), seed + offset, signal=signal, template_seed=seed)
         write_idx(folder / f"{prefix}-images-idx3-ubyte{ext}", images[..., 0])
         write_idx(folder / f"{prefix}-labels-idx1-ubyte{ext}", labels.astype(np.uint8))
         written[split] = (images[..., 0], labels)

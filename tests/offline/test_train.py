@@ -74,7 +74,7 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     calls = {"n": 0}
     original_save = torch.save
 
-    def save_then_stop(obj, path):  # noqa: ANN001, ANN202
+    def save_then_stop(obj, path):
         original_save(obj, path)
         calls["n"] += 1
         raise Stop

@@ -1,0 +1,260 @@
+"""The gate: CNN prediction, conductance, LCR, detectors and verdict, as one call.
+
+Offline feature extraction and the online service both go through :class:`EvidenceExtractor` and
+:class:`Gate`, so the numbers a detector was fitted on are the numbers it sees when serving.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.bundle import Bundle
+from models.conductance import LayerConductance, ShortcutConductance
+from models.detectors import ConductanceDetector, UnifiedClassifier, load_state
+from models.errors import BundleError, ConfigError
+from models.lcr import MutantEnsemble, label_change_rate
+from models.mutation import MutantSet, mutant_weights_hash
+from models.operating_points import OperatingPoint
+from models.signals import check_signals, needs_conductance, needs_lcr, signal_matrix
+
+CONDUCTANCE_FILE = "conductance.safetensors"
+MUTANTS_FILE = "mutants.json"
+
+
+@dataclass
+class Evidence:
+    """What the CNN and its two probes say about a batch (all on the CPU).
+
+    ``conductance`` is ``N x C`` (None when not asked for), ``mutant_labels`` ``M x N`` and ``lcr``
+    ``N`` (None without mutants); ``seconds`` holds wall time per stage.
+    """
+
+    logits: torch.Tensor
+    prediction: torch.Tensor
+    conductance: torch.Tensor | None = None
+    mutant_labels: torch.Tensor | None = None
+    lcr: torch.Tensor | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class EvidenceExtractor:
+    """Runs the CNN, the conductance of one layer and the mutant ensemble over a batch.
+
+    Parameters
+    ----------
+    model : eval-mode CNN.
+    conductance : :class:`ShortcutConductance` (prediction and conductance from one forward) or
+        :class:`LayerConductance` (the 11-point form; the prediction comes from its alpha = 1 rows).
+    ensemble : the kept mutants, or None when the bundle has none (yet).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        conductance: ShortcutConductance | LayerConductance | None,
+        ensemble: MutantEnsemble | None = None,
+    ) -> None:
+        self.model = model
+        self.conductance = conductance
+        self.ensemble = ensemble
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def __call__(self, x: torch.Tensor, *, conductance: bool = True, lcr: bool = True) -> Evidence:
+        """Evidence for ``x`` (``N x C x H x W``, normalised)."""
+        seconds: dict[str, float] = {}
+        x = x.to(self.device)
+        start = time.perf_counter()
+        cond = None
+        if conductance:
+            if self.conductance is None:
+                raise ConfigError("this gate has no conductance layer configured")
+            result = self.conductance.attribute(x)
+            logits, cond = result.logits.detach(), result.conductance.detach().cpu()
+            seconds["forward+conductance"] = time.perf_counter() - start
+        else:
+            with torch.no_grad():
+                logits = self.model(x)
+            seconds["forward"] = time.perf_counter() - start
+        logits = logits.float().cpu()
+        prediction = logits.argmax(1)
+        evidence = Evidence(logits=logits, prediction=prediction, conductance=cond, seconds=seconds)
+        if lcr:
+            if self.ensemble is None:
+                raise ConfigError("this gate has no mutants: LCR is not available")
+            start = time.perf_counter()
+            evidence.mutant_labels = self.ensemble.predict(x)
+            evidence.lcr = label_change_rate(evidence.mutant_labels, prediction).float()
+            seconds["lcr"] = time.perf_counter() - start
+        return evidence
+
+
+@dataclass
+class SignalSet:
+    """One verdict recipe: which signals, the classifier over them, its operating points."""
+
+    name: str
+    signals: tuple[str, ...]
+    classifier: UnifiedClassifier
+    operating_points: dict[str, OperatingPoint]
+    default_point: str
+
+    def point(self, name: str | None) -> OperatingPoint:
+        name = name or self.default_point
+        try:
+            return self.operating_points[name]
+        except KeyError:
+            raise ConfigError(
+                f"unknown operating point {name!r} for signal set {self.name!r}; "
+                f"stored: {sorted(self.operating_points)}"
+            ) from None
+
+
+@dataclass
+class GateOutput:
+    """Per-image results of :meth:`Gate.run` (numpy, CPU); ``None`` where a signal was not computed."""
+
+    logits: np.ndarray
+    probabilities: np.ndarray
+    prediction: np.ndarray
+    conductance: np.ndarray | None
+    cond_score: np.ndarray | None
+    lcr: np.ndarray | None
+    unified_score: np.ndarray
+    reject: np.ndarray
+    signal_set: str
+    operating_point: OperatingPoint
+    seconds: dict[str, float]
+
+
+class Gate:
+    """Everything needed to turn a normalised batch into predictions with verdicts."""
+
+    def __init__(
+        self,
+        extractor: EvidenceExtractor,
+        cond_detector: ConductanceDetector | None,
+        signal_sets: dict[str, SignalSet],
+        default_set: str,
+    ) -> None:
+        if default_set not in signal_sets:
+            raise BundleError(f"default signal set {default_set!r} is not among {sorted(signal_sets)}")
+        self.extractor = extractor
+        self.cond_detector = cond_detector
+        self.signal_sets = signal_sets
+        self.default_set = default_set
+
+    def signal_set(self, name: str | None) -> SignalSet:
+        name = name or self.default_set
+        try:
+            return self.signal_sets[name]
+        except KeyError:
+            raise ConfigError(f"unknown signal set {name!r}; stored: {sorted(self.signal_sets)}") from None
+
+    def run(
+        self,
+        x: torch.Tensor,
+        *,
+        signal_set: str | None = None,
+        operating_point: str | None = None,
+        full_evidence: bool = False,
+    ) -> GateOutput:
+        """Predict, gather the evidence the signal set needs (all of it with ``full_evidence``),
+        score and decide."""
+        chosen = self.signal_set(signal_set)
+        point = chosen.point(operating_point)
+        want_cond = full_evidence or needs_conductance(chosen.signals)
+        want_lcr = full_evidence or needs_lcr(chosen.signals)
+        evidence = self.extractor(x, conductance=want_cond, lcr=want_lcr)
+        seconds = dict(evidence.seconds)
+        start = time.perf_counter()
+        cond_score = None
+        if evidence.conductance is not None and self.cond_detector is not None:
+            cond_score = self.cond_detector.decision_function(evidence.conductance.double().numpy())
+        logits = evidence.logits.numpy()
+        lcr = evidence.lcr.numpy() if evidence.lcr is not None else None
+        unified = chosen.classifier.decision_function(signal_matrix(chosen.signals, logits, cond_score, lcr))
+        seconds["detectors"] = time.perf_counter() - start
+        return GateOutput(
+            logits=logits,
+            probabilities=torch.softmax(evidence.logits, 1).numpy(),
+            prediction=evidence.prediction.numpy(),
+            conductance=evidence.conductance.numpy() if evidence.conductance is not None else None,
+            cond_score=cond_score,
+            lcr=lcr,
+            unified_score=unified,
+            reject=point.reject(unified),
+            signal_set=chosen.name,
+            operating_point=point,
+            seconds=seconds,
+        )
+
+
+# ------------------------------------------------------------------------------------- loading
+def load_conductance(bundle: Bundle, model: nn.Module) -> ShortcutConductance | LayerConductance:
+    """The conductance computation the bundle recorded: the proven shortcut, or the general form."""
+    info = bundle.get("conductance") or {}
+    if "mode" not in info:
+        raise BundleError("bundle has no conductance section with a mode (the conductance stage did not run)")
+    layer = info["layer"]
+    if info["mode"] == "shortcut":
+        return ShortcutConductance.from_state(model, layer, bundle.read_tensors(CONDUCTANCE_FILE))
+    if info["mode"] == "general":
+        return LayerConductance(model, layer, n_steps=int(info["n_steps"]), rule=info["rule"])
+    raise BundleError(f"unknown conductance mode {info['mode']!r} in the manifest")
+
+
+def load_mutants(bundle: Bundle, model: nn.Module, *, verify: bool = True) -> MutantSet:
+    """The kept mutants; with ``verify``, regenerated weights must hash as recorded at build time."""
+    mutants = MutantSet.from_dict(bundle.read_json(MUTANTS_FILE))
+    if verify:
+        hashes = bundle.get("mutants", {}).get("weight_hashes", [])
+        if len(hashes) != len(mutants.specs):
+            raise BundleError(f"{MUTANTS_FILE}: {len(mutants.specs)} mutants but {len(hashes)} recorded hashes")
+        for i, (spec, expected) in enumerate(zip(mutants.specs, hashes, strict=True)):
+            if mutant_weights_hash(model, spec) != expected:
+                raise BundleError(
+                    f"{MUTANTS_FILE}: mutant {i} (seed {spec.seed}) does not regenerate the weights recorded at build time"
+                )
+    return mutants
+
+
+def load_detector(bundle: Bundle, stem: str) -> Any:
+    return load_state(bundle.read_json(f"{stem}.json"), bundle.read_arrays(f"{stem}.npz"))
+
+
+def load_extractor(bundle: Bundle, device: str | torch.device = "cpu", chunk_size: int = 32) -> EvidenceExtractor:
+    model = bundle.load_model(device)
+    conductance = load_conductance(bundle, model)
+    ensemble = None
+    if bundle.has_file(MUTANTS_FILE):
+        ensemble = MutantEnsemble(model, load_mutants(bundle, model).specs, chunk_size=chunk_size)
+    return EvidenceExtractor(model, conductance, ensemble)
+
+
+def load_gate(bundle: Bundle, device: str | torch.device = "cpu", default_set: str | None = None) -> Gate:
+    """The whole gate of a finished bundle; ``default_set`` overrides the manifest's choice."""
+    detectors = bundle.get("detectors")
+    if not detectors:
+        raise BundleError("bundle has no detectors section: build it to the end (predgate build)")
+    extractor = load_extractor(bundle, device)
+    cond_detector = load_detector(bundle, detectors["conductance"]["stem"])
+    sets: dict[str, SignalSet] = {}
+    for name, info in detectors["signal_sets"].items():
+        points = {k: OperatingPoint.from_dict(v) for k, v in info["operating_points"].items()}
+        sets[name] = SignalSet(
+            name=name,
+            signals=check_signals(tuple(info["signals"])),
+            classifier=load_detector(bundle, info["stem"]),
+            operating_points=points,
+            default_point=info["default_point"],
+        )
+    return Gate(extractor, cond_detector, sets, default_set or detectors["default_set"])

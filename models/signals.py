@@ -1,0 +1,65 @@
+"""The pieces of evidence a verdict can rest on, and the named sets of them a bundle offers.
+
+Each signal is one number per image, "higher or lower may mean wrong" (the unified classifier learns
+which). What a signal costs decides what the gate must compute: ``cond`` needs the conductance
+vector and its detector, ``lcr`` the mutant ensemble, the softmax signals only the logits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from models.errors import ConfigError
+from models.scores import doctor, entropy, margin, msp_score
+
+SIGNALS = ("cond", "lcr", "msp", "entropy", "margin", "doctor")
+SOFTMAX_SIGNALS = {"msp": msp_score, "entropy": entropy, "margin": margin, "doctor": doctor}
+
+# Candidate sets fitted at build time. "cond+lcr" is the paper's unified classifier.
+CANDIDATE_SETS: dict[str, tuple[str, ...]] = {
+    "msp": ("msp",),
+    "cond": ("cond",),
+    "lcr": ("lcr",),
+    "cond+lcr": ("cond", "lcr"),
+    "cond+msp": ("cond", "msp"),
+    "cond+lcr+msp": ("cond", "lcr", "msp"),
+    "all": ("cond", "lcr", "msp", "entropy", "margin"),
+}
+PAPER_SET = "cond+lcr"
+
+
+def check_signals(signals: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    unknown = [s for s in signals if s not in SIGNALS]
+    if unknown or not signals:
+        raise ConfigError(f"unknown signals {unknown}; valid: {list(SIGNALS)}")
+    return tuple(signals)
+
+
+def needs_conductance(signals: tuple[str, ...]) -> bool:
+    return "cond" in signals
+
+
+def needs_lcr(signals: tuple[str, ...]) -> bool:
+    return "lcr" in signals
+
+
+def signal_matrix(
+    signals: tuple[str, ...],
+    logits: np.ndarray,
+    cond_score: np.ndarray | None = None,
+    lcr: np.ndarray | None = None,
+) -> np.ndarray:
+    """``N x len(signals)`` inputs of a unified classifier, columns in ``signals`` order."""
+    columns = []
+    for name in signals:
+        if name == "cond":
+            if cond_score is None:
+                raise ConfigError("signal 'cond' needs the conductance detector score")
+            columns.append(np.asarray(cond_score, dtype=np.float64))
+        elif name == "lcr":
+            if lcr is None:
+                raise ConfigError("signal 'lcr' needs the label change rate")
+            columns.append(np.asarray(lcr, dtype=np.float64))
+        else:
+            columns.append(np.asarray(SOFTMAX_SIGNALS[name](np.asarray(logits)), dtype=np.float64))
+    return np.column_stack(columns)

@@ -1,0 +1,80 @@
+"""``predgate build``: every stage into one bundle, resumable, with one progress line per stage."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from models.bundle import Bundle
+from offline.profiles import BuildProfile
+from offline.stages import (
+    DataSource,
+    conductance_stage,
+    detectors_stage,
+    features_stage,
+    mutants_stage,
+    prepare,
+    train_stage,
+)
+
+STAGE_ORDER = ("prepare", "train", "conductance", "mutants", "features", "detectors", "report")
+
+
+def _say(message: str) -> None:
+    print(f"[predgate build] {message}", flush=True)
+
+
+def build_bundle(
+    out: Path,
+    source: DataSource,
+    profile: BuildProfile,
+    *,
+    arch: str = "resnet20",
+    layer: str | None = None,
+    weights: Path | None = None,
+    device: str = "auto",
+    default_set: str | None = None,
+    overwrite: bool = False,
+    redo: str | None = None,
+    progress: bool = True,
+) -> Bundle:
+    """Run the stages that are not done yet (and ``redo`` with every later one); returns the bundle."""
+    t0 = time.perf_counter()
+
+    def stage(name: str) -> float:
+        _say(f"{name} ... (t={time.perf_counter() - t0:.0f}s)")
+        return time.perf_counter()
+
+    stage("prepare: data and splits")
+    bundle, arrays = prepare(out, source, profile, arch=arch, layer=layer, overwrite=overwrite)
+    if redo is not None:
+        later = STAGE_ORDER[STAGE_ORDER.index(redo) :]
+        for name in list(bundle.manifest["stages"]):
+            if name.split(":")[0] in later:
+                del bundle.manifest["stages"][name]
+        bundle.save()
+    _say("splits: " + ", ".join(f"{k} {len(v)}" for k, v in arrays.items()))
+    stage(f"train: {profile.epochs} epochs" if weights is None else f"train: importing {weights}")
+    train_stage(bundle, arrays, epochs=profile.epochs, seed=profile.seed, batch_size=profile.batch_size, weights=weights, device=device, progress=progress)
+    info = bundle.manifest["training"]
+    _say(f"CNN accuracy: val {info['val_accuracy']:.4f}, test {info['test_accuracy']:.4f}")
+    stage("conductance: shortcut proof")
+    conductance_stage(bundle, arrays)
+    _say(f"conductance mode: {bundle.manifest['conductance']['mode']}")
+    stage(f"mutants: {profile.n_mutants} x {profile.operator}@{profile.mutation_rate}")
+    mutants_stage(
+        bundle, arrays, operator=profile.operator, rate=profile.mutation_rate, n_mutants=profile.n_mutants,
+        seed=profile.seed, progress=progress,
+    )
+    mut = bundle.manifest["mutants"]
+    _say(f"mutants kept: {mut['count']} of {mut['attempts']} tried")
+    stage("features: fit, val, test")
+    features_stage(bundle, arrays, progress=progress)
+    stage(f"detectors: {profile.detector_seeds} seeds")
+    detectors_stage(bundle, seeds=profile.detector_seeds, default_set=default_set, progress=progress)
+    stage("report")
+    from offline.report import write_report
+
+    write_report(bundle, val_images=arrays["val"].images, n_boot=profile.n_boot, progress=progress)
+    _say(f"done in {time.perf_counter() - t0:.0f}s: {bundle.path}")
+    return bundle

@@ -1,0 +1,58 @@
+"""Per-split evidence tables: what the detectors are fitted on and the report is computed from.
+
+Extraction goes through :class:`models.gate.EvidenceExtractor`, the same object the server runs,
+so offline and online features are equal by construction (and a test checks it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.gate import EvidenceExtractor
+from models.preprocess import Normalisation
+from offline.data import ImageArrays
+
+
+def extract_features(
+    extractor: EvidenceExtractor,
+    normalisation: Normalisation,
+    arrays: ImageArrays,
+    *,
+    with_lcr: bool = True,
+    batch_size: int = 256,
+    progress: bool = True,
+    desc: str = "features",
+) -> dict[str, np.ndarray]:
+    """Columns per image: ``label``, ``logits`` (N x K), ``prediction``, ``conductance`` (N x C),
+    and with mutants ``lcr`` and ``mutant_labels`` (M x N, int16)."""
+    parts: dict[str, list[np.ndarray]] = {"logits": [], "prediction": [], "conductance": []}
+    if with_lcr:
+        parts.update(lcr=[], mutant_labels=[])
+    starts = range(0, len(arrays), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
+        x = normalisation.apply(arrays.images[start : start + batch_size])
+        evidence = extractor(x, conductance=True, lcr=with_lcr)
+        parts["logits"].append(evidence.logits.numpy())
+        parts["prediction"].append(evidence.prediction.numpy())
+        assert evidence.conductance is not None
+        parts["conductance"].append(evidence.conductance.numpy())
+        if with_lcr:
+            assert evidence.lcr is not None and evidence.mutant_labels is not None
+            parts["lcr"].append(evidence.lcr.numpy())
+            parts["mutant_labels"].append(evidence.mutant_labels.numpy().astype(np.int16))
+    out = {key: np.concatenate(values, axis=1 if key == "mutant_labels" else 0) for key, values in parts.items()}
+    out["label"] = arrays.labels.astype(np.int64)
+    return out
+
+
+def wrong_labels(features: dict[str, np.ndarray]) -> np.ndarray:
+    """1 where the CNN's prediction differs from the true label: the detectors' target."""
+    return (features["prediction"] != features["label"]).astype(np.int64)
+
+
+def lcr_from_mutant_labels(features: dict[str, np.ndarray], mutants: np.ndarray | slice) -> np.ndarray:
+    """LCR recomputed from a subset of the stored per-mutant labels (for the LCR-vs-mutants curve)."""
+    labels = torch.from_numpy(features["mutant_labels"][mutants].astype(np.int64))
+    return (labels != torch.from_numpy(features["prediction"]).view(1, -1)).double().mean(0).numpy()

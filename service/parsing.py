@@ -1,0 +1,213 @@
+"""Reading a predict request's body (JSON, multipart or a raw image) into normalised tensors and options.
+
+The content type decides the form: ``application/json`` (base64 images or tensors),
+``multipart/form-data`` (files ``file`` / ``files`` plus option fields), or a raw ``image/png`` /
+``image/jpeg`` body. Decoding runs in a worker thread so large images do not stall the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
+
+from models.errors import InputError
+from models.image_input import decode_base64_image, decode_image, tensor_from_json
+from service.errors import TooManyImages, UnsupportedMediaType
+from service.schemas import BatchJSON, PredictJSON, PredictOptions
+from service.state import LoadedService
+
+_OPTION_FIELDS = tuple(PredictOptions.model_fields)
+EMPTY_BODY = (
+    'empty body: send a multipart file field \'file\', JSON {"image": <base64>} or {"tensor": [...]}, '
+    "or a raw image/png or image/jpeg body"
+)
+
+
+@dataclass
+class ParsedRequest:
+    """``x`` is ``N x C x H x W`` normalised; ``options`` the body's options (unset ones are None)."""
+
+    x: torch.Tensor
+    options: PredictOptions
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _validate(model: type[BaseModel], data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from None
+
+
+async def _json_body(request: Request) -> Any:
+    body = await request.body()
+    if not body.strip():
+        raise InputError(EMPTY_BODY)
+    try:
+        # Python's parser reads NaN/Infinity literals, so such tensors reach the check that names them.
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"body is not valid JSON: {exc}") from None
+
+
+def _options_from_form(form: Any) -> PredictOptions:
+    fields = {key: form.get(key) for key in _OPTION_FIELDS if form.get(key) not in (None, "")}
+    unknown = sorted(set(form.keys()) - set(_OPTION_FIELDS) - {"file", "files"})
+    if unknown:
+        raise InputError(
+            f"unknown form fields {unknown}; files go in 'file' (or 'files'), options: {list(_OPTION_FIELDS)}"
+        )
+    return _validate(PredictOptions, fields)  # type: ignore[no-any-return]
+
+
+def _images_to_tensor(images: list[np.ndarray], loaded: LoadedService) -> torch.Tensor:
+    return loaded.bundle.normalisation.apply(np.stack(images))
+
+
+def _decode_files(blobs: list[bytes], loaded: LoadedService, names: list[str]) -> torch.Tensor:
+    images = []
+    for blob, name in zip(blobs, names, strict=True):
+        try:
+            images.append(decode_image(blob, loaded.contract))
+        except InputError as exc:
+            raise InputError(f"{name}: {exc}" if name.endswith("]") else str(exc)) from None
+    return _images_to_tensor(images, loaded)
+
+
+def _decode_base64s(texts: list[str], loaded: LoadedService, names: list[str]) -> torch.Tensor:
+    images = []
+    for text, name in zip(texts, names, strict=True):
+        try:
+            images.append(decode_base64_image(text, loaded.contract))
+        except InputError as exc:
+            raise InputError(f"{name}: {exc}" if name.endswith("]") else str(exc)) from None
+    return _images_to_tensor(images, loaded)
+
+
+def _tensors(values: list[Any], loaded: LoadedService, names: list[str]) -> torch.Tensor:
+    parts = []
+    for value, name in zip(values, names, strict=True):
+        try:
+            parts.append(tensor_from_json(value, loaded.bundle.input_shape))
+        except InputError as exc:
+            raise InputError(f"{name}: {exc}" if name.endswith("]") else str(exc)) from None
+    return torch.cat(parts)
+
+
+async def _read_uploads(uploads: list[Any], field: str) -> list[bytes]:
+    blobs = []
+    for upload in uploads:
+        if not isinstance(upload, UploadFile):
+            raise InputError(f"form field '{field}' must be a file upload, got a text value")
+        blobs.append(await upload.read())
+    return blobs
+
+
+async def _read_form(request: Request, max_files: int) -> FormData:
+    """Parse a multipart body; past ``max_files`` files it is :class:`TooManyImages` (413)."""
+    try:
+        return await request.form(max_files=max_files + 1, max_fields=len(_OPTION_FIELDS) + 4)
+    except HTTPException as exc:
+        if "too many files" in str(exc.detail).lower():
+            raise TooManyImages(f"more than {max_files} file(s) in one request, the limit") from None
+        raise InputError(f"unreadable multipart body: {exc.detail}") from None
+
+
+async def parse_single(request: Request, loaded: LoadedService) -> ParsedRequest:
+    """One image from ``POST /predict``."""
+    media = _media_type(request)
+    if media == "application/json":
+        payload = _validate(PredictJSON, await _json_body(request))
+        options = PredictOptions(**{k: getattr(payload, k) for k in _OPTION_FIELDS})
+        if payload.image is not None:
+            x = await run_in_threadpool(_decode_base64s, [payload.image], loaded, ["image"])
+        else:
+            x = await run_in_threadpool(_tensors, [payload.tensor], loaded, ["tensor"])
+        return ParsedRequest(x, options)
+    if media == "multipart/form-data":
+        form = await _read_form(request, 1)
+        try:
+            uploads = form.getlist("file")
+            if len(uploads) != 1:
+                raise InputError(
+                    "multipart body needs exactly one file field 'file'"
+                    + (f", got {len(uploads)}" if uploads else "")
+                    + " (use /predict/batch with 'files' for several)"
+                )
+            blobs = await _read_uploads(uploads, "file")
+            options = _options_from_form(form)
+        finally:
+            await form.close()
+        return ParsedRequest(await run_in_threadpool(_decode_files, blobs, loaded, ["file"]), options)
+    if media in ("image/png", "image/jpeg"):
+        body = await request.body()
+        if not body:
+            raise InputError(EMPTY_BODY)
+        return ParsedRequest(
+            await run_in_threadpool(_decode_files, [body], loaded, ["body"]), PredictOptions()
+        )
+    if media == "":
+        if not await request.body():
+            raise InputError(EMPTY_BODY)
+        raise UnsupportedMediaType(
+            "missing Content-Type: use application/json, multipart/form-data or image/png|jpeg"
+        )
+    raise UnsupportedMediaType(
+        f"content type {media!r} is not accepted: use application/json, multipart/form-data or image/png|jpeg"
+    )
+
+
+async def parse_batch(request: Request, loaded: LoadedService, limit: int) -> ParsedRequest:
+    """Up to ``limit`` images from ``POST /predict/batch``; more is :class:`TooManyImages` (413)."""
+
+    def check_count(n: int) -> None:
+        if n > limit:
+            raise TooManyImages(f"{n} images in one request, more than the limit of {limit}; split the batch")
+        if n == 0:
+            raise InputError("no images: the batch is empty")
+
+    media = _media_type(request)
+    if media == "application/json":
+        payload = _validate(BatchJSON, await _json_body(request))
+        options = PredictOptions(**{k: getattr(payload, k) for k in _OPTION_FIELDS})
+        if payload.images is not None:
+            check_count(len(payload.images))
+            names = [f"images[{i}]" for i in range(len(payload.images))]
+            x = await run_in_threadpool(_decode_base64s, payload.images, loaded, names)
+        else:
+            assert payload.tensors is not None
+            check_count(len(payload.tensors))
+            names = [f"tensors[{i}]" for i in range(len(payload.tensors))]
+            x = await run_in_threadpool(_tensors, payload.tensors, loaded, names)
+        return ParsedRequest(x, options)
+    if media == "multipart/form-data":
+        form = await _read_form(request, limit)
+        try:
+            uploads = form.getlist("files") + form.getlist("file")
+            check_count(len(uploads))
+            blobs = await _read_uploads(uploads, "files")
+            options = _options_from_form(form)
+        finally:
+            await form.close()
+        names = [f"files[{i}]" for i in range(len(blobs))]
+        return ParsedRequest(await run_in_threadpool(_decode_files, blobs, loaded, names), options)
+    if media == "" and not await request.body():
+        raise InputError(
+            'empty body: send JSON {"images": [...]} or {"tensors": [...]}, or multipart \'files\''
+        )
+    raise UnsupportedMediaType(
+        f"content type {media or '(none)'!r} is not accepted here: use application/json or multipart/form-data"
+    )

@@ -1,0 +1,83 @@
+"""``GET /v1/bundle``: what the server serves, from the bundle's manifest and the running settings."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fastapi import APIRouter
+
+from service.deps import LoadedDep, SettingsDep
+from service.schemas import BundleSummary, SignalSetSummary
+
+router = APIRouter(tags=["bundle"])
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity (a val risk is NaN when nothing is accepted): send null instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _scalars(section: Any) -> dict[str, Any] | None:
+    """The scalar entries of a manifest section (drops long lists such as weight hashes and histories)."""
+    if not isinstance(section, dict):
+        return None
+    return _finite({k: v for k, v in section.items() if not isinstance(v, list | dict)})
+
+
+@router.get(
+    "/v1/bundle", response_model=BundleSummary, summary="Manifest summary, signal sets, operating points"
+)
+async def bundle_summary(loaded: LoadedDep, settings: SettingsDep) -> BundleSummary:
+    manifest = loaded.bundle.manifest
+    detectors = manifest.get("detectors") or {}
+    serving = loaded.gate.signal_set(None)
+    sets = []
+    for name, info in (detectors.get("signal_sets") or {}).items():
+        details = {
+            k: v for k, v in info.items() if k not in ("signals", "operating_points", "default_point", "stem")
+        }
+        sets.append(
+            SignalSetSummary(
+                name=name,
+                signals=list(info.get("signals", [])),
+                is_default=name == detectors.get("default_set"),
+                serving=name == serving.name,
+                default_point=str(info.get("default_point")),
+                operating_points=_finite(info.get("operating_points", {})),
+                details=_finite(details),
+            )
+        )
+    training = manifest.get("training")
+    training_summary = None
+    if isinstance(training, dict):
+        training_summary = _finite({k: v for k, v in training.items() if "accuracy" in k or k == "device"})
+    evidence = detectors.get("evidence_value", manifest.get("evidence_value"))
+    return BundleSummary(
+        bundle_id=loaded.bundle_id,
+        dataset=_scalars(manifest.get("dataset")) or {},
+        class_names=loaded.bundle.class_names,
+        input_shape=list(loaded.bundle.input_shape),
+        architecture=_scalars(manifest.get("architecture")) or {},
+        conductance=_scalars(manifest.get("conductance")),
+        training=training_summary,
+        mutants=_scalars(manifest.get("mutants")),
+        default_set=str(detectors.get("default_set")),
+        serving={
+            "signal_set": serving.name,
+            "operating_point": serving.point(settings.operating_point).name,
+            "device": str(loaded.device),
+            "resize": settings.resize,
+            "input_shape": list(loaded.contract.shape),
+            "max_batch_size": settings.max_batch_size,
+            "max_images_per_request": settings.max_images_per_request,
+        },
+        signal_sets=sets,
+        evidence_value=_finite(evidence) if isinstance(evidence, list) else None,
+    )

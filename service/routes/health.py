@@ -1,0 +1,32 @@
+"""Liveness and readiness probes (never behind the API key)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from service.deps import StateDep
+from service.schemas import Health, Readiness
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health, summary="The process is alive")
+async def healthz() -> Health:
+    return Health()
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={
+        503: {"model": Readiness, "description": "bundle not loaded or not warmed up, or shutting down"}
+    },
+    summary="The bundle is loaded and warmed up",
+)
+async def readyz(state: StateDep) -> JSONResponse:
+    if state.ready and state.loaded is not None:
+        body = Readiness(ready=True, bundle_id=state.loaded.bundle_id, detail="bundle loaded and warmed up")
+        return JSONResponse(body.model_dump(), status_code=200)
+    detail = "shutting down" if state.batcher is not None else "bundle loading or warming up"
+    return JSONResponse(Readiness(ready=False, detail=detail).model_dump(), status_code=503)

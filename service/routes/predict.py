@@ -1,0 +1,207 @@
+"""``POST /predict`` and ``POST /predict/batch``: images in, predictions with verdicts out.
+
+Both parse the body (:mod:`service.parsing`), resolve the signal set and operating point (unknown
+names answer 422 before anything is queued), hand the images to the batcher and wait for their rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Depends, Query, Request
+
+from service import metrics
+from service.batching import GroupKey, Row
+from service.deps import BatcherDep, LoadedDep, SettingsDep, require_api_key
+from service.parsing import ParsedRequest, parse_batch, parse_single
+from service.schemas import (
+    BatchJSON,
+    ClassProbability,
+    ErrorResponse,
+    OperatingPointRef,
+    Prediction,
+    PredictJSON,
+    PredictOptions,
+)
+from service.settings import Settings
+from service.state import LoadedService
+
+router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        401: "missing or wrong bearer token (when the server has an API key)",
+        413: "body or image count over the limit",
+        415: "unsupported content type",
+        422: "unreadable input or unknown signal set / operating point",
+        503: "queue full, not ready or shutting down (see Retry-After)",
+    }.items()
+}
+
+
+def _body_doc(json_model: type[PredictOptions], file_field: str, many: bool) -> dict[str, Any]:
+    file_schema: dict[str, Any] = {"type": "string", "format": "binary"}
+    if many:
+        file_schema = {"type": "array", "items": file_schema}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": json_model.model_json_schema()},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": [file_field],
+                        "properties": {
+                            file_field: file_schema,
+                            "signal_set": {"type": "string"},
+                            "operating_point": {"type": "string"},
+                            "full_evidence": {"type": "boolean"},
+                            "return_conductance": {"type": "boolean"},
+                            "top_k": {"type": "integer"},
+                        },
+                    }
+                },
+                **({} if many else {"image/png": {"schema": {"type": "string", "format": "binary"}}}),
+                **({} if many else {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}),
+            },
+        }
+    }
+
+
+def query_options(
+    signal_set: Annotated[str | None, Query(description="signal set that makes the verdict")] = None,
+    operating_point: Annotated[str | None, Query(description="operating point of that set")] = None,
+    full_evidence: Annotated[
+        bool | None, Query(description="conductance vector and LCR whatever the set")
+    ] = None,
+    return_conductance: Annotated[bool | None, Query(description="return the conductance vector")] = None,
+    top_k: Annotated[int | None, Query(ge=1, le=1000, description="top classes to list (default 3)")] = None,
+) -> PredictOptions:
+    return PredictOptions(
+        signal_set=signal_set,
+        operating_point=operating_point,
+        full_evidence=full_evidence,
+        return_conductance=return_conductance,
+        top_k=top_k,
+    )
+
+
+QueryOptions = Annotated[PredictOptions, Depends(query_options)]
+
+
+def _merge(query: PredictOptions, body: PredictOptions) -> PredictOptions:
+    """Body values win over query values; unset ones stay None."""
+    data = query.model_dump()
+    data.update({k: v for k, v in body.model_dump().items() if v is not None})
+    return PredictOptions(**data)
+
+
+def resolve_key(loaded: LoadedService, settings: Settings, options: PredictOptions) -> GroupKey:
+    """Request names, else the server's settings, else the bundle's defaults; unknown names raise
+    ``ConfigError`` (422) here, before anything is queued."""
+    chosen = loaded.gate.signal_set(options.signal_set or settings.signal_set)
+    point = chosen.point(options.operating_point or settings.operating_point)
+    full = bool(options.full_evidence) or bool(options.return_conductance)
+    return GroupKey(chosen.name, point.name, full)
+
+
+def _record(row: Row, loaded: LoadedService, options: PredictOptions, total_s: float) -> Prediction:
+    names = loaded.bundle.class_names
+    probs = row.probabilities
+    k = min(options.top_k or 3, len(probs))
+    order = np.argsort(-probs, kind="stable")[:k]
+    timings = {"queue": row.queue_seconds, **row.seconds, "total": total_s}
+    want_vector = bool(options.full_evidence) or bool(options.return_conductance)
+    return Prediction(
+        label=row.prediction,
+        class_name=names[row.prediction],
+        top_k=[
+            ClassProbability(label=int(i), class_name=names[int(i)], probability=float(probs[i]))
+            for i in order
+        ],
+        probabilities=[float(p) for p in probs],
+        conductance_score=row.cond_score,
+        lcr=row.lcr,
+        unified_score=row.unified_score,
+        verdict="unknown" if row.reject else "accept",
+        signal_set=row.signal_set,
+        operating_point=OperatingPointRef(
+            name=row.operating_point.name, threshold=row.operating_point.threshold
+        ),
+        bundle_id=loaded.bundle_id,
+        timings_ms={stage: 1000.0 * seconds for stage, seconds in timings.items()},
+        batch_size=row.batch_size,
+        conductance=[float(v) for v in row.conductance]
+        if want_vector and row.conductance is not None
+        else None,
+    )
+
+
+def _observe(row: Row, class_name: str, total_s: float) -> None:
+    verdict = "unknown" if row.reject else "accept"
+    metrics.PREDICTIONS.labels(verdict=verdict, class_name=class_name, signal_set=row.signal_set).inc()
+    metrics.STAGE_SECONDS.labels(stage="queue").observe(row.queue_seconds)
+    metrics.STAGE_SECONDS.labels(stage="total").observe(total_s)
+    metrics.UNIFIED_SCORE.labels(signal_set=row.signal_set).observe(row.unified_score)
+    if row.lcr is not None:
+        metrics.LCR.labels(signal_set=row.signal_set).observe(row.lcr)
+
+
+async def _answer(
+    parsed: ParsedRequest,
+    query: PredictOptions,
+    loaded: LoadedService,
+    settings: Settings,
+    batcher: Any,
+    started: float,
+) -> list[Prediction]:
+    options = _merge(query, parsed.options)
+    key = resolve_key(loaded, settings, options)
+    x: torch.Tensor = parsed.x
+    rows = await asyncio.gather(*batcher.submit(x, key))
+    total = time.perf_counter() - started
+    records = []
+    for row in rows:
+        _observe(row, loaded.bundle.class_names[row.prediction], total)
+        records.append(_record(row, loaded, options, total))
+    return records
+
+
+@router.post(
+    "/predict",
+    response_model=Prediction,
+    responses=_ERRORS,
+    openapi_extra=_body_doc(PredictJSON, "file", many=False),
+    summary="Predict one image, with the gate's verdict",
+)
+async def predict(
+    request: Request, loaded: LoadedDep, settings: SettingsDep, batcher: BatcherDep, query: QueryOptions
+) -> Prediction:
+    """One PNG/JPEG (multipart field ``file``, base64 in JSON ``image``, or a raw image body) or a
+    normalised tensor (JSON ``tensor``); options as query parameters or body fields."""
+    started = time.perf_counter()
+    parsed = await parse_single(request, loaded)
+    return (await _answer(parsed, query, loaded, settings, batcher, started))[0]
+
+
+@router.post(
+    "/predict/batch",
+    response_model=list[Prediction],
+    responses=_ERRORS,
+    openapi_extra=_body_doc(BatchJSON, "files", many=True),
+    summary="Predict several images in one call (answers in order)",
+)
+async def predict_batch(
+    request: Request, loaded: LoadedDep, settings: SettingsDep, batcher: BatcherDep, query: QueryOptions
+) -> list[Prediction]:
+    """Up to ``max_images_per_request`` images: JSON ``images`` (base64) or ``tensors``, or multipart
+    ``files``."""
+    started = time.perf_counter()
+    parsed = await parse_batch(request, loaded, settings.max_images_per_request)
+    return await _answer(parsed, query, loaded, settings, batcher, started)

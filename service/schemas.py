@@ -1,0 +1,140 @@
+"""Pydantic models of every request and response body (they are the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class PredictOptions(BaseModel):
+    """Per-request options; each may also come as a query parameter (a body value wins)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    signal_set: str | None = Field(
+        None, description="signal set that makes the verdict (default: the server's)"
+    )
+    operating_point: str | None = Field(None, description="operating point of that set (default: the set's)")
+    full_evidence: bool | None = Field(
+        None,
+        description="compute and return the conductance vector and LCR whatever the signal set (costs more)",
+    )
+    return_conductance: bool | None = Field(
+        None, description="return the conductance vector (implies full evidence)"
+    )
+    top_k: int | None = Field(None, ge=1, le=1000, description="how many top classes to list (default 3)")
+
+
+class PredictJSON(PredictOptions):
+    """``POST /predict`` as JSON: exactly one of ``image`` (base64 PNG/JPEG) or ``tensor``."""
+
+    image: str | None = Field(None, description="base64 PNG or JPEG (a data: URL prefix is allowed)")
+    tensor: list[Any] | None = Field(
+        None,
+        description="C x H x W (or 1 x C x H x W) floats, already normalised with the bundle's mean and std",
+    )
+
+    @model_validator(mode="after")
+    def _one_input(self) -> PredictJSON:
+        if (self.image is None) == (self.tensor is None):
+            raise ValueError("send exactly one of 'image' (base64 PNG/JPEG) or 'tensor'")
+        return self
+
+
+class BatchJSON(PredictOptions):
+    """``POST /predict/batch`` as JSON: exactly one of ``images`` or ``tensors``."""
+
+    images: list[str] | None = Field(None, description="base64 PNG or JPEG images")
+    tensors: list[Any] | None = Field(None, description="C x H x W normalised tensors")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> BatchJSON:
+        if (self.images is None) == (self.tensors is None):
+            raise ValueError("send exactly one of 'images' (base64 PNG/JPEG list) or 'tensors'")
+        return self
+
+
+class ClassProbability(BaseModel):
+    label: int
+    class_name: str
+    probability: float
+
+
+class OperatingPointRef(BaseModel):
+    name: str
+    threshold: float = Field(description="verdict 'unknown' where unified_score > threshold")
+
+
+class Prediction(BaseModel):
+    """The gate's answer for one image."""
+
+    label: int = Field(description="predicted class index")
+    class_name: str
+    top_k: list[ClassProbability]
+    probabilities: list[float] = Field(description="softmax over all classes, in label order")
+    conductance_score: float | None = Field(
+        description="conductance detector's P(wrong); null when not computed"
+    )
+    lcr: float | None = Field(description="label change rate over the mutants; null when not computed")
+    unified_score: float = Field(description="the signal set's P(wrong), compared with the threshold")
+    verdict: Literal["accept", "unknown"]
+    signal_set: str = Field(description="the signal set that made the verdict")
+    operating_point: OperatingPointRef
+    bundle_id: str
+    timings_ms: dict[str, float] = Field(
+        description="queue, forward or forward+conductance, lcr, detectors (gate stages: the whole batch), total"
+    )
+    batch_size: int = Field(description="images in the gate run that answered this one")
+    conductance: list[float] | None = Field(
+        None, description="conductance per channel (full_evidence / return_conductance)"
+    )
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["alive"] = "alive"
+
+
+class Readiness(BaseModel):
+    ready: bool
+    bundle_id: str | None = None
+    detail: str
+
+
+class SignalSetSummary(BaseModel):
+    name: str
+    signals: list[str]
+    is_default: bool
+    serving: bool = Field(description="the set this server uses when a request names none")
+    default_point: str
+    operating_points: dict[str, dict[str, Any]] = Field(description="threshold and val figures per point")
+    details: dict[str, Any] = Field(description="other figures the build recorded (kind, val_auroc, ...)")
+
+
+class BundleSummary(BaseModel):
+    """What ``GET /v1/bundle`` shows: the manifest's summary, the signal sets and the serving choice."""
+
+    bundle_id: str
+    dataset: dict[str, Any]
+    class_names: list[str]
+    input_shape: list[int]
+    architecture: dict[str, Any]
+    conductance: dict[str, Any] | None
+    training: dict[str, Any] | None
+    mutants: dict[str, Any] | None
+    default_set: str
+    serving: dict[str, Any] = Field(description="signal set, operating point, device and input policy in use")
+    signal_sets: list[SignalSetSummary]
+    evidence_value: list[dict[str, Any]] | None = Field(
+        None,
+        description="evidence-value table of the build report (per signal set: AUROC, diff to MSP, cost)",
+    )

@@ -1,0 +1,54 @@
+"""The service's settings: one pydantic-settings object read from ``PREDGATE_*`` environment variables.
+
+Nothing else in the service reads the environment; tests build a :class:`Settings` directly and hand it
+to :func:`service.main.create_app`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the online service (environment: ``PREDGATE_<NAME>``, e.g. ``PREDGATE_BUNDLE``)."""
+
+    model_config = SettingsConfigDict(env_prefix="PREDGATE_", extra="ignore", frozen=True)
+
+    bundle: Path = Field(description="directory of a finished bundle (predgate build)")
+    signal_set: str | None = Field(
+        None, description="signal set that makes the verdict; None = the bundle's default"
+    )
+    operating_point: str | None = Field(
+        None, description="operating point name; None = the signal set's default"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present")
+    max_batch_size: int = Field(32, ge=1, description="most images the gate runs in one batch")
+    max_queue_delay_ms: float = Field(5.0, ge=0, description="longest wait for a batch to fill")
+    queue_limit: int = Field(256, ge=1, description="most images waiting; beyond it requests get 503")
+    max_payload_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body (413 beyond)")
+    max_images_per_request: int = Field(64, ge=1, description="most images in one /predict/batch call")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image (width x height)")
+    api_key: SecretStr | None = Field(
+        None, description="when set, predict routes need 'Authorization: Bearer <key>'"
+    )
+    resize: Literal["crop", "refuse"] = Field(
+        "crop", description="crop: shorter side to the input size + centre crop; refuse: 422 on other sizes"
+    )
+    warmup: bool = Field(True, description="run one full-evidence batch before reporting ready")
+    host: str = Field("127.0.0.1", description="address uvicorn binds (0.0.0.0 in the container)")
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: str = "info"
+    graceful_timeout_s: float = Field(
+        30.0, gt=0, description="longest wait for in-flight requests on SIGTERM"
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings()  # type: ignore[call-arg]  # bundle comes from PREDGATE_BUNDLE

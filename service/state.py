@@ -1,0 +1,125 @@
+"""What the running service holds: the loaded bundle and gate, the batcher, and the readiness flag.
+
+Loading is separate from the app so that ``predgate serve`` can validate a bundle (and fail with a
+message) before binding a port, and hand the loaded gate to the app instead of loading it twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from models.bundle import Bundle, load_bundle
+from models.errors import ConfigError
+from models.gate import Gate, GateOutput, load_gate
+from models.image_input import InputContract
+from service import metrics
+from service.batching import Batcher, GroupKey
+from service.settings import Settings
+
+log = logging.getLogger("predgate.service")
+
+
+@dataclass
+class LoadedService:
+    """A validated bundle, its gate on the chosen device, and the input contract requests must meet."""
+
+    bundle: Bundle
+    gate: Gate
+    contract: InputContract
+    device: torch.device
+
+    @property
+    def bundle_id(self) -> str:
+        return str(self.bundle.manifest["bundle_id"])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but CUDA is not available")
+    return torch.device(name)
+
+
+def load_service(settings: Settings) -> LoadedService:
+    """Load and check everything the settings name.
+
+    Raises
+    ------
+    BundleError
+        The bundle is missing, incomplete, tampered with or has no detectors.
+    ConfigError
+        A setting names a signal set or operating point the bundle lacks, an unusable device, or an
+        input policy the bundle's input shape does not allow.
+    """
+    bundle = load_bundle(settings.bundle)
+    sets = (bundle.get("detectors") or {}).get("signal_sets") or {}
+    if settings.signal_set is not None and sets and settings.signal_set not in sets:
+        raise ConfigError(f"signal_set {settings.signal_set!r} is not in the bundle; stored: {sorted(sets)}")
+    device = resolve_device(settings.device)
+    gate = load_gate(bundle, device, settings.signal_set)
+    gate.signal_set(None).point(settings.operating_point)  # raises ConfigError naming the stored points
+    contract = InputContract.from_shape(bundle.input_shape, settings.resize, settings.max_image_pixels)
+    return LoadedService(bundle, gate, contract, device)
+
+
+def warm_up(loaded: LoadedService) -> None:
+    """One pass through every stage the server may need, so the first request is not the slow one."""
+    x = torch.zeros(1, *loaded.bundle.input_shape)
+    extractor = loaded.gate.extractor
+    full = extractor.conductance is not None and extractor.ensemble is not None
+    loaded.gate.run(x, full_evidence=full)
+
+
+class ServiceState:
+    """Lifecycle of one app: ``start`` loads (unless given), warms up and starts the batcher; ``stop``
+    clears readiness, then drains the batcher."""
+
+    def __init__(self, settings: Settings, loaded: LoadedService | None = None) -> None:
+        self.settings = settings
+        self.loaded = loaded
+        self.batcher: Batcher | None = None
+        self.ready = False
+
+    def run_batch(self, x: torch.Tensor, key: GroupKey) -> GateOutput:
+        assert self.loaded is not None
+        return self.loaded.gate.run(
+            x, signal_set=key.signal_set, operating_point=key.operating_point, full_evidence=key.full_evidence
+        )
+
+    async def start(self) -> None:
+        if self.loaded is None:
+            self.loaded = await asyncio.to_thread(load_service, self.settings)
+        if self.settings.warmup:
+            await asyncio.to_thread(warm_up, self.loaded)
+        self.batcher = Batcher(
+            self.run_batch,
+            max_batch_size=self.settings.max_batch_size,
+            max_queue_delay_s=self.settings.max_queue_delay_ms / 1000.0,
+            queue_limit=self.settings.queue_limit,
+        )
+        await self.batcher.start()
+        gate = self.loaded.gate
+        chosen = gate.signal_set(None)
+        metrics.BUNDLE.info(
+            {
+                "bundle_id": self.loaded.bundle_id,
+                "signal_set": chosen.name,
+                "operating_point": chosen.point(self.settings.operating_point).name,
+                "device": str(self.loaded.device),
+            }
+        )
+        self.ready = True
+        metrics.READY.set(1)
+        log.info("predgate ready: bundle %s, signal set %s", self.loaded.bundle_id, chosen.name)
+
+    async def stop(self) -> None:
+        self.ready = False
+        metrics.READY.set(0)
+        if self.batcher is not None:
+            await self.batcher.stop()
+            log.info("predgate stopped: batching queue drained")

@@ -1,0 +1,117 @@
+"""The whole build on generated data: a complete bundle whose stored numbers can be reproduced
+independently (sklearn on the stored features; the gate on the raw images)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from models.bundle import load_bundle
+from models.errors import BundleError
+from models.gate import load_gate
+from models.scores import BASELINE_SCORES
+from models.signals import signal_matrix
+from offline.features import wrong_labels
+from offline.stages import load_splits
+
+
+def test_bundle_is_complete(tiny_bundle: Path) -> None:
+    bundle = load_bundle(tiny_bundle)
+    stages = bundle.manifest["stages"]
+    for stage in ("prepare", "train", "conductance", "mutants", "features:fit", "features:val",
+                  "features:test", "detectors", "report"):
+        assert stage in stages, stage
+    assert bundle.manifest["conductance"]["mode"] == "shortcut"
+    assert bundle.manifest["mutants"]["count"] == 8
+    for name in ("report.md", "metrics.json", "roc.png", "risk_coverage.png", "lcr_vs_mutants.png",
+                 "confusion.png", "fallback.png", "auroc_vs_cost.png"):
+        assert (tiny_bundle / "report" / name).is_file(), name
+        assert f"report/{name}" in bundle.manifest["files"]
+
+
+def test_stored_scores_reproduce_from_features_and_report_equals_sklearn(tiny_bundle: Path) -> None:
+    bundle = load_bundle(tiny_bundle)
+    gate = load_gate(bundle)
+    stored = bundle.read_arrays("detectors/scores.npz")
+    metrics = json.loads((tiny_bundle / "report" / "metrics.json").read_text())
+    for split in ("val", "test"):
+        feats = bundle.read_arrays(f"features/{split}.npz")
+        wrong = wrong_labels(feats)
+        cond = gate.cond_detector.decision_function(feats["conductance"].astype(np.float64))
+        np.testing.assert_allclose(cond, stored[f"0/conductance-detector/{split}"], rtol=0, atol=1e-12)
+        for name, signal_set in gate.signal_sets.items():
+            x = signal_matrix(signal_set.signals, feats["logits"], cond, feats["lcr"])
+            np.testing.assert_allclose(signal_set.classifier.decision_function(x), stored[f"0/{name}/{split}"], atol=1e-12)
+            assert metrics["methods"][f"set {name}"][split]["auroc"] == pytest.approx(
+                roc_auc_score(wrong, stored[f"0/{name}/{split}"]), abs=1e-12
+            )
+        for baseline in ("msp", "entropy", "margin", "doctor"):
+            expected = roc_auc_score(wrong, BASELINE_SCORES[baseline](feats["logits"]))
+            assert metrics["methods"][baseline][split]["auroc"] == pytest.approx(expected, abs=1e-12)
+        assert metrics["methods"]["lcr (raw)"][split]["auroc"] == pytest.approx(roc_auc_score(wrong, feats["lcr"]), abs=1e-12)
+
+
+def test_gate_on_raw_images_equals_offline_features(tiny_bundle: Path) -> None:
+    bundle = load_bundle(tiny_bundle)
+    gate = load_gate(bundle)
+    arrays = load_splits(bundle)
+    feats = bundle.read_arrays("features/val.npz")
+    stored = bundle.read_arrays("detectors/scores.npz")
+    idx = np.arange(0, 40)
+    for batch in (idx[:1], idx[1:8], idx[8:40]):  # the batch size must not change the answer
+        out = gate.run(bundle.normalisation.apply(arrays["val"].images[batch]), full_evidence=True)
+        np.testing.assert_array_equal(out.prediction, feats["prediction"][batch])
+        np.testing.assert_allclose(out.conductance, feats["conductance"][batch], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out.lcr, feats["lcr"][batch], atol=1e-7)
+        np.testing.assert_allclose(out.cond_score, stored["0/conductance-detector/val"][batch], atol=1e-5)
+        np.testing.assert_allclose(out.unified_score, stored[f"0/{gate.default_set}/val"][batch], atol=1e-5)
+
+
+def test_stored_operating_points_hold_on_val(tiny_bundle: Path) -> None:
+    bundle = load_bundle(tiny_bundle)
+    stored = bundle.read_arrays("detectors/scores.npz")
+    wrong = wrong_labels(bundle.read_arrays("features/val.npz")).astype(bool)
+    for name, info in bundle.manifest["detectors"]["signal_sets"].items():
+        scores = stored[f"0/{name}/val"]
+        for spec, point in info["operating_points"].items():
+            rejected = scores > point["threshold"]
+            assert point["correct_recall"] == pytest.approx((~rejected & ~wrong).sum() / (~wrong).sum())
+            assert point["wrong_recall"] == pytest.approx((rejected & wrong).sum() / wrong.sum())
+            if spec.startswith("correct-recall="):
+                assert point["correct_recall"] >= float(spec.split("=")[1])
+            if spec.startswith("wrong-recall="):
+                assert point["wrong_recall"] >= float(spec.split("=")[1])
+
+
+def test_rerunning_a_finished_build_changes_nothing(tiny_bundle: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
+    from offline.build import build_bundle
+    from offline.profiles import BuildProfile
+    from offline.stages import DataSource
+    from tests.conftest import TINY_PROFILE
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, copy)
+    before = (copy / "manifest.json").read_text()
+    # Every stage is marked done: only the report is rewritten (it is cheap and always refreshed).
+    bundle = build_bundle(copy, DataSource("fashion-mnist", str(tiny_data_dir)), BuildProfile(**TINY_PROFILE), progress=False)
+    after = json.loads((copy / "manifest.json").read_text())
+    assert json.loads(before)["stages"]["train"] == after["stages"]["train"]
+    assert json.loads(before)["files"]["weights.safetensors"] == after["files"]["weights.safetensors"]
+    load_bundle(bundle.path)
+    with pytest.raises(BundleError, match="was started with profile"):
+        build_bundle(copy, DataSource("fashion-mnist", str(tiny_data_dir)), BuildProfile(**{**TINY_PROFILE, "fit": 99}), progress=False)
+
+
+def test_mutant_regeneration_is_checked(tiny_bundle: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["mutants"]["weight_hashes"][3] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="mutant 3"):
+        load_gate(load_bundle(copy))

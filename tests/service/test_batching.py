@@ -1,0 +1,172 @@
+"""The batcher alone, with a transparent batch function (each row is computed from its own image),
+so that order, grouping, limits and draining are checked without the model."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from models.gate import GateOutput
+from models.operating_points import OperatingPoint
+from service.batching import Batcher, GroupKey
+from service.errors import QueueFull, ShuttingDown
+
+KEY = GroupKey("msp", "equal-recall", False)
+OTHER = GroupKey("cond+lcr", "equal-recall", True)
+
+
+class Recorder:
+    """Batch function that records each call; row i's unified score is image i's first pixel."""
+
+    def __init__(self, delay: float = 0.0, fail: bool = False, short: bool = False) -> None:
+        self.calls: list[tuple[GroupKey, int]] = []
+        self.threads: set[int] = set()
+        self.delay, self.fail, self.short = delay, fail, short
+
+    def __call__(self, x: torch.Tensor, key: GroupKey) -> GateOutput:
+        self.calls.append((key, x.shape[0]))
+        self.threads.add(threading.get_ident())
+        time.sleep(self.delay)
+        if self.fail:
+            raise ValueError("boom")
+        n = x.shape[0] - (1 if self.short else 0)
+        score = x.reshape(x.shape[0], -1)[:n, 0].double().numpy()
+        point = OperatingPoint(
+            name=key.operating_point,
+            threshold=0.5,
+            correct_recall=1.0,
+            wrong_recall=1.0,
+            coverage=1.0,
+            risk=0.0,
+        )
+        return GateOutput(
+            logits=np.zeros((n, 3)),
+            probabilities=np.full((n, 3), 1 / 3),
+            prediction=np.zeros(n, dtype=np.int64),
+            conductance=None,
+            cond_score=None,
+            lcr=None,
+            unified_score=score,
+            reject=score > 0.5,
+            signal_set=key.signal_set,
+            operating_point=point,
+            seconds={"forward": 0.001, "detectors": 0.0},
+        )
+
+
+def images(values: list[float]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_share_a_batch_and_get_their_own_rows() -> None:
+    async def main() -> None:
+        fn = Recorder()
+        batcher = Batcher(fn, max_batch_size=8, max_queue_delay_s=0.05, queue_limit=32)
+        await batcher.start()
+        values = [0.1 * i for i in range(6)]
+        futures = [batcher.submit(images([v]), KEY)[0] for v in values]
+        rows = await asyncio.gather(*futures)
+        await batcher.stop()
+        assert fn.calls == [(KEY, 6)]
+        assert [r.unified_score for r in rows] == pytest.approx(values)
+        assert [r.reject for r in rows] == [v > 0.5 for v in values]
+        assert all(r.batch_size == 6 and r.queue_seconds >= 0 for r in rows)
+        assert threading.get_ident() not in fn.threads and len(fn.threads) == 1  # one thread, off the loop
+
+    run(main())
+
+
+def test_groups_run_separately_and_batches_respect_the_size_cap() -> None:
+    async def main() -> None:
+        fn = Recorder()
+        batcher = Batcher(fn, max_batch_size=4, max_queue_delay_s=0.05, queue_limit=32)
+        await batcher.start()
+        a = batcher.submit(images([0.1, 0.2, 0.3]), KEY)
+        b = batcher.submit(images([0.9]), OTHER)
+        c = batcher.submit(images([0.4, 0.6]), KEY)
+        rows = await asyncio.gather(*a, *b, *c)
+        await batcher.stop()
+        assert [r.signal_set for r in rows] == ["msp"] * 3 + ["cond+lcr"] + ["msp"] * 2
+        assert [r.unified_score for r in rows] == pytest.approx([0.1, 0.2, 0.3, 0.9, 0.4, 0.6])
+        # first round takes 4 images (3 KEY + 1 OTHER: two runs), the second the remaining 2
+        assert fn.calls == [(KEY, 3), (OTHER, 1), (KEY, 2)]
+
+    run(main())
+
+
+def test_queue_full_refuses_the_whole_request() -> None:
+    async def main() -> None:
+        fn = Recorder(delay=0.2)
+        batcher = Batcher(fn, max_batch_size=1, max_queue_delay_s=0.0, queue_limit=3)
+        await batcher.start()
+        first = batcher.submit(images([0.1]), KEY)
+        await asyncio.sleep(0.05)  # the worker is now busy with it
+        queued = batcher.submit(images([0.2, 0.3]), KEY)
+        with pytest.raises(QueueFull, match="limit 3"):
+            batcher.submit(images([0.4, 0.5]), KEY)  # 2 + 2 > 3: none of them is queued
+        assert batcher.depth == 2
+        later = batcher.submit(images([0.6]), KEY)  # exactly fills the queue
+        rows = await asyncio.gather(*first, *queued, *later)
+        await batcher.stop()
+        assert [r.unified_score for r in rows] == pytest.approx([0.1, 0.2, 0.3, 0.6])
+
+    run(main())
+
+
+def test_stop_finishes_queued_work_then_refuses() -> None:
+    async def main() -> None:
+        fn = Recorder(delay=0.05)
+        batcher = Batcher(fn, max_batch_size=2, max_queue_delay_s=1.0, queue_limit=32)
+        await batcher.start()
+        futures = batcher.submit(images([0.1, 0.2, 0.3, 0.4, 0.5]), KEY)
+        await batcher.stop()  # does not wait out the 1 s delay, and drops nothing
+        assert all(f.done() for f in futures)
+        assert [f.result().unified_score for f in futures] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+        assert sum(n for _, n in fn.calls) == 5
+        with pytest.raises(ShuttingDown):
+            batcher.submit(images([0.1]), KEY)
+
+    run(main())
+
+
+def test_failures_reach_every_caller_and_the_loop_survives() -> None:
+    async def main() -> None:
+        fn = Recorder(fail=True)
+        batcher = Batcher(fn, max_batch_size=8, max_queue_delay_s=0.01, queue_limit=32)
+        await batcher.start()
+        futures = batcher.submit(images([0.1, 0.2]), KEY)
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        assert all(isinstance(r, ValueError) and str(r) == "boom" for r in results)
+        fn.fail, fn.short = False, True
+        results = await asyncio.gather(*batcher.submit(images([0.1, 0.2]), KEY), return_exceptions=True)
+        assert all(isinstance(r, RuntimeError) and "1 rows for 2 images" in str(r) for r in results)
+        fn.short = False
+        (row,) = await asyncio.gather(*batcher.submit(images([0.7]), KEY))
+        assert row.reject
+        await batcher.stop()
+
+    run(main())
+
+
+def test_cancelled_callers_are_skipped() -> None:
+    async def main() -> None:
+        fn = Recorder()
+        batcher = Batcher(fn, max_batch_size=8, max_queue_delay_s=0.05, queue_limit=32)
+        await batcher.start()
+        gone = batcher.submit(images([0.1]), KEY)
+        kept = batcher.submit(images([0.2]), KEY)
+        gone[0].cancel()
+        (row,) = await asyncio.gather(*kept)
+        await batcher.stop()
+        assert fn.calls == [(KEY, 1)] and row.unified_score == pytest.approx(0.2)
+
+    run(main())

@@ -1,0 +1,40 @@
+"""``serve()``: a bad bundle or setting stops the server before it binds, with a message and exit 2."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from service.server import EXIT_BAD_INPUT, EXIT_STARTUP_FAILED, serve
+from tests.service.conftest import make_settings
+
+
+def test_missing_bundle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = serve(make_settings(tmp_path / "nowhere", port=0))
+    assert code == EXIT_BAD_INPUT == 2
+    err = capsys.readouterr().err
+    assert err.startswith("predgate serve: bad bundle: ") and "does not exist" in err
+
+
+def test_incomplete_bundle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "manifest.json").write_text("{not json")
+    assert serve(make_settings(tmp_path, port=0)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("predgate serve: bad bundle: ") and "not valid JSON" in err
+
+
+def test_unknown_signal_set_setting(tiny_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert serve(make_settings(tiny_bundle, signal_set="nope", port=0)) == 2
+    assert "predgate serve: bad setting: signal_set 'nope'" in capsys.readouterr().err
+
+
+def test_port_in_use(tiny_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = serve(make_settings(tiny_bundle, port=port, warmup=False, log_level="critical"))
+    assert code == EXIT_STARTUP_FAILED == 3
+    assert f"could not start on 127.0.0.1:{port}" in capsys.readouterr().err
