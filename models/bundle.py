@@ -109,13 +109,14 @@ class Bundle:
         return bundle
 
     # ----------------------------------------------------------------- files
-    def _record(self, name: str) -> None:
+    def record_file(self, name: str) -> None:
+        """Hash a file written by other means (a plot) into the manifest."""
         self.manifest["files"][name] = {"sha256": sha256_file(self.path / name)}
 
     def write_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         _atomic_write(self.path / name, lambda tmp: _save_safetensors(clean, str(tmp)))
-        self._record(name)
+        self.record_file(name)
 
     def read_tensors(self, name: str) -> dict[str, torch.Tensor]:
         self._require(name)
@@ -127,7 +128,7 @@ class Bundle:
                 np.savez_compressed(handle, **arrays)
 
         _atomic_write(self.path / name, write)
-        self._record(name)
+        self.record_file(name)
 
     def read_arrays(self, name: str) -> dict[str, np.ndarray]:
         self._require(name)
@@ -137,7 +138,7 @@ class Bundle:
     def write_json(self, name: str, obj: Any) -> None:
         text = json.dumps(obj, indent=2, sort_keys=True)
         _atomic_write(self.path / name, lambda tmp: tmp.write_text(text))
-        self._record(name)
+        self.record_file(name)
 
     def read_json(self, name: str) -> Any:
         self._require(name)
@@ -145,7 +146,7 @@ class Bundle:
 
     def write_file(self, name: str, data: bytes) -> None:
         _atomic_write(self.path / name, lambda tmp: tmp.write_bytes(data))
-        self._record(name)
+        self.record_file(name)
 
     def has_file(self, name: str) -> bool:
         return name in self.manifest["files"]

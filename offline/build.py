@@ -73,8 +73,9 @@ def build_bundle(
     stage(f"detectors: {profile.detector_seeds} seeds")
     detectors_stage(bundle, seeds=profile.detector_seeds, default_set=default_set, progress=progress)
     stage("report")
-    from offline.report import write_report
+    if not bundle.stage_done("report"):
+        from offline.report import write_report
 
-    write_report(bundle, val_images=arrays["val"].images, n_boot=profile.n_boot, progress=progress)
+        write_report(bundle, val_images=arrays["val"].images, n_boot=profile.n_boot, progress=progress)
     _say(f"done in {time.perf_counter() - t0:.0f}s: {bundle.path}")
     return bundle

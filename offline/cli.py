@@ -75,6 +75,52 @@ def cmd_build(args: argparse.Namespace) -> None:
     )
 
 
+def _open_for_stage(args: argparse.Namespace, stage: str):  # type: ignore[no-untyped-def]
+    """The bundle and its splits, with ``stage`` (and what follows it) cleared when ``--redo``."""
+    from models.bundle import load_bundle
+    from offline.build import STAGE_ORDER
+    from offline.stages import load_splits
+
+    bundle = load_bundle(args.bundle)
+    if args.redo:
+        later = STAGE_ORDER[STAGE_ORDER.index(stage) :]
+        for name in list(bundle.manifest["stages"]):
+            if name.split(":")[0] in later:
+                del bundle.manifest["stages"][name]
+        bundle.save()
+    return bundle, load_splits(bundle)
+
+
+def cmd_mutants(args: argparse.Namespace) -> None:
+    from offline.stages import mutants_stage
+
+    bundle, arrays = _open_for_stage(args, "mutants")
+    profile = bundle.manifest["profile"]
+    mutants_stage(
+        bundle, arrays, operator=args.operator or profile["operator"], rate=args.rate or profile["mutation_rate"],
+        n_mutants=args.n or profile["n_mutants"], seed=profile["seed"], progress=_progress(),
+    )
+    info = bundle.manifest["mutants"]
+    print(
+        f"{info['count']} {info['operator']} mutants at rate {info['rate']} ({info['filters_per_mutant']} of "
+        f"{info['total_filters']} filters each), acceptance rate {info['acceptance_rate']:.2f}"
+    )
+
+
+def cmd_features(args: argparse.Namespace) -> None:
+    from offline.stages import features_stage
+
+    bundle, arrays = _open_for_stage(args, "features")
+    features_stage(bundle, arrays, batch_size=args.batch_size, progress=_progress())
+    print(f"features written to {bundle.path / 'features'}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from offline.sweep import main as sweep_main
+
+    return sweep_main(args.sweep_args)
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from models.bundle import load_bundle
     from offline.report import write_report
@@ -123,6 +169,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--operating-point", default=None, help="stored operating point (default: equal-recall)")
     serve.add_argument("--device", default=None, help="auto, cpu or cuda")
     serve.set_defaults(func=cmd_serve)
+
+    mutants = sub.add_parser("mutants", help="generate and filter the mutants of a trained bundle")
+    mutants.add_argument("--bundle", type=Path, required=True)
+    mutants.add_argument("--operator", default=None, choices=["NAI", "GF", "WS", "NS"])
+    mutants.add_argument("--rate", type=float, default=None, help="share of all conv filters per mutant")
+    mutants.add_argument("-n", type=int, default=None, help="number of mutants to keep")
+    mutants.add_argument("--redo", action="store_true", help="replace existing mutants (and later stages)")
+    mutants.set_defaults(func=cmd_mutants)
+
+    features = sub.add_parser("features", help="extract logits, conductance and LCR for fit/val/test")
+    features.add_argument("--bundle", type=Path, required=True)
+    features.add_argument("--batch-size", type=int, default=256)
+    features.add_argument("--redo", action="store_true", help="extract again (and clear later stages)")
+    features.set_defaults(func=cmd_features)
+
+    sweep = sub.add_parser("sweep", help="LCR by mutation operator and rate (python -m offline.sweep --help)")
+    sweep.add_argument("sweep_args", nargs=argparse.REMAINDER)
+    sweep.set_defaults(func=cmd_sweep)
 
     report = sub.add_parser("report", help="(re)write a bundle's evaluation report")
     report.add_argument("--bundle", type=Path, required=True)

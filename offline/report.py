@@ -209,11 +209,16 @@ def write_report(bundle: Bundle, *, val_images: np.ndarray | None = None, n_boot
         plots.plot_lcr_vs_mutants(curve["count"], curve["auroc"], curve["std"], table["msp"]["val"]["auroc"], out / "lcr_vs_mutants.png")
     if costs:
         plots.plot_auroc_vs_cost([(r["signal_set"], r["cost_fe"], r["test_auroc"]) for r in evidence], out / "auroc_vs_cost.png")
-    (out / "report.md").write_text(render_markdown(bundle, metrics))
+    markdown = render_markdown(bundle, metrics)
+    if bundle.has_file(f"{REPORT_DIR}/sweep_mutants.json"):
+        from offline.sweep import sweep_markdown
+
+        markdown += "\n" + sweep_markdown(bundle.read_json(f"{REPORT_DIR}/sweep_mutants.json"))
+    (out / "report.md").write_text(markdown)
     # The server shows the evidence-value table at /v1/bundle.
     detectors["evidence_value"] = evidence
     for path in sorted(out.iterdir()):
-        bundle._record(f"{REPORT_DIR}/{path.name}")
+        bundle.record_file(f"{REPORT_DIR}/{path.name}")
     bundle.mark_stage("report")
     return out
 

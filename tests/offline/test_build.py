@@ -96,12 +96,12 @@ def test_rerunning_a_finished_build_changes_nothing(tiny_bundle: Path, tiny_data
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_bundle, copy)
-    before = (copy / "manifest.json").read_text()
-    # Every stage is marked done: only the report is rewritten (it is cheap and always refreshed).
+    before = json.loads((copy / "manifest.json").read_text())
+    # Every stage is marked done, so nothing is recomputed and no file changes.
     bundle = build_bundle(copy, DataSource("fashion-mnist", str(tiny_data_dir)), BuildProfile(**TINY_PROFILE), progress=False)
     after = json.loads((copy / "manifest.json").read_text())
-    assert json.loads(before)["stages"]["train"] == after["stages"]["train"]
-    assert json.loads(before)["files"]["weights.safetensors"] == after["files"]["weights.safetensors"]
+    assert before["stages"] == after["stages"]
+    assert before["files"] == after["files"]
     load_bundle(bundle.path)
     with pytest.raises(BundleError, match="was started with profile"):
         build_bundle(copy, DataSource("fashion-mnist", str(tiny_data_dir)), BuildProfile(**{**TINY_PROFILE, "fit": 99}), progress=False)
