@@ -463,7 +463,8 @@ class SplitSpec:
     ----------
     cnn_train, fit, val, test : int or None
         Number of images; ``None`` takes all that remains of its pool (at most one ``None`` per
-        pool). With ``fit_is_cnn_train`` leave ``fit`` as ``None``: it is cnn-train.
+        pool). With ``fit_is_cnn_train``, ``fit`` is ``None`` (all of cnn-train) or the size of a
+        random subset of cnn-train (extracting LCR on all training images is costly).
     seed : int
         Seeds both pools' permutations.
     fit_is_cnn_train : bool
@@ -576,8 +577,6 @@ def make_splits(train_pool_size: int, test_pool_size: int, spec: SplitSpec) -> S
     """
     if spec.val_from not in ("train", "test"):
         raise ValueError(f"val_from must be 'train' or 'test', got {spec.val_from!r}")
-    if spec.fit_is_cnn_train and spec.fit is not None:
-        raise ValueError("fit_is_cnn_train=True makes fit the cnn-train images; leave fit as None")
     train_requests: list[tuple[str, int | None]] = [("cnn-train", spec.cnn_train)]
     if not spec.fit_is_cnn_train:
         train_requests.append(("fit", spec.fit))
@@ -599,7 +598,12 @@ def make_splits(train_pool_size: int, test_pool_size: int, spec: SplitSpec) -> S
             indices[name] = perm[start:stop].astype(np.int64)
             pools[name] = pool
     if spec.fit_is_cnn_train:
-        indices["fit"] = indices["cnn-train"].copy()
+        if spec.fit is not None and not 0 < spec.fit <= len(indices["cnn-train"]):
+            raise ValueError(
+                f"fit_is_cnn_train: fit={spec.fit} must be a subset size of cnn-train ({len(indices['cnn-train'])})"
+            )
+        # cnn-train is in permutation order, so its prefix is a random subset.
+        indices["fit"] = indices["cnn-train"][: spec.fit].copy()
         pools["fit"] = "train"
     ordered = {name: indices[name] for name in SPLIT_NAMES}
     return Splits(ordered, {name: pools[name] for name in SPLIT_NAMES}, spec, train_pool_size, test_pool_size)

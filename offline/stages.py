@@ -78,7 +78,7 @@ def prepare(
     train_pool, test_pool = source.load()
     spec = SplitSpec(
         cnn_train=profile.cnn_train,
-        fit=None if profile.fit_is_cnn_train else profile.fit,
+        fit=profile.fit,
         val=profile.val,
         test=profile.test,
         seed=profile.seed,
