@@ -98,6 +98,8 @@ def plot_auroc_vs_cost(points: list[tuple[str, float, float]], path: Path) -> No
             best = aurocs[i]
             front_x.append(costs[i])
             front_y.append(aurocs[i])
+    front_x.append(float(costs.max()))  # the front stays flat out to the most expensive set
+    front_y.append(front_y[-1])
     ax.step(front_x, front_y, where="post", color="grey", lw=1, ls="--", label="Pareto front")
     ax.set_xscale("log")
     ax.set_xlabel("forward-equivalents per image (measured)")

@@ -223,6 +223,13 @@ def write_report(bundle: Bundle, *, val_images: np.ndarray | None = None, n_boot
     return out
 
 
+def _fit_source(manifest: dict[str, Any]) -> str:
+    splits = manifest["splits"]
+    if splits.get("fit_is_cnn_train"):
+        return f"**{splits['sizes']['fit']} of the CNN's own training images** (the paper's setting)"
+    return f"a **held-out fit split** of {splits['sizes']['fit']} images the CNN never saw"
+
+
 def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
     man = bundle.manifest
     training = man.get("training", {})
@@ -238,7 +245,7 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
         f"{', '.join(f'{k} {v}' for k, v in m['errors'].items())}."),
         (f"Conductance: layer `{man['conductance']['layer']}`, mode **{man['conductance']['mode']}** "
         f"(max relative difference to the 11-point form {man['conductance'].get('shortcut_max_rel_diff', float('nan')):.2g}). "
-        f"Detectors trained on the held-out **fit** split (unified classifiers on out-of-fold conductance scores)."),
+        f"Detectors trained on {_fit_source(man)} (unified classifiers on out-of-fold conductance scores)."),
     ]
     if mut:
         lines.append(

@@ -68,8 +68,9 @@ def prepare(
     manifest_path = Path(out) / "manifest.json"
     if manifest_path.exists() and not overwrite:
         bundle = load_bundle(out)
-        recorded = bundle.manifest.get("profile")
-        if recorded != profile.to_dict():
+        recorded = bundle.manifest.get("profile") or {}
+        # Fields added to profiles after the bundle was started count at their defaults.
+        if BuildProfile(**recorded) != profile:
             raise BundleError(
                 f"{out} was started with profile {recorded}, not {profile.to_dict()}: "
                 "use another --out or --overwrite"
