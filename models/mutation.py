@@ -398,9 +398,12 @@ def generate_mutants(
             round_seeds = list(range(seed + len(seeds), seed + len(seeds) + count))
             specs = [plan_mutant(model, operator, rate, s) for s in round_seeds]
             ensemble = MutantEnsemble(model, specs, strategy=strategy)
-            labels = torch.cat(
-                [ensemble.predict(x_val[i : i + batch_size]) for i in range(0, len(x_val), batch_size)], dim=1
-            )
+            starts = range(0, len(x_val), batch_size)
+            if bar is not None:  # a round of 100 candidates takes minutes on a CPU: show it moving
+                from tqdm.auto import tqdm
+
+                starts = tqdm(starts, desc=f"  evaluating {count} candidates", leave=False, unit="batch")
+            labels = torch.cat([ensemble.predict(x_val[i : i + batch_size]) for i in starts], dim=1)
             for spec, acc in zip(specs, _accuracy(labels, y_val).tolist(), strict=True):
                 ok = acc >= threshold
                 seeds.append(spec.seed)
