@@ -21,6 +21,7 @@ from models.errors import BundleError, ConfigError
 from models.lcr import MutantEnsemble, label_change_rate
 from models.mutation import MutantSet, mutant_weights_hash
 from models.operating_points import OperatingPoint
+from models.prefix_ensemble import PrefixSharingEnsemble
 from models.signals import check_signals, needs_conductance, needs_lcr, signal_matrix
 
 CONDUCTANCE_FILE = "conductance.safetensors"
@@ -58,7 +59,7 @@ class EvidenceExtractor:
         self,
         model: nn.Module,
         conductance: ShortcutConductance | LayerConductance | None,
-        ensemble: MutantEnsemble | None = None,
+        ensemble: MutantEnsemble | PrefixSharingEnsemble | None = None,
     ) -> None:
         self.model = model
         self.conductance = conductance
@@ -234,9 +235,14 @@ def load_detector(bundle: Bundle, stem: str) -> Any:
 def load_extractor(bundle: Bundle, device: str | torch.device = "cpu", chunk_size: int = 32) -> EvidenceExtractor:
     model = bundle.load_model(device)
     conductance = load_conductance(bundle, model)
-    ensemble = None
+    ensemble: MutantEnsemble | PrefixSharingEnsemble | None = None
     if bundle.has_file(MUTANTS_FILE):
-        ensemble = MutantEnsemble(model, load_mutants(bundle, model).specs, chunk_size=chunk_size)
+        specs = load_mutants(bundle, model).specs
+        modules = (bundle.get("mutants") or {}).get("modules")
+        if modules:  # mutants confined to later modules share the unmutated prefix
+            ensemble = PrefixSharingEnsemble(model, specs, modules[0] if len(modules) == 1 else None)
+        else:
+            ensemble = MutantEnsemble(model, specs, chunk_size=chunk_size)
     return EvidenceExtractor(model, conductance, ensemble)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -348,6 +348,7 @@ def generate_mutants(
     batch_size: int = 256,
     strategy: str = "auto",
     progress: bool = True,
+    modules: Sequence[str] | None = None,
 ) -> MutantSet:
     """Try candidates with seeds ``seed, seed + 1, ...`` until ``n_mutants`` keep enough accuracy.
 
@@ -362,14 +363,28 @@ def generate_mutants(
     max_attempts : candidates to try before giving up; default ``10 x n_mutants``.
     batch_size : validation images per forward.
     strategy : how mutants are evaluated, see :class:`models.lcr.MutantEnsemble`.
+    modules : draw filters only from convs inside these modules (e.g. ``["layer3"]``): all mutants
+        then share the unmutated prefix, evaluated once by
+        :class:`models.prefix_ensemble.PrefixSharingEnsemble`.
 
     Raises
     ------
     MutationError
         When the attempt cap is hit first; ``.partial`` holds what was tried.
     """
-    # Imported here because models.lcr builds on this module's regeneration functions.
+    # Imported here because models.lcr and models.prefix_ensemble build on this module.
     from models.lcr import MutantEnsemble, predict_model
+    from models.prefix_ensemble import PrefixSharingEnsemble, plan_mutant_in
+
+    def plan(candidate_seed: int) -> MutantSpec:
+        if modules:
+            return plan_mutant_in(model, operator, rate, candidate_seed, modules)
+        return plan_mutant(model, operator, rate, candidate_seed)
+
+    def ensemble_of(specs: list[MutantSpec]) -> MutantEnsemble | PrefixSharingEnsemble:
+        if modules:
+            return PrefixSharingEnsemble(model, specs, modules[0] if len(modules) == 1 else None)
+        return MutantEnsemble(model, specs, strategy=strategy)
 
     get_operator(operator)
     if n_mutants < 1:
@@ -391,13 +406,14 @@ def generate_mutants(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n_mutants, desc=f"mutants {operator}@{rate}", unit="kept")
+        where = f" in {list(modules)}" if modules else ""
+        bar = tqdm(total=n_mutants, desc=f"mutants {operator}@{rate}{where}", unit="kept")
     try:
         while len(kept_specs) < n_mutants and len(seeds) < max_attempts:
             count = min(n_mutants - len(kept_specs), max_attempts - len(seeds))
             round_seeds = list(range(seed + len(seeds), seed + len(seeds) + count))
-            specs = [plan_mutant(model, operator, rate, s) for s in round_seeds]
-            ensemble = MutantEnsemble(model, specs, strategy=strategy)
+            specs = [plan(s) for s in round_seeds]
+            ensemble = ensemble_of(specs)
             starts = range(0, len(x_val), batch_size)
             if bar is not None:  # a round of 100 candidates takes minutes on a CPU: show it moving
                 from tqdm.auto import tqdm
@@ -430,13 +446,12 @@ def generate_mutants(
         candidate_kept=tuple(kept),
     )
     if len(kept_specs) < n_mutants:
-        n_filters = (
-            kept_specs[0].n_filters if kept_specs else plan_mutant(model, operator, rate, seed).n_filters
-        )
+        n_filters = kept_specs[0].n_filters if kept_specs else plan(seed).n_filters
         raise MutationError(
             f"kept {len(kept_specs)} of {len(seeds)} candidate {operator} mutants (needed {n_mutants}) with "
             f"accuracy >= {min_relative_accuracy:g} x original {original:.4f}; each changes {n_filters} of "
-            f"{result.total_filters} filters at rate {rate:g}; try a lower rate or a larger max_attempts",
+            f"{result.total_filters} filters at rate {rate:g}{' in ' + str(list(modules)) if modules else ''}; "
+            "try a lower rate or a larger max_attempts",
             partial=result,
         )
     return result

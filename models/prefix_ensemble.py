@@ -17,6 +17,7 @@ import copy
 import math
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -26,12 +27,12 @@ from models.mutation import (
     _PLAN_STREAM,
     MutantSet,
     MutantSpec,
-    MutationError,
     Patches,
     _plan_swaps,
     _rng,
     conv_layers,
     count_filters,
+    generate_mutants,
     get_operator,
     mutant_patches,
 )
@@ -301,79 +302,7 @@ def generate_mutants_in(
     modules: Sequence[str],
     x_val: torch.Tensor,
     y_val: torch.Tensor,
-    min_relative_accuracy: float = 0.9,
-    max_attempts: int | None = None,
-    seed: int = 0,
-    batch_size: int = 256,
-    progress: bool = True,
+    **kwargs: Any,
 ) -> MutantSet:
-    """:func:`models.mutation.generate_mutants` for mutants restricted to ``modules``.
-
-    Same acceptance rule and the same rounds (as many candidates as are still missing, seeds
-    ``seed, seed + 1, ...``), so the kept set equals trying candidates one by one; candidates are
-    evaluated with a :class:`PrefixSharingEnsemble`, which is what makes restricted mutants cheap.
-    The prefix is split at the input of the first of ``modules`` only when there is one; with
-    several, at the earliest value any touched conv reads.
-    """
-    from models.lcr import predict_model
-
-    if n_mutants < 1:
-        raise ConfigError(f"n_mutants must be >= 1, got {n_mutants}")
-    max_attempts = 10 * n_mutants if max_attempts is None else max_attempts
-    if max_attempts < n_mutants:
-        raise ConfigError(f"max_attempts ({max_attempts}) is below n_mutants ({n_mutants})")
-    if len(x_val) != len(y_val) or len(x_val) == 0:
-        raise ConfigError(f"x_val ({len(x_val)}) and y_val ({len(y_val)}) must be equally long and non-empty")
-    y_val = torch.as_tensor(y_val).long().cpu()
-    original = (predict_model(model, x_val, batch_size) == y_val).double().mean().item()
-    threshold = min_relative_accuracy * original
-    split = modules[0] if len(modules) == 1 else None
-    seeds: list[int] = []
-    accs: list[float] = []
-    kept: list[bool] = []
-    kept_specs: list[MutantSpec] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_mutants, desc=f"mutants {operator}@{rate} in {list(modules)}", unit="kept")
-    try:
-        while len(kept_specs) < n_mutants and len(seeds) < max_attempts:
-            count = min(n_mutants - len(kept_specs), max_attempts - len(seeds))
-            start = seed + len(seeds)
-            specs = [plan_mutant_in(model, operator, rate, s, modules) for s in range(start, start + count)]
-            ensemble = PrefixSharingEnsemble(model, specs, split)
-            labels = torch.cat(
-                [ensemble.predict(x_val[i : i + batch_size]) for i in range(0, len(x_val), batch_size)], dim=1
-            )
-            for spec, acc in zip(specs, (labels == y_val.view(1, -1)).double().mean(1).tolist(), strict=True):
-                seeds.append(spec.seed)
-                accs.append(acc)
-                kept.append(acc >= threshold)
-                if acc >= threshold:
-                    kept_specs.append(spec)
-            if bar is not None:
-                bar.n = len(kept_specs)
-                bar.set_postfix(tried=len(seeds))
-                bar.refresh()
-    finally:
-        if bar is not None:
-            bar.close()
-    result = MutantSet(
-        specs=tuple(kept_specs),
-        accuracies=tuple(a for a, k in zip(accs, kept, strict=True) if k),
-        original_accuracy=original,
-        min_relative_accuracy=min_relative_accuracy,
-        total_filters=count_filters(model),
-        candidate_seeds=tuple(seeds),
-        candidate_accuracies=tuple(accs),
-        candidate_kept=tuple(kept),
-    )
-    if len(kept_specs) < n_mutants:
-        raise MutationError(
-            f"kept {len(kept_specs)} of {len(seeds)} candidate {operator} mutants in {list(modules)} (needed "
-            f"{n_mutants}) with accuracy >= {min_relative_accuracy:g} x original {original:.4f}; try a lower "
-            f"rate, other modules or a larger max_attempts",
-            partial=result,
-        )
-    return result
+    """:func:`models.mutation.generate_mutants` restricted to ``modules`` (same acceptance rule)."""
+    return generate_mutants(model, operator, rate, n_mutants, x_val, y_val, modules=modules, **kwargs)

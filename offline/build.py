@@ -64,7 +64,7 @@ def build_bundle(
     stage(f"mutants: {profile.n_mutants} x {profile.operator}@{profile.mutation_rate}")
     mutants_stage(
         bundle, arrays, operator=profile.operator, rate=profile.mutation_rate, n_mutants=profile.n_mutants,
-        seed=profile.seed, progress=progress,
+        seed=profile.seed, modules=profile.mutant_modules, progress=progress,
     )
     mut = bundle.manifest["mutants"]
     _say(f"mutants kept: {mut['count']} of {mut['attempts']} tried")

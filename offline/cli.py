@@ -30,6 +30,13 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val", type=int, default=None, help="val split size")
     parser.add_argument("--test", type=int, default=None, help="test split size")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--n-mutants", type=int, default=None)
+    parser.add_argument("--operator", default=None, choices=["NAI", "GF", "WS", "NS"], help="mutation operator")
+    parser.add_argument("--mutation-rate", type=float, default=None, help="share of all conv filters per mutant")
+    parser.add_argument(
+        "--mutant-modules", nargs="+", default=None,
+        help="mutate only convs inside these modules (e.g. layer3): mutants share the computed prefix",
+    )
     parser.add_argument("--weights", type=Path, default=None, help="state-dict file: import instead of training")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--out", type=Path, required=True, help="bundle directory (e.g. bundles/NAME)")
@@ -39,7 +46,9 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 def _profile_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     profile = get_profile(args.dataset, args.profile)
     return profile.with_overrides(
-        epochs=args.epochs, cnn_train=args.cnn_train, fit=args.fit, val=args.val, test=args.test, seed=args.seed
+        epochs=args.epochs, cnn_train=args.cnn_train, fit=args.fit, val=args.val, test=args.test, seed=args.seed,
+        n_mutants=args.n_mutants, operator=args.operator, mutation_rate=args.mutation_rate,
+        mutant_modules=tuple(args.mutant_modules) if args.mutant_modules else None,
     )
 
 
@@ -98,11 +107,13 @@ def cmd_mutants(args: argparse.Namespace) -> None:
     profile = bundle.manifest["profile"]
     mutants_stage(
         bundle, arrays, operator=args.operator or profile["operator"], rate=args.rate or profile["mutation_rate"],
-        n_mutants=args.n or profile["n_mutants"], seed=profile["seed"], progress=_progress(),
+        n_mutants=args.n or profile["n_mutants"], seed=profile["seed"],
+        modules=args.modules or profile.get("mutant_modules"), progress=_progress(),
     )
     info = bundle.manifest["mutants"]
     print(
-        f"{info['count']} {info['operator']} mutants at rate {info['rate']} ({info['filters_per_mutant']} of "
+        f"{info['count']} {info['operator']} mutants at rate {info['rate']} in {info.get('modules') or 'all layers'} "
+        f"({info['filters_per_mutant']} of "
         f"{info['total_filters']} filters each), acceptance rate {info['acceptance_rate']:.2f}"
     )
 
@@ -175,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     mutants.add_argument("--operator", default=None, choices=["NAI", "GF", "WS", "NS"])
     mutants.add_argument("--rate", type=float, default=None, help="share of all conv filters per mutant")
     mutants.add_argument("-n", type=int, default=None, help="number of mutants to keep")
+    mutants.add_argument("--modules", nargs="+", default=None, help="mutate only convs inside these modules")
     mutants.add_argument("--redo", action="store_true", help="replace existing mutants (and later stages)")
     mutants.set_defaults(func=cmd_mutants)
 

@@ -22,12 +22,18 @@ class BuildProfile:
     n_mutants: int
     operator: str = "NAI"
     mutation_rate: float = 0.005
+    # Mutate only convs inside these modules (e.g. ("layer3",)): mutants share the computed prefix.
+    mutant_modules: tuple[str, ...] | None = None
     fit_is_cnn_train: bool = False
     val_from: str = "train"
     seed: int = 0
     batch_size: int = 128
     n_boot: int = 1000
     detector_seeds: int = 3
+
+    def __post_init__(self) -> None:
+        if self.mutant_modules is not None:  # JSON gives lists; keep comparisons with tuples exact
+            object.__setattr__(self, "mutant_modules", tuple(self.mutant_modules))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -194,6 +194,7 @@ def mutants_stage(
     rate: float,
     n_mutants: int,
     seed: int = 0,
+    modules: tuple[str, ...] | list[str] | None = None,
     acceptance_images: int = 2000,
     progress: bool = True,
 ) -> None:
@@ -209,7 +210,8 @@ def mutants_stage(
     x_val = bundle.normalisation.apply(val.images[:n])
     start = time.perf_counter()
     mutants = generate_mutants(
-        model, operator, rate, n_mutants, x_val, torch.from_numpy(val.labels[:n]), seed=seed, progress=progress
+        model, operator, rate, n_mutants, x_val, torch.from_numpy(val.labels[:n]), seed=seed, progress=progress,
+        modules=list(modules) if modules else None,
     )
     bundle.write_json(MUTANTS_FILE, mutants.to_dict())
     filters = mutants.filters_per_mutant
@@ -218,6 +220,7 @@ def mutants_stage(
         {
             "operator": operator,
             "rate": rate,
+            "modules": list(modules) if modules else None,
             "count": len(mutants.specs),
             "total_filters": mutants.total_filters,
             "filters_per_mutant": sorted(set(filters)),

@@ -38,3 +38,30 @@ def test_serve_refuses_a_bad_bundle_before_binding(tiny_bundle: Path, tmp_path: 
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert main(["serve", "--bundle", str(copy), "--port", "1"]) == 2
     assert "bad bundle" in capsys.readouterr().err
+
+
+def test_mutants_confined_to_a_later_stage_share_the_prefix(tiny_bundle: Path, tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+
+    from models.gate import load_extractor
+    from models.lcr import predict_naive
+    from models.prefix_ensemble import PrefixSharingEnsemble, convs_in
+    from offline.stages import load_splits
+
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    assert main(["mutants", "--bundle", str(copy), "-n", "3", "--modules", "layer3", "--redo"]) == 0
+    assert main(["features", "--bundle", str(copy)]) == 0
+    bundle = load_bundle(copy)
+    assert bundle.manifest["mutants"]["modules"] == ["layer3"]
+    extractor = load_extractor(bundle)
+    assert isinstance(extractor.ensemble, PrefixSharingEnsemble)
+    allowed = {name for name, _ in convs_in(extractor.model, ["layer3"])}
+    specs = extractor.ensemble.specs
+    assert all(conv in allowed for spec in specs for conv, _ in spec.filters)
+    x = bundle.normalisation.apply(load_splits(bundle)["val"].images[:16])
+    naive = predict_naive(extractor.model, specs, x)
+    assert torch.equal(extractor.ensemble.predict(x), naive)
+    stored = bundle.read_arrays("features/val.npz")
+    np.testing.assert_array_equal(stored["mutant_labels"][:, :16], naive.numpy())
