@@ -3,24 +3,85 @@ same batch, measured in the same process (the machine is noisy; ratios travel, s
 
 from __future__ import annotations
 
+import math
+import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from models.gate import EvidenceExtractor
 
 
-def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+def timed_runs(
+    fn: Callable[[], object],
+    repeats: int = 5,
+    warmup: int = 1,
+    synchronize: Callable[[], None] | None = None,
+) -> list[float]:
+    """Wall seconds of ``repeats`` calls after ``warmup`` untimed ones.
+
+    ``synchronize`` (e.g. ``torch.cuda.synchronize``) runs before each clock read, so that queued
+    device work is counted in the call that queued it.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    sync = synchronize or (lambda: None)
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(
+    fn: Callable[[], object],
+    repeats: int = 5,
+    warmup: int = 1,
+    synchronize: Callable[[], None] | None = None,
+) -> float:
+    """Median of :func:`timed_runs`: the median, not the mean, because other processes share the cores."""
+    return statistics.median(timed_runs(fn, repeats, warmup, synchronize))
+
+
+def forward_equivalents(seconds: float, forward_seconds: float) -> float:
+    """``seconds`` in units of one plain forward pass of the same batch (NaN when that is not positive)."""
+    return seconds / forward_seconds if forward_seconds > 0 else math.nan
+
+
+def flop_floor(n_mutants: int) -> int:
+    """Forward passes a gated prediction cannot do without when the conductance shortcut applies.
+
+    The shortcut takes conductance from the prediction's own forward pass, and each mutant's label
+    needs one forward of its own: ``1 + n_mutants``.
+    """
+    if n_mutants < 0:
+        raise ValueError(f"n_mutants must be >= 0, got {n_mutants}")
+    return 1 + n_mutants
+
+
+def peak_rss_bytes() -> int:
+    """High-water resident set size of this process's address space so far.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``. Not ``ru_maxrss``: after ``exec`` that starts at the
+    parent's peak (the kernel carries the old address space's peak over), so a child started from a
+    large parent would see no rise at all. Elsewhere ``ru_maxrss`` (macOS reports bytes).
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def stage_costs(extractor: EvidenceExtractor, x: torch.Tensor, repeats: int = 5) -> dict[str, float]:
