@@ -87,8 +87,10 @@ def peak_rss_bytes() -> int:
 def stage_costs(extractor: EvidenceExtractor, x: torch.Tensor, repeats: int = 5) -> dict[str, float]:
     """Seconds for a plain forward, forward+conductance and LCR on ``x``, and their ratios.
 
-    Returns ``forward_s``, ``conductance_s`` (forward included), ``lcr_s`` (mutants only) and the
-    same divided by ``forward_s`` as ``*_fe``.
+    Each repeat times a forward right before and after each stage and takes the stage's ratio to
+    their mean, so load that drifts while a benchmark runs (this machine is shared) cancels out;
+    the reported ratio is the median over repeats. Returns ``forward_s``, ``conductance_s`` (forward
+    included), ``lcr_s`` (mutants only) and the ratios as ``*_fe``.
     """
     x = x.to(extractor.device)
 
@@ -96,13 +98,27 @@ def stage_costs(extractor: EvidenceExtractor, x: torch.Tensor, repeats: int = 5)
         with torch.no_grad():
             return extractor.model(x)
 
-    out = {"forward_s": median_seconds(forward, repeats)}
-    out["conductance_s"] = median_seconds(lambda: extractor(x, conductance=True, lcr=False), repeats)
+    stages: dict[str, Callable[[], object]] = {
+        "conductance": lambda: extractor(x, conductance=True, lcr=False),
+    }
     if extractor.ensemble is not None:
         ensemble = extractor.ensemble
-        out["lcr_s"] = median_seconds(lambda: ensemble.predict(x), max(1, repeats // 2))
-    for key in list(out):
-        out[key.replace("_s", "_fe")] = out[key] / out["forward_s"]
+        stages["lcr"] = lambda: ensemble.predict(x)
+    for fn in (forward, *stages.values()):  # warm-up
+        fn()
+    seconds: dict[str, list[float]] = {name: [] for name in ("forward", *stages)}
+    ratios: dict[str, list[float]] = {name: [] for name in stages}
+    for _ in range(repeats):
+        for name, fn in stages.items():
+            before = median_seconds(forward, 1, warmup=0)
+            took = median_seconds(fn, 1, warmup=0)
+            after = median_seconds(forward, 1, warmup=0)
+            seconds["forward"] += [before, after]
+            seconds[name].append(took)
+            ratios[name].append(took / ((before + after) / 2))
+    out = {f"{name}_s": statistics.median(values) for name, values in seconds.items()}
+    out["forward_fe"] = 1.0
+    out.update({f"{name}_fe": statistics.median(values) for name, values in ratios.items()})
     return out
 
 

@@ -113,10 +113,12 @@ def evidence_value(
     stored = bundle.read_arrays("detectors/scores.npz")
     detectors = bundle.manifest["detectors"]
     baseline_test = np.asarray(BASELINE_SCORES[best_baseline](features["test"]["logits"]), dtype=np.float64)
+    msp_test = np.asarray(BASELINE_SCORES["msp"](features["test"]["logits"]), dtype=np.float64)
     rows = []
     for name, info in detectors["signal_sets"].items():
         test_scores = stored[f"0/{name}/test"]
         boot = paired_bootstrap_auroc(test_scores, baseline_test, wrong["test"], n_boot=n_boot, seed=0)
+        vs_msp = paired_bootstrap_auroc(test_scores, msp_test, wrong["test"], n_boot=n_boot, seed=0)
         per_seed = [
             auroc(stored[f"{seed}/{name}/test"], wrong["test"]) - boot["auroc_b"] for seed in detectors["seeds"]
         ]
@@ -129,6 +131,8 @@ def evidence_value(
                 "test_auroc": boot["auroc_a"],
                 "diff_to_baseline": boot["diff"],
                 "ci_diff": list(boot["ci_diff"]),
+                "diff_to_msp": vs_msp["diff"],
+                "ci_diff_msp": list(vs_msp["ci_diff"]),
                 "seed_diff_mean": float(np.mean(per_seed)),
                 "seed_diff_std": float(np.std(per_seed)),
                 "seeds_ci_above_0": None,
@@ -145,7 +149,7 @@ def evidence_value(
     return rows
 
 
-def measure_costs(bundle: Bundle, features_images: np.ndarray, repeats: int = 3) -> dict[str, float]:
+def measure_costs(bundle: Bundle, features_images: np.ndarray, repeats: int = 5) -> dict[str, float]:
     """Forward-equivalents of each evidence stage at batch 64 on this machine (bench code)."""
     from bench.costs import stage_costs
     from models.gate import load_extractor
@@ -319,8 +323,8 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
         f"mean and std over {len(det['seeds'])} detector seeds; cost in forward-equivalents per image at batch 64, "
         "measured on this machine in the same process."),
         "",
-        "| signal set | kind | val AUROC | test AUROC | diff | 95% CI | seeds: mean ± std | seeds with CI > 0 | cost (fwd-eq) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| signal set | kind | val AUROC | test AUROC | diff | 95% CI | seeds: mean ± std | seeds with CI > 0 | diff to MSP [95% CI] | cost (fwd-eq) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     best_val = max(m["evidence_value"], key=lambda r: r["val_auroc"])
     for r in m["evidence_value"]:
@@ -328,7 +332,7 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {r['kind']} | {_fmt(r['val_auroc'])} | {_fmt(r['test_auroc'])} | {r['diff_to_baseline']:+.4f} | "
             f"{_ci(r['ci_diff'])} | {r['seed_diff_mean']:+.4f} ± {r['seed_diff_std']:.4f} | {r['seeds_ci_above_0']} | "
-            f"{_fmt(r['cost_fe'], 1)} |"
+            f"{r['diff_to_msp']:+.4f} {_ci(r['ci_diff_msp'])} | {_fmt(r['cost_fe'], 1)} |"
         )
     holds = best_val["ci_diff"][0] > 0
     lines += [
