@@ -30,6 +30,10 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val", type=int, default=None, help="val split size")
     parser.add_argument("--test", type=int, default=None, help="test split size")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--fit-from-cnn-train", action="store_true", default=None,
+        help="the paper's setting: detectors learn from (a --fit sized subset of) the CNN's training images",
+    )
     parser.add_argument("--n-mutants", type=int, default=None)
     parser.add_argument("--operator", default=None, choices=["NAI", "GF", "WS", "NS"], help="mutation operator")
     parser.add_argument("--mutation-rate", type=float, default=None, help="share of all conv filters per mutant")
@@ -37,7 +41,10 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         "--mutant-modules", nargs="+", default=None,
         help="mutate only convs inside these modules (e.g. layer3): mutants share the computed prefix",
     )
-    parser.add_argument("--weights", type=Path, default=None, help="state-dict file: import instead of training")
+    parser.add_argument(
+        "--weights", type=Path, default=None,
+        help="state-dict file (.pt, or .safetensors such as another bundle's weights): import instead of training",
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--out", type=Path, required=True, help="bundle directory (e.g. bundles/NAME)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
@@ -48,6 +55,7 @@ def _profile_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return profile.with_overrides(
         epochs=args.epochs, cnn_train=args.cnn_train, fit=args.fit, val=args.val, test=args.test, seed=args.seed,
         n_mutants=args.n_mutants, operator=args.operator, mutation_rate=args.mutation_rate,
+        fit_is_cnn_train=args.fit_from_cnn_train,
         mutant_modules=tuple(args.mutant_modules) if args.mutant_modules else None,
     )
 

@@ -129,7 +129,12 @@ def train_stage(
     torch_device = pick_device(device)
     info: dict[str, Any] = {"device": str(torch_device)}
     if weights is not None:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        if Path(weights).suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(weights))
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
         model.eval()
         info["imported_weights"] = str(Path(weights).name)

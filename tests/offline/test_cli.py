@@ -65,3 +65,21 @@ def test_mutants_confined_to_a_later_stage_share_the_prefix(tiny_bundle: Path, t
     assert torch.equal(extractor.ensemble.predict(x), naive)
     stored = bundle.read_arrays("features/val.npz")
     np.testing.assert_array_equal(stored["mutant_labels"][:, :16], naive.numpy())
+
+
+def test_train_imports_another_bundles_weights(tiny_bundle: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
+    """Bring-your-own weights: the paper's fit-on-cnn-train setting reuses the held-out build's CNN."""
+    source = load_bundle(tiny_bundle)
+    out = tmp_path / "paper-setting"
+    args = [
+        "train", "--dataset", "fashion-mnist", "--data-root", str(tiny_data_dir), "--cnn-train", "500",
+        "--fit", "250", "--val", "200", "--test", "200", "--fit-from-cnn-train",
+        "--weights", str(tiny_bundle / "weights.safetensors"), "--out", str(out),
+    ]
+    assert main(args) == 0
+    bundle = load_bundle(out)
+    assert bundle.manifest["splits"]["fit_is_cnn_train"] is True
+    assert bundle.manifest["training"]["imported_weights"] == "weights.safetensors"
+    # Same seed, same cnn-train, same weights: the same accuracies as the source bundle.
+    for split in ("cnn-train", "test"):
+        assert bundle.manifest["training"][f"{split}_accuracy"] == source.manifest["training"][f"{split}_accuracy"]
