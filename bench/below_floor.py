@@ -20,8 +20,6 @@ same images and it costs at most 40 forward-equivalents per gated prediction.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
 import sys
@@ -36,7 +34,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from bench.costs import median_seconds, timed_runs
+from bench.costs import finish, median_seconds, progress_wanted, timed_runs
 from models.bundle import Bundle, load_bundle
 from models.gate import load_detector, load_mutants
 from models.lcr import MutantEnsemble
@@ -586,15 +584,9 @@ def main(argv: list[str] | None = None) -> int:
         repeats=args.repeats,
         signal_set=args.signal_set,
         restricted=not args.no_restricted,
-        progress=not args.no_progress
-        and os.environ.get("PREDGATE_NO_PROGRESS", "") not in ("1", "true", "yes"),
+        progress=progress_wanted(args.no_progress),
     )
-    result["command"] = "python -m bench.below_floor " + " ".join(sys.argv[1:] if argv is None else argv)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
-    print(markdown(result))
-    return 0
+    return finish(result, "bench.below_floor", argv, args.out, markdown)
 
 
 if __name__ == "__main__":

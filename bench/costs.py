@@ -128,3 +128,22 @@ def signal_set_cost(signals: tuple[str, ...] | list[str], costs: dict[str, float
     if "lcr" in signals:
         total += costs.get("lcr_fe", float("nan"))
     return total
+
+
+def progress_wanted(no_progress_flag: bool) -> bool:
+    """Progress bars unless the flag or ``PREDGATE_NO_PROGRESS`` (set by CI) turns them off."""
+    import os
+
+    return not no_progress_flag and os.environ.get("PREDGATE_NO_PROGRESS", "") not in ("1", "true", "yes")
+
+
+def finish(result: dict, prog: str, argv: list[str] | None, out: str | None, render: Callable[[dict], str]) -> int:
+    """Record the command, write the JSON when asked, print the table: the tail every benchmark shares."""
+    import json
+
+    result["command"] = f"python -m {prog} " + " ".join(sys.argv[1:] if argv is None else argv)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2))
+    print(render(result))
+    return 0

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.costs import flop_floor, forward_equivalents, peak_rss_bytes, timed_runs
+from bench.costs import finish, flop_floor, forward_equivalents, peak_rss_bytes, progress_wanted, timed_runs
 from models.architectures import resolve_layer
 from models.bundle import Bundle, load_bundle
 from models.conductance import LayerConductance, ShortcutConductance
@@ -500,15 +500,9 @@ def main(argv: list[str] | None = None) -> int:
         memory=not args.no_memory,
         device=args.device,
         threads=args.threads,
-        progress=not args.no_progress
-        and os.environ.get("PREDGATE_NO_PROGRESS", "") not in ("1", "true", "yes"),
+        progress=progress_wanted(args.no_progress),
     )
-    result["command"] = "python -m bench.gate " + " ".join(sys.argv[1:] if argv is None else argv)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
-    print(markdown(result))
-    return 0
+    return finish(result, "bench.gate", argv, args.out, markdown)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import io
 import itertools
-import json
 import math
 import os
 import socket
@@ -31,6 +30,8 @@ from typing import Any
 
 import httpx
 import numpy as np
+
+from bench.costs import finish, progress_wanted
 
 DEFAULT_CONCURRENCY = (1, 8, 32)
 # "default" sends no signal_set (the server's default, normally the bundle's); anything else is
@@ -374,15 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         modes=args.modes,
         max_seconds=args.max_seconds,
         threads=args.threads,
-        progress=not args.no_progress
-        and os.environ.get("PREDGATE_NO_PROGRESS", "") not in ("1", "true", "yes"),
+        progress=progress_wanted(args.no_progress),
     )
-    result["command"] = "python -m bench.serve " + " ".join(sys.argv[1:] if argv is None else argv)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
-    print(markdown(result))
-    return 0
+    return finish(result, "bench.serve", argv, args.out, markdown)
 
 
 if __name__ == "__main__":
