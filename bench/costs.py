@@ -8,8 +8,9 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -128,6 +129,15 @@ def signal_set_cost(signals: tuple[str, ...] | list[str], costs: dict[str, float
     if "lcr" in signals:
         total += costs.get("lcr_fe", float("nan"))
     return total
+
+
+def maybe_tqdm(items: Sequence[Any], progress: bool, desc: str) -> Any:
+    """``items`` wrapped in a transient progress bar when ``progress``."""
+    if not progress:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, leave=False)
 
 
 def progress_wanted(no_progress_flag: bool) -> bool:

@@ -33,7 +33,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.costs import finish, flop_floor, forward_equivalents, peak_rss_bytes, progress_wanted, timed_runs
+from bench.costs import (
+    finish,
+    flop_floor,
+    forward_equivalents,
+    maybe_tqdm,
+    peak_rss_bytes,
+    progress_wanted,
+    timed_runs,
+)
 from models.architectures import resolve_layer
 from models.bundle import Bundle, load_bundle
 from models.conductance import LayerConductance, ShortcutConductance
@@ -286,7 +294,7 @@ def measure_batch(
     forward_runs = timed_runs(forward, repeats, warmup=2, synchronize=sync)
     samples: dict[str, list[float]] = {}
     names = [s for s in STAGES if s in factories and s != "forward"]
-    for name in _maybe_tqdm(names, progress, f"stages, batch {n}"):
+    for name in maybe_tqdm(names, progress, f"stages, batch {n}"):
         run = factories[name]()
         # The naive reference rebuilds its state on every call: a warm-up call would only add time.
         samples[name] = timed_runs(run, repeats, warmup=0 if name in NAIVE_STAGES else 1, synchronize=sync)
@@ -313,7 +321,7 @@ def measure_batch(
             "note": "sum of the medians of naive_conductance, naive_lcr and detectors",
         }
     if memory:
-        for name in _maybe_tqdm(list(samples), progress, f"memory, batch {n}"):
+        for name in maybe_tqdm(list(samples), progress, f"memory, batch {n}"):
             probe = probe_memory(bundle_path, name, x, str(subject.device), threads)
             stages[name]["peak_extra_mib"] = probe["extra_bytes"] / 2**20
             stages[name]["memory_kind"] = probe["kind"]
@@ -461,14 +469,6 @@ def markdown(result: dict[str, Any]) -> str:
             f"{speed['speedup']:.1f}x | {speed['target']} | {'yes' if speed['met'] else 'no'} |"
         )
     return "\n".join(lines)
-
-
-def _maybe_tqdm(items: Sequence[Any], progress: bool, desc: str) -> Any:
-    if not progress:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, leave=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.costs import finish, progress_wanted
+from bench.costs import finish, maybe_tqdm, progress_wanted
 
 DEFAULT_CONCURRENCY = (1, 8, 32)
 # "default" sends no signal_set (the server's default, normally the bundle's); anything else is
@@ -225,7 +225,7 @@ def load_server(
     """Every (signal set, concurrency) level against one server, each after an untimed warm-up."""
     levels = [(s, c) for s in signal_sets for c in concurrency]
     rows = []
-    for signal_set, c in _maybe_tqdm(levels, progress, url):
+    for signal_set, c in maybe_tqdm(levels, progress, url):
         chosen = None if signal_set == "default" else signal_set
         load_level(url, images, c, 2 * c, signal_set=chosen, max_seconds=max_seconds)  # warm-up
         rows.append(load_level(url, images, c, n_requests, signal_set=chosen, max_seconds=max_seconds))
@@ -335,14 +335,6 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{r['ratio']:.2f} | {_fmt(r['batched_p99_ms'])} | {r['target']} | {'yes' if r['met'] else 'no'} |"
             )
     return "\n".join(lines)
-
-
-def _maybe_tqdm(items: Sequence[Any], progress: bool, desc: str) -> Any:
-    if not progress:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, leave=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -176,20 +176,28 @@ class MutantSpec:
             raise BundleError(f"invalid mutant spec {data!r}: {exc}") from exc
 
 
-def plan_mutant(model: nn.Module, operator: str, rate: float, seed: int) -> MutantSpec:
+def plan_mutant(
+    model: nn.Module,
+    operator: str,
+    rate: float,
+    seed: int,
+    convs: list[tuple[str, nn.Conv2d]] | None = None,
+) -> MutantSpec:
     """Choose the filters of one mutant, uniformly without replacement, from ``seed``.
 
-    ``max(1, round(rate x total filters))`` filters change. ``NS`` changes that number rounded up
-    to an even one, as disjoint pairs within a layer (layers with one output channel are skipped).
+    ``max(1, round(rate x total filters of the model))`` filters change, drawn from ``convs``
+    (default: every conv; a subset confines mutants to later layers). ``NS`` changes that number
+    rounded up to an even one, as disjoint pairs within a layer (layers with one output channel are
+    skipped).
     """
     get_operator(operator)
-    convs = conv_layers(model)
+    convs = conv_layers(model) if convs is None else convs
     if not convs:
         raise ConfigError("the model has no nn.Conv2d layers to mutate")
     flat = [(name, c) for name, conv in convs for c in range(conv.out_channels)]
-    n = max(1, round(rate * len(flat)))
+    n = max(1, round(rate * count_filters(model)))
     if n > len(flat):
-        raise ConfigError(f"rate {rate} asks for {n} filters but the model has {len(flat)}")
+        raise ConfigError(f"rate {rate} asks for {n} filters but the convs to mutate hold only {len(flat)}")
     rng = _rng(seed, _PLAN_STREAM)
     if operator != "NS":
         chosen = sorted(rng.choice(len(flat), size=n, replace=False).tolist())

@@ -24,17 +24,13 @@ from torch import fx, nn
 
 from models.errors import ConfigError, InputError
 from models.mutation import (
-    _PLAN_STREAM,
     MutantSet,
     MutantSpec,
     Patches,
-    _plan_swaps,
-    _rng,
     conv_layers,
-    count_filters,
     generate_mutants,
-    get_operator,
     mutant_patches,
+    plan_mutant,
 )
 from models.sequential_lcr import StoppingRule, sequential_lcr
 
@@ -67,17 +63,7 @@ def plan_mutant_in(
     (only where they lie differs); ``spec.rate`` records ``rate``. Same random stream as
     ``plan_mutant``, so the seed alone (with ``modules``) reproduces the spec.
     """
-    get_operator(operator)
-    convs = convs_in(model, modules)
-    flat = [(name, c) for name, conv in convs for c in range(conv.out_channels)]
-    n = max(1, round(rate * count_filters(model)))
-    if n > len(flat):
-        raise ConfigError(f"rate {rate} asks for {n} filters but {list(modules)} hold only {len(flat)}")
-    rng = _rng(seed, _PLAN_STREAM)
-    if operator != "NS":
-        chosen = sorted(rng.choice(len(flat), size=n, replace=False).tolist())
-        return MutantSpec(operator, rate, seed, tuple(flat[i] for i in chosen))
-    return MutantSpec(operator, rate, seed, _plan_swaps(convs, math.ceil(n / 2), rng))
+    return plan_mutant(model, operator, rate, seed, convs_in(model, modules))
 
 
 # ------------------------------------------------------------------------------ graph split
