@@ -102,7 +102,11 @@ def stage_costs(extractor: EvidenceExtractor, x: torch.Tensor, repeats: int = 5)
     stages: dict[str, Callable[[], object]] = {
         "conductance": lambda: extractor(x, conductance=True, lcr=False),
     }
-    if extractor.ensemble is not None:
+    if extractor.early_stopping is not None:  # the LCR the gate computes: chunks until settled
+        with torch.no_grad():
+            prediction = extractor.model(x).argmax(1).cpu()
+        stages["lcr"] = lambda: extractor.sequential_lcr(x, prediction)
+    elif extractor.ensemble is not None:
         ensemble = extractor.ensemble
         stages["lcr"] = lambda: ensemble.predict(x)
     for fn in (forward, *stages.values()):  # warm-up

@@ -22,6 +22,7 @@ from models.lcr import MutantEnsemble, label_change_rate
 from models.mutation import MutantSet, mutant_weights_hash
 from models.operating_points import OperatingPoint
 from models.prefix_ensemble import PrefixSharingEnsemble
+from models.sequential_lcr import EarlyStopping, chunk_ensembles, sequential_lcr
 from models.signals import check_signals, needs_conductance, needs_lcr, signal_matrix
 
 CONDUCTANCE_FILE = "conductance.safetensors"
@@ -33,7 +34,8 @@ class Evidence:
     """What the CNN and its two probes say about a batch (all on the CPU).
 
     ``conductance`` is ``N x C`` (None when not asked for), ``mutant_labels`` ``M x N`` and ``lcr``
-    ``N`` (None without mutants); ``seconds`` holds wall time per stage.
+    ``N`` (None without mutants); ``seconds`` holds wall time per stage. With early stopping,
+    ``mutant_labels`` is None and ``mutants_used`` (``N``) says how many mutants each image needed.
     """
 
     logits: torch.Tensor
@@ -41,6 +43,7 @@ class Evidence:
     conductance: torch.Tensor | None = None
     mutant_labels: torch.Tensor | None = None
     lcr: torch.Tensor | None = None
+    mutants_used: torch.Tensor | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -53,6 +56,9 @@ class EvidenceExtractor:
     conductance : :class:`ShortcutConductance` (prediction and conductance from one forward) or
         :class:`LayerConductance` (the 11-point form; the prediction comes from its alpha = 1 rows).
     ensemble : the kept mutants, or None when the bundle has none (yet).
+    early_stopping : when set, LCR is the sequential test's (mutants in chunks, each image stops once
+        its rule is settled) rather than the share over all mutants; the detectors of such a bundle
+        learnt from the same test replayed on stored labels.
     """
 
     def __init__(
@@ -60,17 +66,28 @@ class EvidenceExtractor:
         model: nn.Module,
         conductance: ShortcutConductance | LayerConductance | None,
         ensemble: MutantEnsemble | PrefixSharingEnsemble | None = None,
+        early_stopping: EarlyStopping | None = None,
     ) -> None:
+        if early_stopping is not None and ensemble is None:
+            raise ConfigError("early-stopping LCR needs mutants")
         self.model = model
         self.conductance = conductance
         self.ensemble = ensemble
+        self.early_stopping = early_stopping
+        self._chunks: list[MutantEnsemble] | None = None  # per-chunk ensembles, built on first use
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def __call__(self, x: torch.Tensor, *, conductance: bool = True, lcr: bool = True) -> Evidence:
-        """Evidence for ``x`` (``N x C x H x W``, normalised)."""
+    def __call__(
+        self, x: torch.Tensor, *, conductance: bool = True, lcr: bool = True, early_stop: bool = True
+    ) -> Evidence:
+        """Evidence for ``x`` (``N x C x H x W``, normalised).
+
+        ``early_stop=False`` labels ``x`` with every mutant even where the bundle stops early: the
+        offline features keep all labels, from which the early-stopped LCR is replayed exactly.
+        """
         seconds: dict[str, float] = {}
         x = x.to(self.device)
         start = time.perf_counter()
@@ -92,10 +109,29 @@ class EvidenceExtractor:
             if self.ensemble is None:
                 raise ConfigError("this gate has no mutants: LCR is not available")
             start = time.perf_counter()
-            evidence.mutant_labels = self.ensemble.predict(x)
-            evidence.lcr = label_change_rate(evidence.mutant_labels, prediction).float()
+            if self.early_stopping is not None and early_stop:
+                evidence.lcr, evidence.mutants_used = self.sequential_lcr(x, prediction)
+            else:
+                evidence.mutant_labels = self.ensemble.predict(x)
+                evidence.lcr = label_change_rate(evidence.mutant_labels, prediction).float()
             seconds["lcr"] = time.perf_counter() - start
         return evidence
+
+    def sequential_lcr(self, x: torch.Tensor, prediction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Early-stopped ``(lcr (N,), mutants_used (N,))`` of ``x`` given the CNN's ``prediction``."""
+        stopping = self.early_stopping
+        if stopping is None or self.ensemble is None:
+            raise ConfigError("this gate does not stop LCR early")
+        x = x.to(self.device)
+        if isinstance(self.ensemble, PrefixSharingEnsemble):  # the prefix runs once for all chunks
+            return self.ensemble.sequential_lcr(
+                x, prediction, stopping.rule, stopping.chunk_size, stopping.min_mutants
+            )
+        if self._chunks is None:
+            # An ensemble that knows how to build its own chunks (ONNX Runtime) keeps its backend.
+            factory = getattr(self.ensemble, "chunk_factory", None)
+            self._chunks = chunk_ensembles(self.ensemble.model, self.ensemble.specs, stopping.chunk_size, factory)
+        return sequential_lcr(self._chunks, x, prediction, stopping.rule, stopping.min_mutants)
 
 
 @dataclass
@@ -134,6 +170,7 @@ class GateOutput:
     signal_set: str
     operating_point: OperatingPoint
     seconds: dict[str, float]
+    mutants_used: np.ndarray | None = None  # per image, where LCR stopped early
 
 
 class Gate:
@@ -196,6 +233,7 @@ class Gate:
             signal_set=chosen.name,
             operating_point=point,
             seconds=seconds,
+            mutants_used=evidence.mutants_used.numpy() if evidence.mutants_used is not None else None,
         )
 
 
@@ -228,11 +266,44 @@ def load_mutants(bundle: Bundle, model: nn.Module, *, verify: bool = True) -> Mu
     return mutants
 
 
+def load_early_stopping(bundle: Bundle) -> EarlyStopping | None:
+    """The bundle's early-stopping LCR setting (``lcr.early_stopping``), or None for the full LCR."""
+    setting = (bundle.get("lcr") or {}).get("early_stopping")
+    if setting is None:
+        return None
+    if not bundle.has_file(MUTANTS_FILE):
+        raise BundleError("the manifest asks for early-stopping LCR but the bundle has no mutants")
+    try:
+        return EarlyStopping.from_dict(setting)
+    except ConfigError as exc:
+        raise BundleError(f"manifest lcr.early_stopping: {exc}") from exc
+
+
 def load_detector(bundle: Bundle, stem: str) -> Any:
     return load_state(bundle.read_json(f"{stem}.json"), bundle.read_arrays(f"{stem}.npz"))
 
 
-def load_extractor(bundle: Bundle, device: str | torch.device = "cpu", chunk_size: int = 32) -> EvidenceExtractor:
+BACKENDS = ("torch", "onnx")
+
+
+def load_extractor(
+    bundle: Bundle,
+    device: str | torch.device = "cpu",
+    chunk_size: int = 32,
+    *,
+    backend: str = "torch",
+    threads: int | None = None,
+) -> EvidenceExtractor:
+    """The bundle's extractor; ``backend="onnx"`` runs the forward, the shortcut conductance and the
+    mutants on ONNX Runtime graphs exported now (see :mod:`models.onnx_backend`), with ``threads``
+    intra-op threads (None: ORT's default)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; valid: {list(BACKENDS)}")
+    if backend == "onnx":
+        from models.onnx_backend import onnx_extractor  # onnx is needed only by this backend
+
+        torch_extractor = load_extractor(bundle, device, chunk_size)
+        return onnx_extractor(torch_extractor, threads=threads, device=device, input_shape=bundle.input_shape)
     model = bundle.load_model(device)
     conductance = load_conductance(bundle, model)
     ensemble: MutantEnsemble | PrefixSharingEnsemble | None = None
@@ -243,15 +314,25 @@ def load_extractor(bundle: Bundle, device: str | torch.device = "cpu", chunk_siz
             ensemble = PrefixSharingEnsemble(model, specs, modules[0] if len(modules) == 1 else None)
         else:
             ensemble = MutantEnsemble(model, specs, chunk_size=chunk_size)
-    return EvidenceExtractor(model, conductance, ensemble)
+    return EvidenceExtractor(model, conductance, ensemble, load_early_stopping(bundle))
 
 
-def load_gate(bundle: Bundle, device: str | torch.device = "cpu", default_set: str | None = None) -> Gate:
-    """The whole gate of a finished bundle; ``default_set`` overrides the manifest's choice."""
+def load_gate(
+    bundle: Bundle,
+    device: str | torch.device = "cpu",
+    default_set: str | None = None,
+    *,
+    backend: str = "torch",
+    threads: int | None = None,
+) -> Gate:
+    """The whole gate of a finished bundle; ``default_set`` overrides the manifest's choice;
+    ``backend`` (``"torch"`` or ``"onnx"``) and ``threads`` as in :func:`load_extractor`."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; valid: {list(BACKENDS)}")
     detectors = bundle.get("detectors")
     if not detectors:
         raise BundleError("bundle has no detectors section: build it to the end (predgate build)")
-    extractor = load_extractor(bundle, device)
+    extractor = load_extractor(bundle, device, backend=backend, threads=threads)
     cond_detector = load_detector(bundle, detectors["conductance"]["stem"])
     sets: dict[str, SignalSet] = {}
     for name, info in detectors["signal_sets"].items():

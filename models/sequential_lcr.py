@@ -307,3 +307,59 @@ class SequentialLCR:
     def __call__(self, x: torch.Tensor, original_pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(lcr (N,), mutants_used (N,))``, see :func:`sequential_lcr`."""
         return sequential_lcr(self.chunks, x, original_pred, self.rule, self.min_mutants)
+
+
+# ------------------------------------------------------------------------- bundle setting
+@dataclass(frozen=True)
+class EarlyStopping:
+    """How a gate stops its LCR early: the rule, the chunk size and the minimum mutants.
+
+    Kept in the manifest (``lcr.early_stopping``) so the offline replay that the detectors learn
+    from (:func:`simulate_sequential`) and the live evaluation the server runs use the same
+    chunks and the same rule, and therefore give the same LCR.
+    """
+
+    rule: StoppingRule
+    chunk_size: int = 10
+    min_mutants: int = 0
+
+    def __post_init__(self) -> None:
+        _check_args(self.chunk_size, self.min_mutants)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rule": rule_to_dict(self.rule), "chunk_size": self.chunk_size, "min_mutants": self.min_mutants}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EarlyStopping:
+        try:
+            return cls(rule_from_dict(data["rule"]), int(data["chunk_size"]), int(data.get("min_mutants", 0)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"invalid early-stopping setting {data!r}: {exc}") from exc
+
+    def replay(
+        self, mutant_labels: np.ndarray | torch.Tensor, prediction: np.ndarray | torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`simulate_sequential` with this setting."""
+        return simulate_sequential(mutant_labels, prediction, self.rule, self.chunk_size, self.min_mutants)
+
+
+def sprt_from_data(
+    lcr: np.ndarray, wrong: np.ndarray, alpha: float = 0.01, beta: float | None = None, floor: float = 1e-3
+) -> SPRT:
+    """An SPRT whose hypotheses are the mean full LCR of correctly (p0) and wrongly (p1) predicted images.
+
+    Estimated on the split the detectors learn from, never on val or test. ``floor`` keeps both
+    probabilities inside (0, 1): an LCR of exactly 0 would make a single changed label decisive.
+    """
+    lcr = np.asarray(lcr, dtype=np.float64)
+    wrong = np.asarray(wrong).astype(bool)
+    if lcr.shape != wrong.shape or wrong.all() or not wrong.any():
+        raise ConfigError("estimating an SPRT needs LCRs of both correctly and wrongly predicted images")
+    p0 = float(np.clip(lcr[~wrong].mean(), floor, 1 - floor))
+    p1 = float(np.clip(lcr[wrong].mean(), floor, 1 - floor))
+    if not p0 < p1:
+        raise ConfigError(
+            f"mean LCR of wrong predictions ({p1:.4f}) is not above that of correct ones ({p0:.4f}): "
+            "LCR does not separate them, early stopping would be meaningless"
+        )
+    return SPRT(p0=p0, p1=p1, alpha=alpha, beta=alpha if beta is None else beta)

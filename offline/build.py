@@ -69,7 +69,10 @@ def build_bundle(
     mut = bundle.manifest["mutants"]
     _say(f"mutants kept: {mut['count']} of {mut['attempts']} tried")
     stage("features: fit, val, test")
-    features_stage(bundle, arrays, progress=progress)
+    features_stage(
+        bundle, arrays, early_stopping_alpha=profile.lcr_sprt_alpha, early_stopping_chunk=profile.lcr_chunk,
+        progress=progress,
+    )
     stage(f"detectors: {profile.detector_seeds} seeds")
     detectors_stage(bundle, seeds=profile.detector_seeds, default_set=default_set, progress=progress)
     stage("report")

@@ -42,6 +42,11 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         help="mutate only convs inside these modules (e.g. layer3): mutants share the computed prefix",
     )
     parser.add_argument(
+        "--lcr-sprt", type=float, default=None, metavar="ALPHA",
+        help="stop LCR early: SPRT with alpha = beta = ALPHA over chunks of mutants, p0/p1 from the fit split",
+    )
+    parser.add_argument("--lcr-chunk", type=int, default=None, help="mutants per chunk of the early-stopping LCR")
+    parser.add_argument(
         "--weights", type=Path, default=None,
         help="state-dict file (.pt, or .safetensors such as another bundle's weights): import instead of training",
     )
@@ -57,6 +62,7 @@ def _profile_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         n_mutants=args.n_mutants, operator=args.operator, mutation_rate=args.mutation_rate,
         fit_is_cnn_train=args.fit_from_cnn_train,
         mutant_modules=tuple(args.mutant_modules) if args.mutant_modules else None,
+        lcr_sprt_alpha=args.lcr_sprt, lcr_chunk=args.lcr_chunk,
     )
 
 
@@ -130,7 +136,11 @@ def cmd_features(args: argparse.Namespace) -> None:
     from offline.stages import features_stage
 
     bundle, arrays = _open_for_stage(args, "features")
-    features_stage(bundle, arrays, batch_size=args.batch_size, progress=_progress())
+    profile = bundle.manifest["profile"]
+    features_stage(
+        bundle, arrays, batch_size=args.batch_size, early_stopping_alpha=profile.get("lcr_sprt_alpha"),
+        early_stopping_chunk=profile.get("lcr_chunk", 10), progress=_progress(),
+    )
     print(f"features written to {bundle.path / 'features'}")
 
 
@@ -157,7 +167,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     overrides = {
         "bundle": args.bundle, "host": args.host, "port": args.port, "signal_set": args.signal_set,
-        "operating_point": args.operating_point, "device": args.device,
+        "operating_point": args.operating_point, "device": args.device, "backend": args.backend,
     }
     return serve(Settings(**{k: v for k, v in overrides.items() if v is not None}))
 
@@ -187,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--signal-set", default=None, help="signal set for verdicts (default: the bundle's)")
     serve.add_argument("--operating-point", default=None, help="stored operating point (default: equal-recall)")
     serve.add_argument("--device", default=None, help="auto, cpu or cuda")
+    serve.add_argument(
+        "--backend", default=None, choices=["torch", "onnx"], help="torch (default) or onnx (ONNX Runtime)"
+    )
     serve.set_defaults(func=cmd_serve)
 
     mutants = sub.add_parser("mutants", help="generate and filter the mutants of a trained bundle")

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from models.gate import EvidenceExtractor
 from models.preprocess import Normalisation
+from models.sequential_lcr import EarlyStopping
 from offline.data import ImageArrays
 
 
@@ -26,14 +27,17 @@ def extract_features(
     desc: str = "features",
 ) -> dict[str, np.ndarray]:
     """Columns per image: ``label``, ``logits`` (N x K), ``prediction``, ``conductance`` (N x C),
-    and with mutants ``lcr`` and ``mutant_labels`` (M x N, int16)."""
+    and with mutants ``lcr`` and ``mutant_labels`` (M x N, int16).
+
+    Every mutant labels every image even where the bundle stops LCR early: the early-stopped LCR
+    is then replayed from these labels (:func:`apply_early_stopping`), equal to the live one."""
     parts: dict[str, list[np.ndarray]] = {"logits": [], "prediction": [], "conductance": []}
     if with_lcr:
         parts.update(lcr=[], mutant_labels=[])
     starts = range(0, len(arrays), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
         x = normalisation.apply(arrays.images[start : start + batch_size])
-        evidence = extractor(x, conductance=True, lcr=with_lcr)
+        evidence = extractor(x, conductance=True, lcr=with_lcr, early_stop=False)
         parts["logits"].append(evidence.logits.numpy())
         parts["prediction"].append(evidence.prediction.numpy())
         assert evidence.conductance is not None
@@ -56,3 +60,20 @@ def lcr_from_mutant_labels(features: dict[str, np.ndarray], mutants: np.ndarray 
     """LCR recomputed from a subset of the stored per-mutant labels (for the LCR-vs-mutants curve)."""
     labels = torch.from_numpy(features["mutant_labels"][mutants].astype(np.int64))
     return (labels != torch.from_numpy(features["prediction"]).view(1, -1)).double().mean(0).numpy()
+
+
+def apply_early_stopping(features: dict[str, np.ndarray], stopping: EarlyStopping | None) -> dict[str, np.ndarray]:
+    """The split's columns with ``lcr`` as the gate computes it under ``stopping``.
+
+    The all-mutant LCR is kept as ``lcr_full`` (and is the base when called again, so switching
+    the setting never compounds); ``mutants_used`` says how many mutants each image needed.
+    """
+    out = dict(features)
+    full = out.setdefault("lcr_full", out["lcr"])
+    if stopping is None:
+        out["lcr"] = full
+        out["mutants_used"] = np.full(len(full), len(out["mutant_labels"]), dtype=np.int64)
+        return out
+    lcr, used = stopping.replay(out["mutant_labels"].astype(np.int64), out["prediction"])
+    out["lcr"], out["mutants_used"] = lcr.astype(np.float32), used
+    return out

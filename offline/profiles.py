@@ -24,6 +24,9 @@ class BuildProfile:
     mutation_rate: float = 0.005
     # Mutate only convs inside these modules (e.g. ("layer3",)): mutants share the computed prefix.
     mutant_modules: tuple[str, ...] | None = None
+    # Early-stopping LCR: an SPRT with alpha = beta = this value over chunks of ``lcr_chunk`` mutants.
+    lcr_sprt_alpha: float | None = None
+    lcr_chunk: int = 10
     fit_is_cnn_train: bool = False
     val_from: str = "train"
     seed: int = 0

@@ -28,6 +28,7 @@ from offline.metrics import (
 
 REPORT_DIR = "report"
 BASELINES = ("msp", "entropy", "margin", "doctor")
+BASELINE_LABELS = {"msp": "MSP", "entropy": "entropy", "margin": "margin", "doctor": "DOCTOR"}
 MUTANT_COUNTS = (1, 5, 10, 20, 50, 100)
 # Wu, Michel & Briot (arXiv 1910.00387), CIFAR-10 / ResNet20 at 81.9% test accuracy:
 # val AUROC, test recall of correct and of wrong predictions at the equal-recall point.
@@ -58,6 +59,8 @@ def method_scores(bundle: Bundle, features: dict[str, dict[str, np.ndarray]], se
         out[name] = {s: np.asarray(BASELINE_SCORES[name](features[s]["logits"]), dtype=np.float64) for s in features}
     if all("lcr" in features[s] for s in features):
         out["lcr (raw)"] = {s: features[s]["lcr"].astype(np.float64) for s in features}
+    if (bundle.get("lcr") or {}).get("early_stopping"):  # what stopping early costs in detection
+        out["lcr (all mutants)"] = {s: features[s]["lcr_full"].astype(np.float64) for s in features}
     out["conductance"] = {s: stored[f"{seed}/conductance-detector/{s}"] for s in features}
     for name in sets:
         out[f"set {name}"] = {s: stored[f"{seed}/{name}/{s}"] for s in features}
@@ -159,6 +162,56 @@ def measure_costs(bundle: Bundle, features_images: np.ndarray, repeats: int = 5)
     return stage_costs(extractor, x, repeats=repeats)
 
 
+def paper_comparison(
+    scores: dict[str, dict[str, np.ndarray]],
+    table: dict[str, dict[str, Any]],
+    wrong_test: np.ndarray,
+    gate_name: str,
+    n_boot: int,
+) -> list[dict[str, Any]]:
+    """The paper's rows next to ours and the softmax baselines: test AUROC with its 95% bootstrap CI
+    and the paired difference to MSP (the baseline the paper did not report)."""
+    rows = [(label, ours, (auc, rc, rw)) for label, (ours, auc, rc, rw) in PAPER_CIFAR10.items()]
+    rows.append((f"gate ({gate_name.removeprefix('set ')}, best kind on val)", gate_name, None))
+    rows += [(BASELINE_LABELS[b], b, None) for b in BASELINES]
+    out = []
+    for label, method, paper in rows:
+        if method not in scores:
+            continue
+        boot = paired_bootstrap_auroc(scores[method]["test"], scores["msp"]["test"], wrong_test, n_boot=n_boot, seed=0)
+        row = table[method]
+        out.append({
+            "label": label, "method": method,
+            "paper_val_auroc": paper[0] if paper else None,
+            "paper_test_recall_correct": paper[1] if paper else None,
+            "paper_test_recall_wrong": paper[2] if paper else None,
+            "val_auroc": row["val"]["auroc"], "test_auroc": row["test"]["auroc"], "test_ci": list(boot["ci_a"]),
+            "diff_to_msp": boot["diff"], "ci_diff_to_msp": list(boot["ci_diff"]),
+            "test_recall_correct": row["test"]["correct_recall"], "test_recall_wrong": row["test"]["wrong_recall"],
+        })
+    return out
+
+
+def paper_comparison_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown rows of :func:`paper_comparison` (shared by the report and the multi-bundle summary)."""
+    lines = [
+        "| method | paper val AUROC | ours val AUROC | ours test AUROC [95% CI] | diff to MSP [95% CI] | paper test recall correct / wrong | ours test recall correct / wrong |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        paper = _fmt(r["paper_val_auroc"], 3) if r["paper_val_auroc"] is not None else "–"
+        paper_rec = (
+            f"{r['paper_test_recall_correct']:.3f} / {r['paper_test_recall_wrong']:.3f}"
+            if r["paper_test_recall_correct"] is not None else "–"
+        )
+        lines.append(
+            f"| {r['label']} | {paper} | {_fmt(r['val_auroc'], 3)} | {_fmt(r['test_auroc'], 4)} {_ci(r['test_ci'], 3)} | "
+            f"{r['diff_to_msp']:+.4f} {_ci(r['ci_diff_to_msp'])} | {paper_rec} | "
+            f"{_fmt(r['test_recall_correct'], 3)} / {_fmt(r['test_recall_wrong'], 3)} |"
+        )
+    return lines
+
+
 def write_report(bundle: Bundle, *, val_images: np.ndarray | None = None, n_boot: int = 1000, progress: bool = True) -> Path:
     """Compute every figure, write ``report/metrics.json``, ``report/report.md`` and the PNGs."""
     out = bundle.path / REPORT_DIR
@@ -175,6 +228,7 @@ def write_report(bundle: Bundle, *, val_images: np.ndarray | None = None, n_boot
     costs = measure_costs(bundle, val_images) if val_images is not None else None
     evidence = evidence_value(bundle, features, wrong, best_baseline, costs, n_boot)
     curve = lcr_vs_mutants(features["val"]) if "mutant_labels" in features["val"] else None
+    paper_rows = paper_comparison(scores, table, wrong["test"], gate_name, n_boot)
 
     # The gate's verdicts on test at its stored default operating point.
     point = detectors["signal_sets"][default_set]["operating_points"]["equal-recall"]
@@ -205,6 +259,7 @@ def write_report(bundle: Bundle, *, val_images: np.ndarray | None = None, n_boot
         "evidence_value": evidence,
         "costs": costs,
         "lcr_vs_mutants": curve,
+        "paper_comparison": paper_rows,
         "confusion_test": confusion.tolist(),
         "fallback": [dict(zip(("method", "accuracy", "accuracy_with_fallback", "coverage"), r, strict=True)) for r in fallback_rows],
     }
@@ -263,6 +318,15 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
             f"of {mut['total_filters']} filters each); {mut['attempts']} candidates tried, acceptance rate "
             f"{mut['acceptance_rate']:.2f} (>= 90% of the original's accuracy on {mut['acceptance_images']} val images)."
         )
+    stopping = (man.get("lcr") or {}).get("early_stopping")
+    if stopping:
+        rule, used = stopping["rule"], man["lcr"]["mean_mutants_used"]
+        lines.append(
+            f"LCR stops early: {rule['rule'].upper()} p0 = {rule['p0']:.4f}, p1 = {rule['p1']:.4f} (mean LCR of the "
+            f"fit split's correct / wrong predictions), alpha = {rule['alpha']}, beta = {rule['beta']}, chunks of "
+            f"{stopping['chunk_size']} mutants; mean mutants used per image: "
+            f"{', '.join(f'{k} {v:.1f}' for k, v in used.items())}. The row `lcr (all mutants)` is the LCR without stopping."
+        )
     diff_ok = boot["ci_diff"][0] > 0
     verdict = (
         f"**The gate beats {m['best_baseline'].upper()}** on test: the 95% CI of the AUROC difference is above 0."
@@ -301,21 +365,10 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
         "",
         "## Side by side with the paper (CIFAR-10, ResNet20, 81.9% test accuracy)",
         "",
-        "| method | paper val AUROC | ours val AUROC | paper test recall correct / wrong | ours test recall correct / wrong |",
-        "|---|---|---|---|---|",
-    ]
-    for label, (ours, auc, rc, rw) in PAPER_CIFAR10.items():
-        row = m["methods"].get(ours)
-        if row is None:
-            continue
-        lines.append(
-            f"| {label} | {auc:.3f} | {_fmt(row['val']['auroc'], 3)} | {rc:.3f} / {rw:.3f} | "
-            f"{_fmt(row['test']['correct_recall'], 3)} / {_fmt(row['test']['wrong_recall'], 3)} |"
-        )
-    msp = m["methods"]["msp"]
-    lines += [
-        (f"| MSP baseline (not in the paper) | – | {_fmt(msp['val']['auroc'], 3)} | – | "
-        f"{_fmt(msp['test']['correct_recall'], 3)} / {_fmt(msp['test']['wrong_recall'], 3)} |"),
+        ("Recalls at the equal-recall threshold chosen on val; CIs from "
+        f"{boot['n_boot']} bootstrap resamples of test, the difference to MSP paired (MSP is not in the paper)."),
+        "",
+        *paper_comparison_markdown(m["paper_comparison"]),
         "",
         "## Evidence value: what each signal set is worth and costs",
         "",

@@ -244,9 +244,16 @@ def mutants_stage(
 
 # ------------------------------------------------------------------------------ features
 def features_stage(
-    bundle: Bundle, arrays: dict[str, ImageArrays], *, batch_size: int = 256, progress: bool = True
+    bundle: Bundle,
+    arrays: dict[str, ImageArrays],
+    *,
+    batch_size: int = 256,
+    early_stopping_alpha: float | None = None,
+    early_stopping_chunk: int = 10,
+    progress: bool = True,
 ) -> None:
-    """Evidence for fit, val and test (resumable per split)."""
+    """Evidence for fit, val and test (resumable per split), then the LCR setting (see
+    :func:`lcr_setting_stage`)."""
     from models.gate import load_extractor
     from offline.features import extract_features
 
@@ -263,6 +270,41 @@ def features_stage(
         )
         bundle.write_arrays(f"features/{split}.npz", feats)
         bundle.mark_stage(stage, images=len(arrays[split]), seconds=time.perf_counter() - start)
+    lcr_setting_stage(bundle, alpha=early_stopping_alpha, chunk_size=early_stopping_chunk)
+
+
+def lcr_setting_stage(bundle: Bundle, *, alpha: float | None, chunk_size: int = 10) -> None:
+    """Full LCR, or an SPRT over chunks of mutants whose hypotheses come from the fit split.
+
+    ``alpha`` (= beta) None keeps the full LCR. Otherwise p0 / p1 are the mean full LCR of the fit
+    split's correct / wrong predictions, the setting goes into the manifest (``lcr.early_stopping``)
+    for the server, and each split's ``lcr`` column becomes the replayed early-stopped LCR, which is
+    what the detectors learn from and what the server will compute.
+    """
+    from models.gate import MUTANTS_FILE
+
+    if bundle.stage_done("features:lcr") or not bundle.has_file(MUTANTS_FILE):
+        return
+    from models.sequential_lcr import EarlyStopping, sprt_from_data
+    from offline.features import apply_early_stopping, wrong_labels
+
+    features = load_features(bundle)
+    stopping = None
+    if alpha is not None:
+        fit = apply_early_stopping(features["fit"], None)
+        rule = sprt_from_data(fit["lcr_full"], wrong_labels(fit), alpha=alpha)
+        stopping = EarlyStopping(rule, chunk_size=chunk_size)
+    used = {}
+    for split, columns in features.items():
+        updated = apply_early_stopping(columns, stopping)
+        bundle.write_arrays(f"features/{split}.npz", updated)
+        used[split] = float(updated["mutants_used"].mean())
+    bundle.set("lcr", {
+        "early_stopping": stopping.to_dict() if stopping is not None else None,
+        "mean_mutants_used": used,
+        "hypotheses_from": "fit" if stopping is not None else None,
+    })
+    bundle.mark_stage("features:lcr", mean_mutants_used=used)
 
 
 def load_features(bundle: Bundle) -> dict[str, dict[str, Any]]:

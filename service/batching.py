@@ -57,6 +57,7 @@ class Row:
     conductance: np.ndarray | None
     cond_score: float | None
     lcr: float | None
+    mutants_used: int | None
     unified_score: float
     reject: bool
     signal_set: str
@@ -80,6 +81,7 @@ def split_rows(out: GateOutput, queue_seconds: list[float]) -> list[Row]:
             conductance=None if out.conductance is None else out.conductance[i],
             cond_score=opt(out.cond_score, i),
             lcr=opt(out.lcr, i),
+            mutants_used=None if out.mutants_used is None else int(out.mutants_used[i]),
             unified_score=float(out.unified_score[i]),
             reject=bool(out.reject[i]),
             signal_set=out.signal_set,

@@ -77,6 +77,9 @@ class Prediction(BaseModel):
         description="conductance detector's P(wrong); null when not computed"
     )
     lcr: float | None = Field(description="label change rate over the mutants; null when not computed")
+    mutants_used: int | None = Field(
+        None, description="mutants this image needed where the bundle stops LCR early; null otherwise"
+    )
     unified_score: float = Field(description="the signal set's P(wrong), compared with the threshold")
     verdict: Literal["accept", "unknown"]
     signal_set: str = Field(description="the signal set that made the verdict")

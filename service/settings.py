@@ -27,6 +27,10 @@ class Settings(BaseSettings):
         None, description="operating point name; None = the signal set's default"
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present")
+    backend: Literal["torch", "onnx"] = Field(
+        "torch",
+        description="onnx: forward, shortcut conductance and mutants run on ONNX Runtime graphs exported at start",
+    )
     max_batch_size: int = Field(32, ge=1, description="most images the gate runs in one batch")
     max_queue_delay_ms: float = Field(5.0, ge=0, description="longest wait for a batch to fill")
     queue_limit: int = Field(256, ge=1, description="most images waiting; beyond it requests get 503")

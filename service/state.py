@@ -61,7 +61,7 @@ def load_service(settings: Settings) -> LoadedService:
     if settings.signal_set is not None and sets and settings.signal_set not in sets:
         raise ConfigError(f"signal_set {settings.signal_set!r} is not in the bundle; stored: {sorted(sets)}")
     device = resolve_device(settings.device)
-    gate = load_gate(bundle, device, settings.signal_set)
+    gate = load_gate(bundle, device, settings.signal_set, backend=settings.backend)
     gate.signal_set(None).point(settings.operating_point)  # raises ConfigError naming the stored points
     contract = InputContract.from_shape(bundle.input_shape, settings.resize, settings.max_image_pixels)
     return LoadedService(bundle, gate, contract, device)
@@ -111,6 +111,7 @@ class ServiceState:
                 "signal_set": chosen.name,
                 "operating_point": chosen.point(self.settings.operating_point).name,
                 "device": str(self.loaded.device),
+                "backend": self.settings.backend,
             }
         )
         self.ready = True

@@ -128,6 +128,7 @@ def _record(row: Row, loaded: LoadedService, options: PredictOptions, total_s: f
         probabilities=[float(p) for p in probs],
         conductance_score=row.cond_score,
         lcr=row.lcr,
+        mutants_used=row.mutants_used,
         unified_score=row.unified_score,
         verdict="unknown" if row.reject else "accept",
         signal_set=row.signal_set,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -37,13 +38,21 @@ def test_gate_benchmark_reports_every_stage(tiny_bundle: Path, tmp_path: Path) -
     expected = set(bench_gate.STAGES) | {"naive_gate"}
     if result["conductance_mode"] != "shortcut":
         expected.discard("conductance_shortcut")
+    has_onnx = importlib.util.find_spec("onnx") is not None
+    assert (result["onnx_skipped"] is None) == has_onnx
+    if not has_onnx:  # the exporter needs the onnx package; the run says so instead of failing
+        expected -= set(bench_gate.ONNX_STAGES)
     for n, batch in result["batches"].items():
         stages = batch["stages"]
         assert set(stages) == expected, n
         for name, stage in stages.items():
-            for key in ("seconds", "ms_per_image", "forward_equivalents"):
+            for key in ("seconds", "ms_per_image", "forward_equivalents", "forward_equivalents_adjacent"):
                 assert math.isfinite(stage[key]) and stage[key] > 0, (n, name, key)
             assert stage["ms_per_image"] == pytest.approx(1000 * stage["seconds"] / int(n))
+            if name != "naive_gate":  # the adjacent unit is a median of the forwards timed next to it
+                assert stage["forward_equivalents_adjacent"] == pytest.approx(
+                    stage["seconds"] / stage["adjacent_forward_s"]
+                )
         # the unit is the median plain forward; the naive gate is the sum it claims to be
         assert stages["forward"]["forward_equivalents"] == pytest.approx(1.0)
         parts = ("naive_conductance", "naive_lcr", "detectors")
@@ -53,14 +62,37 @@ def test_gate_benchmark_reports_every_stage(tiny_bundle: Path, tmp_path: Path) -
     small = result["batches"]["1"]["stages"]
     assert speed["speedup"] == pytest.approx(small["naive_gate"]["seconds"] / small["gate_full"]["seconds"])
     if result["conductance_mode"] == "shortcut":
-        floor = targets["flop_floor"]
-        assert floor["floor_forward_equivalents"] == 1 + result["n_mutants"]
-        assert floor["ratio_to_floor"] == pytest.approx(
-            result["batches"]["4"]["stages"]["gate_full"]["forward_equivalents"]
-            / floor["floor_forward_equivalents"]
-        )
+        keys = {"flop_floor": "gate_full"} | ({"flop_floor_onnx": "gate_onnx_full"} if has_onnx else {})
+        for key, stage in keys.items():
+            floor = targets[key]
+            assert floor["floor_forward_equivalents"] == 1 + result["n_mutants"]
+            assert floor["ratio_to_floor"] == pytest.approx(  # the verdict uses the drift-free unit
+                result["batches"]["4"]["stages"][stage]["forward_equivalents_adjacent"]
+                / floor["floor_forward_equivalents"]
+            )
     table = bench_gate.markdown(result)
     assert "naive_lcr" in table and "whole gate vs naive reference at bs 1" in table
+    assert "| bs 4 x fwd (adj) |" in table
+    assert ("gate_onnx_full" in table) == has_onnx
+
+
+def test_interleaved_runs_put_a_forward_on_each_side_of_every_stage_call() -> None:
+    calls: list[str] = []
+    runs, forwards = bench_gate.interleaved_runs(
+        lambda: calls.append("stage"),
+        lambda: calls.append("fwd"),
+        repeats=3,
+        warmup=1,
+        synchronize=lambda: None,
+    )
+    assert calls == ["stage", "fwd", "stage", "fwd", "stage", "fwd", "stage", "fwd"]
+    assert len(runs) == 3 and len(forwards) == 4 and all(t >= 0 for t in runs + forwards)
+
+
+def test_gate_benchmark_without_onnx(tiny_bundle: Path) -> None:
+    result = bench_gate.run_benchmark(tiny_bundle, [2], 1, memory=False, onnx=False)
+    assert result["onnx_skipped"] == "--no-onnx" and "flop_floor_onnx" not in result["targets"]
+    assert not set(bench_gate.ONNX_STAGES) & set(result["batches"]["2"]["stages"])
 
 
 def test_memory_probe(tiny_bundle: Path) -> None:

@@ -115,3 +115,25 @@ def test_mutant_regeneration_is_checked(tiny_bundle: Path, tmp_path: Path) -> No
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="mutant 3"):
         load_gate(load_bundle(copy))
+
+
+def test_paper_comparison_rows_equal_sklearn_and_the_summary_shows_them(tiny_bundle: Path, capsys) -> None:
+    from offline.summary import main as summary_main
+
+    metrics = json.loads((tiny_bundle / "report" / "metrics.json").read_text())
+    feats = load_bundle(tiny_bundle).read_arrays("features/test.npz")
+    wrong = wrong_labels(feats)
+    rows = {r["method"]: r for r in metrics["paper_comparison"]}
+    assert {"msp", "entropy", "margin", "doctor", "conductance", "lcr (raw)"} <= set(rows)
+    msp_auroc = roc_auc_score(wrong, BASELINE_SCORES["msp"](feats["logits"]))
+    for name in ("msp", "doctor", "lcr (raw)"):
+        r = rows[name]
+        score = feats["lcr"] if name == "lcr (raw)" else BASELINE_SCORES[name](feats["logits"])
+        assert r["test_auroc"] == pytest.approx(roc_auc_score(wrong, score), abs=1e-12)
+        assert r["diff_to_msp"] == pytest.approx(r["test_auroc"] - msp_auroc, abs=1e-12)
+        assert r["test_ci"][0] <= r["test_auroc"] <= r["test_ci"][1]
+    assert rows["msp"]["ci_diff_to_msp"] == [0.0, 0.0]
+    assert summary_main([f"a={tiny_bundle}", f"b={tiny_bundle}"]) == 0
+    out = capsys.readouterr().out
+    assert "a: test AUROC [95% CI]" in out and "b: diff to MSP [95% CI]" in out
+    assert f"{rows['doctor']['test_auroc']:.4f}" in out

@@ -80,7 +80,7 @@ def test_exposition_names_and_labels(client: TestClient, gate: Gate, sample_imag
         f'predgate_lcr_ratio_count{{signal_set="{chosen}"}}',
         f'predgate_unified_score_count{{signal_set="{chosen}"}}',
         "predgate_ready 1.0",
-        f'predgate_bundle_info{{bundle_id="{client.get("/readyz").json()["bundle_id"]}"',
+        f'predgate_bundle_info{{backend="torch",bundle_id="{client.get("/readyz").json()["bundle_id"]}"',
     ):
         assert needle in text, needle
 
