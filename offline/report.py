@@ -49,6 +49,11 @@ def _ci(ci: tuple[float, float] | list[float], digits: int = 4) -> str:
     return f"[{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
 
 
+def _interval(ci: tuple[float, float] | list[float], digits: int = 3) -> str:
+    """A CI of a value that is never negative (an AUROC): no signs."""
+    return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
 def method_scores(bundle: Bundle, features: dict[str, dict[str, np.ndarray]], seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     """Scores per method per split: baselines from logits, raw LCR, conductance detector, each
     signal set's chosen classifier, and each unified kind of the paper's set."""
@@ -205,7 +210,7 @@ def paper_comparison_markdown(rows: list[dict[str, Any]]) -> list[str]:
             if r["paper_test_recall_correct"] is not None else "–"
         )
         lines.append(
-            f"| {r['label']} | {paper} | {_fmt(r['val_auroc'], 3)} | {_fmt(r['test_auroc'], 4)} {_ci(r['test_ci'], 3)} | "
+            f"| {r['label']} | {paper} | {_fmt(r['val_auroc'], 3)} | {_fmt(r['test_auroc'], 4)} {_interval(r['test_ci'])} | "
             f"{r['diff_to_msp']:+.4f} {_ci(r['ci_diff_to_msp'])} | {paper_rec} | "
             f"{_fmt(r['test_recall_correct'], 3)} / {_fmt(r['test_recall_wrong'], 3)} |"
         )
@@ -343,8 +348,8 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
         "",
         "| score | test AUROC | 95% CI |",
         "|---|---|---|",
-        f"| gate ({m['default_set']}) | {_fmt(boot['auroc_a'])} | {_ci(boot['ci_a'])} |",
-        f"| {m['best_baseline']} | {_fmt(boot['auroc_b'])} | {_ci(boot['ci_b'])} |",
+        f"| gate ({m['default_set']}) | {_fmt(boot['auroc_a'])} | {_interval(boot['ci_a'], 4)} |",
+        f"| {m['best_baseline']} | {_fmt(boot['auroc_b'])} | {_interval(boot['ci_b'], 4)} |",
         f"| difference | {boot['diff']:+.4f} | {_ci(boot['ci_diff'])} |",
         "",
         verdict,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from models.bundle import load_bundle
-from offline.report import REPORT_DIR, _ci, _fmt
+from offline.report import REPORT_DIR, _ci, _fit_source, _fmt, _interval
 
 
 def _setting(spec: str) -> tuple[str, Path]:
@@ -46,7 +46,7 @@ def describe(name: str, setting: dict[str, Any]) -> str:
         f"{mut.get('count')} {mut.get('operator')} mutants at rate {mut.get('rate')} "
         f"({', '.join(map(str, mut.get('filters_per_mutant', [])))} filters each"
         f"{', in ' + ', '.join(mut['modules']) if mut.get('modules') else ''}); "
-        f"splits {', '.join(f'{k} {v}' for k, v in m['splits'].items())}"
+        f"splits {', '.join(f'{k} {v}' for k, v in m['splits'].items())}; detectors trained on {_fit_source(man)}"
         f"{'; LCR stops early' if stopping else ''}."
     )
 
@@ -72,7 +72,7 @@ def summary_markdown(settings: dict[str, dict[str, Any]]) -> str:
                 row += ["–"] * 4
                 continue
             row += [
-                _fmt(r["val_auroc"], 3), f"{_fmt(r['test_auroc'])} {_ci(r['test_ci'], 3)}",
+                _fmt(r["val_auroc"], 3), f"{_fmt(r['test_auroc'])} {_interval(r['test_ci'])}",
                 f"{r['diff_to_msp']:+.4f} {_ci(r['ci_diff_to_msp'])}",
                 f"{_fmt(r['test_recall_correct'], 3)} / {_fmt(r['test_recall_wrong'], 3)}",
             ]
