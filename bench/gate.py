@@ -51,7 +51,7 @@ from models.architectures import resolve_layer
 from models.bundle import Bundle, load_bundle
 from models.conductance import LayerConductance, ShortcutConductance
 from models.gate import EvidenceExtractor, Gate, load_extractor, load_gate
-from models.lcr import predict_naive
+from models.lcr import MutantEnsemble, predict_naive
 from models.signals import needs_conductance, needs_lcr, signal_matrix
 
 # Stage names in table order. "gate_full" computes every signal (conductance and LCR) whatever the
@@ -64,6 +64,7 @@ STAGES = (
     "lcr_auto",
     "lcr_vmap",
     "lcr_loop",
+    "lcr_sequential",
     "detectors",
     "gate_default",
     "gate_full",
@@ -209,6 +210,14 @@ def _detectors(subject: Subject, x: torch.Tensor) -> Callable[[], object]:
     return run
 
 
+def _sequential_lcr(subject: Subject, x: torch.Tensor) -> Callable[[], object]:
+    """The early-stopping LCR on ``x``, given the prediction the gate would already have."""
+    extractor = subject.extractor
+    with torch.no_grad():
+        prediction = extractor.model(x.to(extractor.device)).argmax(1).cpu()
+    return lambda: extractor.sequential_lcr(x, prediction)
+
+
 def stage_factories(subject: Subject, x: torch.Tensor) -> dict[str, Callable[[], Callable[[], object]]]:
     """Per available stage, a function that does its set-up and returns the call to time.
 
@@ -228,9 +237,13 @@ def stage_factories(subject: Subject, x: torch.Tensor) -> dict[str, Callable[[],
     if isinstance(subject.extractor.conductance, ShortcutConductance):
         shortcut = subject.extractor.conductance
         out["conductance_shortcut"] = lambda: lambda: shortcut.attribute(x)
-    if ensemble is not None:
+    if isinstance(ensemble, MutantEnsemble):
         for strategy in ("auto", "vmap", "loop"):
             out[f"lcr_{strategy}"] = lambda s=strategy: lambda: ensemble.predict(x, strategy=s)
+    elif ensemble is not None:  # mutants confined to later modules: one strategy, the shared prefix
+        out["lcr_auto"] = lambda: lambda: ensemble.predict(x)
+    if subject.extractor.early_stopping is not None:  # what the gate runs: chunks until settled
+        out["lcr_sequential"] = lambda: _sequential_lcr(subject, x)
     if gate is not None:
         out["detectors"] = lambda: _detectors(subject, x)
         out["gate_default"] = lambda: lambda: gate.run(x)

@@ -36,6 +36,7 @@ def test_gate_benchmark_reports_every_stage(tiny_bundle: Path, tmp_path: Path) -
     result = json.loads(out.read_text())
     assert set(result["batches"]) == {"1", "4"}
     expected = set(bench_gate.STAGES) | {"naive_gate"}
+    expected.discard("lcr_sequential")  # only for bundles whose LCR stops early (tested with one elsewhere)
     if result["conductance_mode"] != "shortcut":
         expected.discard("conductance_shortcut")
     has_onnx = importlib.util.find_spec("onnx") is not None

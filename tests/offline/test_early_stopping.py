@@ -125,3 +125,19 @@ def test_onnx_backend_stops_early_like_torch(tiny_bundle: Path, tmp_path: Path) 
     np.testing.assert_array_equal(got.reject, expected.reject)
     chunks = onnx_gate.extractor._chunks
     assert chunks and all(isinstance(c, OnnxMutantEnsemble) for c in chunks)
+
+
+@pytest.mark.slow
+def test_bench_gate_times_the_early_stopped_lcr_of_confined_mutants(tiny_bundle: Path, tmp_path: Path) -> None:
+    from bench.gate import load_subject, stage_factories
+
+    path = _early_stopping_bundle(tiny_bundle, tmp_path, ("layer3",))
+    subject = load_subject(path)
+    x = load_bundle(path).normalisation.apply(load_splits(load_bundle(path))["val"].images[:5])
+    factories = stage_factories(subject, x)
+    assert "lcr_sequential" in factories and "lcr_auto" in factories and "lcr_vmap" not in factories
+    lcr, used = factories["lcr_sequential"]()()
+    expected = subject.gate.run(x, full_evidence=True)
+    np.testing.assert_allclose(lcr.numpy(), expected.lcr, atol=1e-6)
+    np.testing.assert_array_equal(used.numpy(), expected.mutants_used)
+    assert factories["lcr_auto"]()().shape == (8, 5)
