@@ -194,7 +194,8 @@ def test_gate_on_onnx_matches_torch(tiny_bundle: Path) -> None:
         np.testing.assert_allclose(out.conductance, ref.conductance, atol=TOL, rtol=0)
         np.testing.assert_array_equal(out.lcr, ref.lcr)
         np.testing.assert_allclose(out.unified_score, ref.unified_score, atol=TOL, rtol=1e-4)
-        np.testing.assert_array_equal(out.reject, ref.reject)
+        clear = np.abs(ref.unified_score - ref.operating_point.threshold) > 1e-4  # no near-ties
+        np.testing.assert_array_equal(out.reject[clear], ref.reject[clear])
     # the plain forward (no conductance asked for) also comes from ORT
     assert isinstance(onnx_gate.extractor.model, OnnxForwardModule)
     plain = onnx_gate.extractor(x, conductance=False, lcr=False)

@@ -122,7 +122,10 @@ def test_onnx_backend_stops_early_like_torch(tiny_bundle: Path, tmp_path: Path) 
     expected, got = torch_gate.run(x, full_evidence=True), onnx_gate.run(x, full_evidence=True)
     np.testing.assert_array_equal(got.mutants_used, expected.mutants_used)
     np.testing.assert_allclose(got.lcr, expected.lcr, atol=1e-6)
-    np.testing.assert_array_equal(got.reject, expected.reject)
+    np.testing.assert_allclose(got.unified_score, expected.unified_score, atol=1e-4)
+    # ORT's float rounding moves scores by ~1e-6: verdicts may differ only for scores at the threshold.
+    clear = np.abs(expected.unified_score - expected.operating_point.threshold) > 1e-4
+    np.testing.assert_array_equal(got.reject[clear], expected.reject[clear])
     chunks = onnx_gate.extractor._chunks
     assert chunks and all(isinstance(c, OnnxMutantEnsemble) for c in chunks)
 

@@ -62,8 +62,11 @@ def test_onnx_backend_answers_like_torch(
         metrics = onnx_client.get("/metrics").text
     assert 'backend="onnx"' in metrics
     for ours, ref in zip(got, expected, strict=True):
-        for key in ("label", "verdict", "signal_set", "bundle_id", "lcr"):
+        for key in ("label", "signal_set", "bundle_id", "lcr"):
             assert ours[key] == ref[key], key
+        # ORT rounds differently (~1e-6): a verdict may differ only for a score at the threshold
+        if abs(ref["unified_score"] - ref["operating_point"]["threshold"]) > TOL:
+            assert ours["verdict"] == ref["verdict"]
         for key in ("unified_score", "conductance_score"):
             assert ours[key] == pytest.approx(ref[key], abs=TOL)
         np.testing.assert_allclose(ours["probabilities"], ref["probabilities"], atol=TOL, rtol=0)
