@@ -22,7 +22,7 @@ from models.lcr import MutantEnsemble, label_change_rate
 from models.mutation import MutantSet, mutant_weights_hash
 from models.operating_points import OperatingPoint
 from models.prefix_ensemble import PrefixSharingEnsemble
-from models.sequential_lcr import EarlyStopping, chunk_ensembles, sequential_lcr
+from models.sequential_lcr import EarlyStopping, SequentialLCR
 from models.signals import check_signals, needs_conductance, needs_lcr, signal_matrix
 
 CONDUCTANCE_FILE = "conductance.safetensors"
@@ -74,7 +74,15 @@ class EvidenceExtractor:
         self.conductance = conductance
         self.ensemble = ensemble
         self.early_stopping = early_stopping
-        self._chunks: list[MutantEnsemble] | None = None  # per-chunk ensembles, built on first use
+        # Chunks are built here, at start-up, not in the first request. Prefix-sharing mutants run
+        # their own chunks over the prefix computed once; an ensemble that knows how to build its
+        # chunks (ONNX Runtime) keeps its backend.
+        self._sequential: SequentialLCR | None = None
+        if early_stopping is not None and not isinstance(ensemble, PrefixSharingEnsemble):
+            self._sequential = SequentialLCR(
+                ensemble.model, ensemble.specs, early_stopping.rule, early_stopping.chunk_size,
+                early_stopping.min_mutants, getattr(ensemble, "chunk_factory", None),
+            )
 
     @property
     def device(self) -> torch.device:
@@ -123,15 +131,12 @@ class EvidenceExtractor:
         if stopping is None or self.ensemble is None:
             raise ConfigError("this gate does not stop LCR early")
         x = x.to(self.device)
-        if isinstance(self.ensemble, PrefixSharingEnsemble):  # the prefix runs once for all chunks
+        if self._sequential is None:  # prefix-sharing mutants: the prefix runs once for all chunks
+            assert isinstance(self.ensemble, PrefixSharingEnsemble)
             return self.ensemble.sequential_lcr(
                 x, prediction, stopping.rule, stopping.chunk_size, stopping.min_mutants
             )
-        if self._chunks is None:
-            # An ensemble that knows how to build its own chunks (ONNX Runtime) keeps its backend.
-            factory = getattr(self.ensemble, "chunk_factory", None)
-            self._chunks = chunk_ensembles(self.ensemble.model, self.ensemble.specs, stopping.chunk_size, factory)
-        return sequential_lcr(self._chunks, x, prediction, stopping.rule, stopping.min_mutants)
+        return self._sequential(x, prediction)
 
 
 @dataclass

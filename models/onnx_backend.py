@@ -535,7 +535,10 @@ class OnnxMutantEnsemble:
     chunk_size : mutants per graph: bounds memory, which grows with ``chunk_size x image batch``.
     threads : ORT intra-op threads (None: ORT's default).
     device : ``"cpu"`` or ``"cuda"``.
-    input_shape : ``(C, H, W)`` to export for right away; other shapes are exported on first use.
+    input_shape : ``(C, H, W)`` of the images to come; other shapes are exported on first use.
+    eager : export for ``input_shape`` right away (start-up) rather than on the first call; a gate
+        whose LCR stops early exports its chunks eagerly and this all-mutant ensemble lazily, as
+        only offline feature extraction calls it.
     """
 
     def __init__(
@@ -547,6 +550,7 @@ class OnnxMutantEnsemble:
         threads: int | None = None,
         device: str | torch.device = "cpu",
         input_shape: Sequence[int] | None = None,
+        eager: bool = True,
     ) -> None:
         if not specs:
             raise ConfigError("a mutant ensemble needs at least one mutant")
@@ -567,9 +571,10 @@ class OnnxMutantEnsemble:
             tuple(self.specs[j] for j in self._order[i : i + chunk_size])
             for i in range(0, len(self.specs), chunk_size)
         ]
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
         self._sessions = _SessionCache(self._build)
-        if input_shape is not None:
-            self._sessions.get(input_shape)
+        if eager and self.input_shape is not None:
+            self._sessions.get(self.input_shape)
 
     def __len__(self) -> int:
         return len(self.specs)
@@ -577,7 +582,10 @@ class OnnxMutantEnsemble:
     def chunk_factory(self, model: nn.Module, specs: Sequence[MutantSpec]) -> OnnxMutantEnsemble:
         """One graph for ``specs`` with this ensemble's settings: the chunks of an early-stopping LCR
         (:func:`models.sequential_lcr.chunk_ensembles`) then run on ONNX Runtime too."""
-        return OnnxMutantEnsemble(model, specs, chunk_size=len(specs), threads=self.threads, device=self.device)
+        return OnnxMutantEnsemble(
+            model, specs, chunk_size=len(specs), threads=self.threads, device=self.device,
+            input_shape=self.input_shape,
+        )
 
     def _build(self, input_shape: tuple[int, ...]) -> list[object]:
         return [
@@ -671,5 +679,6 @@ def onnx_extractor(
             threads=threads,
             device=device,
             input_shape=input_shape,
+            eager=extractor.early_stopping is None,
         )
     return OnnxEvidenceExtractor(model, front, conductance, ensemble, extractor.early_stopping)

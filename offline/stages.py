@@ -304,7 +304,7 @@ def lcr_setting_stage(bundle: Bundle, *, alpha: float | None, chunk_size: int = 
         "mean_mutants_used": used,
         "hypotheses_from": "fit" if stopping is not None else None,
     })
-    bundle.mark_stage("features:lcr", mean_mutants_used=used)
+    bundle.mark_stage("features:lcr")
 
 
 def load_features(bundle: Bundle) -> dict[str, dict[str, Any]]:

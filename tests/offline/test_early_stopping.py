@@ -118,6 +118,9 @@ def test_onnx_backend_stops_early_like_torch(tiny_bundle: Path, tmp_path: Path) 
     path = _early_stopping_bundle(tiny_bundle, tmp_path, None)
     bundle = load_bundle(path)
     torch_gate, onnx_gate = load_gate(bundle), load_gate(bundle, backend="onnx")
+    # The chunks the server runs are exported at load; the all-mutant graphs only if used (offline).
+    assert all(len(c._sessions._sessions) == 1 for c in onnx_gate.extractor._sequential.chunks)
+    assert len(onnx_gate.extractor.ensemble._sessions._sessions) == 0
     x = bundle.normalisation.apply(load_splits(bundle)["val"].images[:40])
     expected, got = torch_gate.run(x, full_evidence=True), onnx_gate.run(x, full_evidence=True)
     np.testing.assert_array_equal(got.mutants_used, expected.mutants_used)
@@ -126,7 +129,7 @@ def test_onnx_backend_stops_early_like_torch(tiny_bundle: Path, tmp_path: Path) 
     # ORT's float rounding moves scores by ~1e-6: verdicts may differ only for scores at the threshold.
     clear = np.abs(expected.unified_score - expected.operating_point.threshold) > 1e-4
     np.testing.assert_array_equal(got.reject[clear], expected.reject[clear])
-    chunks = onnx_gate.extractor._chunks
+    chunks = onnx_gate.extractor._sequential.chunks
     assert chunks and all(isinstance(c, OnnxMutantEnsemble) for c in chunks)
 
 
