@@ -71,12 +71,20 @@ class Sequential:
         return simulate_sequential(labels, prediction, self.rule, self.chunk_size, self.min_mutants)
 
 
+def val_hypotheses(lcr: np.ndarray, wrong: np.ndarray, total: int) -> tuple[float, float]:
+    """SPRT ``p0`` / ``p1`` from val: the mean full LCR of correct / wrong predictions, kept apart
+    (p1 >= 2 p0) so that the trade-off curve explores a test that can stop. The build's setting
+    (:func:`models.sequential_lcr.sprt_from_data`) takes the fit split's means as they are."""
+    p0 = float(np.clip(lcr[~wrong].mean(), 0.5 / total, 0.5))
+    p1 = float(np.clip(lcr[wrong].mean(), min(2 * p0, 0.9), 0.95))
+    return p0, p1
+
+
 def sequential_settings(val: dict[str, np.ndarray]) -> list[Sequential]:
     """Rules to try; ``p0``/``p1`` default to the mean full LCR of correct / wrong val predictions."""
     wrong = val["prediction"] != val["label"]
     total = len(val["mutant_labels"])
-    p0 = float(np.clip(val["lcr"][~wrong].mean(), 0.5 / total, 0.5))
-    p1 = float(np.clip(val["lcr"][wrong].mean(), min(p0 * 2, 0.9), 0.95))
+    p0, p1 = val_hypotheses(val["lcr"], wrong, total)
     # Curtailed at the val threshold that best separates by full LCR (Youden's J).
     thresholds = np.unique(val["lcr"])
     j = [(val["lcr"][wrong] >= t).mean() - (val["lcr"][~wrong] >= t).mean() for t in thresholds]
@@ -380,8 +388,7 @@ def part_b(
                 mutants_used_val=float(total),
             )
         )
-        p0 = float(np.clip(lcr["val"][~wrong["val"]].mean(), 0.5 / total, 0.5))
-        p1 = float(np.clip(lcr["val"][wrong["val"]].mean(), min(2 * p0, 0.9), 0.95))
+        p0, p1 = val_hypotheses(lcr["val"], wrong["val"], total)
         for alpha in (0.01, 0.001):
             setting = Sequential(
                 f"{label} + sprt p0={p0:.3f},p1={p1:.3f} a=b={alpha} k=10", SPRT(p0, p1, alpha, alpha)
