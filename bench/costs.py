@@ -85,6 +85,13 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def sequential_lcr_call(extractor: EvidenceExtractor, x: torch.Tensor) -> Callable[[], object]:
+    """The early-stopping LCR of ``x`` as a call to time, given the prediction the gate already has."""
+    with torch.no_grad():
+        prediction = extractor.model(x.to(extractor.device)).argmax(1).cpu()
+    return lambda: extractor.sequential_lcr(x, prediction)
+
+
 def stage_costs(extractor: EvidenceExtractor, x: torch.Tensor, repeats: int = 5) -> dict[str, float]:
     """Seconds for a plain forward, forward+conductance and LCR on ``x``, and their ratios.
 
@@ -103,9 +110,7 @@ def stage_costs(extractor: EvidenceExtractor, x: torch.Tensor, repeats: int = 5)
         "conductance": lambda: extractor(x, conductance=True, lcr=False),
     }
     if extractor.early_stopping is not None:  # the LCR the gate computes: chunks until settled
-        with torch.no_grad():
-            prediction = extractor.model(x).argmax(1).cpu()
-        stages["lcr"] = lambda: extractor.sequential_lcr(x, prediction)
+        stages["lcr"] = sequential_lcr_call(extractor, x)
     elif extractor.ensemble is not None:
         ensemble = extractor.ensemble
         stages["lcr"] = lambda: ensemble.predict(x)

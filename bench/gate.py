@@ -45,6 +45,7 @@ from bench.costs import (
     maybe_tqdm,
     peak_rss_bytes,
     progress_wanted,
+    sequential_lcr_call,
     timed_runs,
 )
 from models.architectures import resolve_layer
@@ -210,14 +211,6 @@ def _detectors(subject: Subject, x: torch.Tensor) -> Callable[[], object]:
     return run
 
 
-def _sequential_lcr(subject: Subject, x: torch.Tensor) -> Callable[[], object]:
-    """The early-stopping LCR on ``x``, given the prediction the gate would already have."""
-    extractor = subject.extractor
-    with torch.no_grad():
-        prediction = extractor.model(x.to(extractor.device)).argmax(1).cpu()
-    return lambda: extractor.sequential_lcr(x, prediction)
-
-
 def stage_factories(subject: Subject, x: torch.Tensor) -> dict[str, Callable[[], Callable[[], object]]]:
     """Per available stage, a function that does its set-up and returns the call to time.
 
@@ -243,7 +236,7 @@ def stage_factories(subject: Subject, x: torch.Tensor) -> dict[str, Callable[[],
     elif ensemble is not None:  # mutants confined to later modules: one strategy, the shared prefix
         out["lcr_auto"] = lambda: lambda: ensemble.predict(x)
     if subject.extractor.early_stopping is not None:  # what the gate runs: chunks until settled
-        out["lcr_sequential"] = lambda: _sequential_lcr(subject, x)
+        out["lcr_sequential"] = lambda: sequential_lcr_call(subject.extractor, x)
     if gate is not None:
         out["detectors"] = lambda: _detectors(subject, x)
         out["gate_default"] = lambda: lambda: gate.run(x)
