@@ -28,7 +28,7 @@ def _early_stopping_bundle(tiny_bundle: Path, tmp_path: Path, modules: tuple[str
                 del bundle.manifest["stages"][name]
         bundle.save()
         arrays = load_splits(bundle)
-        mutants_stage(bundle, arrays, operator="NAI", rate=0.02, n_mutants=8, modules=modules, progress=False)
+        mutants_stage(bundle, arrays, operator="NAI", rate=0.005, n_mutants=8, modules=modules, progress=False)
         from offline.stages import features_stage
 
         features_stage(bundle, arrays, early_stopping_alpha=0.3, early_stopping_chunk=3, progress=False)
