@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-from models.architectures import build_model, default_layer
+from models.architectures import default_layer
 from models.bundle import Bundle, load_bundle
 from models.errors import BundleError
 from models.preprocess import Normalisation
 from offline.data import ImageArrays, Splits, SplitSpec, apply_splits, load_dataset, make_splits
 from offline.profiles import BuildProfile
-from offline.train import TrainConfig, accuracy, pick_device, train_model
+from offline.train import TrainConfig, accuracy, build_seeded_model, pick_device, train_model
 
 log = logging.getLogger("predgate.build")
 
@@ -122,7 +122,7 @@ def train_stage(
     if bundle.stage_done("train"):
         return
     arch = bundle.manifest["architecture"]
-    model = build_model(arch["name"], arch["num_classes"], arch["in_channels"])
+    model = build_seeded_model(arch["name"], arch["num_classes"], arch["in_channels"], seed)
     normalisation = bundle.normalisation
     flip, padding = AUGMENTATION.get(bundle.manifest["dataset"]["name"], (False, 0))
     config = TrainConfig(epochs=epochs, batch_size=batch_size, flip=flip, crop_padding=padding, seed=seed)

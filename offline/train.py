@@ -11,11 +11,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from models.architectures import build_model
 from models.errors import ConfigError
 from models.preprocess import Normalisation
 from offline.data import ImageArrays, augment_images
@@ -182,6 +182,12 @@ def train_model(
     return result
 
 
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
+def build_seeded_model(arch: str, num_classes: int, in_channels: int, seed: int) -> nn.Module:
+    """A freshly initialised model whose initial weights depend on ``seed`` alone.
+
+    torch seeds its global generator from the OS at start-up, so a model built without a seed gets
+    different initial weights in every process, and ``predgate train`` with the same seed would not
+    give the same CNN twice. The caller's global random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(arch, num_classes, in_channels)

@@ -83,3 +83,17 @@ def test_train_imports_another_bundles_weights(tiny_bundle: Path, tiny_data_dir:
     # Same seed, same cnn-train, same weights: the same accuracies as the source bundle.
     for split in ("cnn-train", "test"):
         assert bundle.manifest["training"][f"{split}_accuracy"] == source.manifest["training"][f"{split}_accuracy"]
+
+
+def test_train_twice_with_one_seed_gives_one_cnn(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """Same seed, same data: the same weights, bit for bit (the initial weights are seeded too)."""
+    digests = []
+    for name in ("a", "b"):
+        args = [
+            "train", "--dataset", "fashion-mnist", "--data-root", str(tiny_data_dir), "--cnn-train", "200",
+            "--fit", "50", "--val", "50", "--test", "50", "--epochs", "1", "--device", "cpu",
+            "--out", str(tmp_path / name),
+        ]
+        assert main(args) == 0
+        digests.append(load_bundle(tmp_path / name).manifest["files"]["weights.safetensors"]["sha256"])
+    assert digests[0] == digests[1]

@@ -116,3 +116,31 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
             progress=False,
             device=torch.device("cpu"),
         )
+
+
+def _initial_weights_digest(seed: int) -> str:
+    """Digest of a seeded model's initial weights, built in a new interpreter (torch seeds its global
+    generator from the OS at start-up, which only a fresh process shows)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import hashlib, torch; from offline.train import build_seeded_model; "
+        f"m = build_seeded_model('resnet20', 10, 1, {seed}); "
+        "print(hashlib.sha256(b''.join(p.detach().numpy().tobytes() for p in m.parameters())).hexdigest())"
+    )
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run([sys.executable, "-c", code], cwd=root, check=True, capture_output=True, text=True).stdout
+
+
+def test_the_same_seed_gives_the_same_initial_cnn_in_every_process() -> None:
+    from offline.train import build_seeded_model
+
+    assert _initial_weights_digest(0) == _initial_weights_digest(0)
+    assert _initial_weights_digest(0) != _initial_weights_digest(1)
+    # The caller's random stream is left where it was.
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    build_seeded_model("resnet20", 10, 1, 0)
+    assert torch.equal(torch.rand(3), expected)
