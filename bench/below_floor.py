@@ -40,7 +40,7 @@ from models.gate import load_detector, load_mutants
 from models.lcr import MutantEnsemble
 from models.prefix_ensemble import PrefixSharingEnsemble, generate_mutants_in
 from models.sequential_lcr import SPRT, Curtailed, StoppingRule, rule_to_dict, simulate_sequential
-from models.signals import needs_lcr, signal_matrix
+from models.signals import conductance_inputs, needs_lcr, signal_matrix
 
 MAX_AUROC_LOSS = 0.005
 MAX_FORWARD_EQUIVALENTS = 40.0
@@ -123,6 +123,8 @@ class GateScorer:
         self.cond_detector = (
             load_detector(bundle, detectors["conductance"]["stem"]) if "cond" in self.signals else None
         )
+        self.cond_inputs = detectors["conductance"].get("inputs", "conductance")
+        self.num_classes = int(bundle.manifest["architecture"]["num_classes"])
         self.stored = (
             bundle.read_arrays("detectors/scores.npz") if bundle.has_file("detectors/scores.npz") else {}
         )
@@ -134,7 +136,9 @@ class GateScorer:
         cond = None
         if self.cond_detector is not None:
             if (split, n) not in self._cond:
-                x = features["conductance"][:n].astype(np.float64)
+                x = conductance_inputs(
+                    features["conductance"][:n], features["prediction"][:n], self.cond_inputs, self.num_classes
+                )
                 self._cond[(split, n)] = self.cond_detector.decision_function(x)
             cond = self._cond[(split, n)]
         return self.classifier.decision_function(

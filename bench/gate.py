@@ -201,11 +201,12 @@ def _detectors(subject: Subject, x: torch.Tensor) -> Callable[[], object]:
     logits = evidence.logits.numpy()
     lcr = evidence.lcr.numpy() if evidence.lcr is not None else None
     cond = evidence.conductance.double().numpy() if evidence.conductance is not None else None
+    prediction = evidence.prediction.numpy()
 
     def run() -> np.ndarray:
         cond_score = None
         if cond is not None and gate.cond_detector is not None:
-            cond_score = gate.cond_detector.decision_function(cond)
+            cond_score = gate.cond_score(cond, prediction)
         return chosen.classifier.decision_function(signal_matrix(chosen.signals, logits, cond_score, lcr))
 
     return run

@@ -23,7 +23,14 @@ from models.mutation import MutantSet, mutant_weights_hash
 from models.operating_points import OperatingPoint
 from models.prefix_ensemble import PrefixSharingEnsemble
 from models.sequential_lcr import EarlyStopping, SequentialLCR
-from models.signals import check_signals, needs_conductance, needs_lcr, signal_matrix
+from models.signals import (
+    check_cond_inputs,
+    check_signals,
+    conductance_inputs,
+    needs_conductance,
+    needs_lcr,
+    signal_matrix,
+)
 
 CONDUCTANCE_FILE = "conductance.safetensors"
 MUTANTS_FILE = "mutants.json"
@@ -187,6 +194,8 @@ class Gate:
         cond_detector: ConductanceDetector | None,
         signal_sets: dict[str, SignalSet],
         default_set: str,
+        cond_inputs: str = "conductance",
+        num_classes: int | None = None,
     ) -> None:
         if default_set not in signal_sets:
             raise BundleError(f"default signal set {default_set!r} is not among {sorted(signal_sets)}")
@@ -194,6 +203,16 @@ class Gate:
         self.cond_detector = cond_detector
         self.signal_sets = signal_sets
         self.default_set = default_set
+        self.cond_inputs = check_cond_inputs(cond_inputs)
+        self.num_classes = num_classes
+
+    def cond_score(self, conductance: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+        """The conductance detector's score of ``N x C`` conductance for the CNN's ``prediction``,
+        from the inputs the detector was fitted on (the one place that builds them online)."""
+        if self.cond_detector is None:
+            raise ConfigError("this gate has no conductance detector")
+        x = conductance_inputs(conductance, prediction, self.cond_inputs, self.num_classes)
+        return self.cond_detector.decision_function(x)
 
     def signal_set(self, name: str | None) -> SignalSet:
         name = name or self.default_set
@@ -221,7 +240,7 @@ class Gate:
         start = time.perf_counter()
         cond_score = None
         if evidence.conductance is not None and self.cond_detector is not None:
-            cond_score = self.cond_detector.decision_function(evidence.conductance.double().numpy())
+            cond_score = self.cond_score(evidence.conductance.double().numpy(), evidence.prediction.numpy())
         logits = evidence.logits.numpy()
         lcr = evidence.lcr.numpy() if evidence.lcr is not None else None
         unified = chosen.classifier.decision_function(signal_matrix(chosen.signals, logits, cond_score, lcr))
@@ -338,7 +357,19 @@ def load_gate(
     if not detectors:
         raise BundleError("bundle has no detectors section: build it to the end (predgate build)")
     extractor = load_extractor(bundle, device, backend=backend, threads=threads)
-    cond_detector = load_detector(bundle, detectors["conductance"]["stem"])
+    cond_info = detectors["conductance"]
+    cond_detector = load_detector(bundle, cond_info["stem"])
+    cond_inputs = cond_info.get("inputs", "conductance")  # bundles made before the option: the paper's
+    try:
+        check_cond_inputs(cond_inputs)
+    except ConfigError as exc:
+        raise BundleError(f"manifest detectors.conductance.inputs: {exc}") from exc
+    num_classes = int(bundle.manifest["architecture"]["num_classes"])
+    if cond_inputs == "conductance+class" and cond_detector.n_features_in_ <= num_classes:
+        raise BundleError(
+            f"the conductance detector reads {cond_detector.n_features_in_} inputs: too few for "
+            f"conductance followed by a {num_classes}-class one-hot"
+        )
     sets: dict[str, SignalSet] = {}
     for name, info in detectors["signal_sets"].items():
         points = {k: OperatingPoint.from_dict(v) for k, v in info["operating_points"].items()}
@@ -349,4 +380,6 @@ def load_gate(
             operating_points=points,
             default_point=info["default_point"],
         )
-    return Gate(extractor, cond_detector, sets, default_set or detectors["default_set"])
+    return Gate(
+        extractor, cond_detector, sets, default_set or detectors["default_set"], cond_inputs, num_classes
+    )

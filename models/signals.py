@@ -28,6 +28,37 @@ CANDIDATE_SETS: dict[str, tuple[str, ...]] = {
 PAPER_SET = "cond+lcr"
 
 
+# What the conductance detector reads. "conductance" is the paper's (the C per-channel values);
+# "conductance+class" appends the predicted class one-hot: the same conductance pattern can mean
+# "confident" for one class and "doubtful" for another, and the detector cannot tell which class
+# it is looking at from conductance alone (the last-stage conductance is w_pred * pooled features).
+COND_INPUTS = ("conductance", "conductance+class")
+
+
+def check_cond_inputs(inputs: str) -> str:
+    if inputs not in COND_INPUTS:
+        raise ConfigError(f"unknown conductance detector inputs {inputs!r}; valid: {list(COND_INPUTS)}")
+    return inputs
+
+
+def conductance_inputs(
+    conductance: np.ndarray, prediction: np.ndarray, inputs: str = "conductance", num_classes: int | None = None
+) -> np.ndarray:
+    """``N x F`` float64 inputs of the conductance detector: ``N x C`` conductance, with
+    ``"conductance+class"`` followed by the ``N x num_classes`` one-hot of the predicted class."""
+    x = np.asarray(conductance, dtype=np.float64)
+    if check_cond_inputs(inputs) == "conductance":
+        return x
+    if num_classes is None or num_classes < 1:
+        raise ConfigError("conductance+class inputs need the number of classes")
+    prediction = np.asarray(prediction, dtype=np.int64).reshape(-1)
+    if len(prediction) != len(x):
+        raise ConfigError(f"{len(x)} conductance rows but {len(prediction)} predictions")
+    if len(prediction) and (prediction.min() < 0 or prediction.max() >= num_classes):
+        raise ConfigError(f"predicted classes must lie in 0..{num_classes - 1}")
+    return np.hstack([x, np.eye(num_classes, dtype=np.float64)[prediction]])
+
+
 def check_signals(signals: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     unknown = [s for s in signals if s not in SIGNALS]
     if unknown or not signals:

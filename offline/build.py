@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from models.bundle import Bundle
-from offline.profiles import BuildProfile
+from offline.profiles import STAGE_ORDER, BuildProfile
 from offline.stages import (
     DataSource,
     conductance_stage,
@@ -17,7 +17,7 @@ from offline.stages import (
     train_stage,
 )
 
-STAGE_ORDER = ("prepare", "train", "conductance", "mutants", "features", "detectors", "report")
+__all__ = ["STAGE_ORDER", "build_bundle"]
 
 
 def _say(message: str) -> None:
@@ -46,7 +46,7 @@ def build_bundle(
         return time.perf_counter()
 
     stage("prepare: data and splits")
-    bundle, arrays = prepare(out, source, profile, arch=arch, layer=layer, overwrite=overwrite)
+    bundle, arrays = prepare(out, source, profile, arch=arch, layer=layer, overwrite=overwrite, redo=redo)
     if redo is not None:
         later = STAGE_ORDER[STAGE_ORDER.index(redo) :]
         for name in list(bundle.manifest["stages"]):
@@ -74,7 +74,10 @@ def build_bundle(
         progress=progress,
     )
     stage(f"detectors: {profile.detector_seeds} seeds")
-    detectors_stage(bundle, seeds=profile.detector_seeds, default_set=default_set, progress=progress)
+    detectors_stage(
+        bundle, seeds=profile.detector_seeds, default_set=default_set, cond_inputs=profile.cond_inputs,
+        progress=progress,
+    )
     stage("report")
     if not bundle.stage_done("report"):
         from offline.report import write_report

@@ -47,6 +47,10 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--lcr-chunk", type=int, default=None, help="mutants per chunk of the early-stopping LCR")
     parser.add_argument(
+        "--cond-inputs", default=None, choices=["conductance", "conductance+class"],
+        help="what the conductance detector reads: conductance alone (the paper's, default) or with the predicted class",
+    )
+    parser.add_argument(
         "--weights", type=Path, default=None,
         help="state-dict file (.pt, or .safetensors such as another bundle's weights): import instead of training",
     )
@@ -62,7 +66,7 @@ def _profile_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         n_mutants=args.n_mutants, operator=args.operator, mutation_rate=args.mutation_rate,
         fit_is_cnn_train=args.fit_from_cnn_train,
         mutant_modules=tuple(args.mutant_modules) if args.mutant_modules else None,
-        lcr_sprt_alpha=args.lcr_sprt, lcr_chunk=args.lcr_chunk,
+        lcr_sprt_alpha=args.lcr_sprt, lcr_chunk=args.lcr_chunk, cond_inputs=args.cond_inputs,
     )
 
 

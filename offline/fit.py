@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from models.detectors import UNIFIED_KINDS, ConductanceDetector, UnifiedClassifier
 from models.errors import ConfigError
-from models.signals import CANDIDATE_SETS, needs_lcr, signal_matrix
+from models.signals import CANDIDATE_SETS, conductance_inputs, needs_lcr, signal_matrix
 from offline.features import wrong_labels
 from offline.metrics import auroc
 
@@ -74,12 +74,14 @@ def fit_detectors(
     chosen_kinds: dict[str, str] | None = None,
     folds: int = 5,
     cond_params: dict[str, Any] | None = None,
+    cond_inputs: str = "conductance",
     progress: bool = True,
 ) -> DetectorFit:
     """Fit everything for one seed.
 
     ``kinds`` are tried for every set and the best on val AUROC is kept; ``chosen_kinds`` (set name
     -> kind) refits only the kind an earlier seed chose, to measure the spread across seeds.
+    ``cond_inputs`` says what the conductance detector reads (:data:`models.signals.COND_INPUTS`).
     """
     cond_params = cond_params or {}
     signal_sets = signal_sets or CANDIDATE_SETS
@@ -89,7 +91,11 @@ def fit_detectors(
             f"too few wrong predictions to fit detectors (fit: {int(wrong['fit'].sum())}, "
             f"val: {int(wrong['val'].sum())}); use larger fit/val splits"
         )
-    cond = {s: features[s]["conductance"].astype(np.float64) for s in SPLITS}
+    num_classes = features["fit"]["logits"].shape[1]
+    cond = {
+        s: conductance_inputs(features[s]["conductance"], features[s]["prediction"], cond_inputs, num_classes)
+        for s in SPLITS
+    }
     detector = ConductanceDetector(seed=seed, **cond_params).fit(cond["fit"], wrong["fit"], cond["val"], wrong["val"])
     cond_scores = {
         "fit": out_of_fold_scores(

@@ -27,6 +27,8 @@ class BuildProfile:
     # Early-stopping LCR: an SPRT with alpha = beta = this value over chunks of ``lcr_chunk`` mutants.
     lcr_sprt_alpha: float | None = None
     lcr_chunk: int = 10
+    # What the conductance detector reads: "conductance" (the paper's) or "conductance+class".
+    cond_inputs: str = "conductance"
     fit_is_cnn_train: bool = False
     val_from: str = "train"
     seed: int = 0
@@ -37,12 +39,39 @@ class BuildProfile:
     def __post_init__(self) -> None:
         if self.mutant_modules is not None:  # JSON gives lists; keep comparisons with tuples exact
             object.__setattr__(self, "mutant_modules", tuple(self.mutant_modules))
+        from models.signals import check_cond_inputs
+
+        check_cond_inputs(self.cond_inputs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def with_overrides(self, **overrides: Any) -> BuildProfile:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+STAGE_ORDER = ("prepare", "train", "conductance", "mutants", "features", "detectors", "report")
+
+# The build stage each field belongs to: ``--redo STAGE`` may change the fields of STAGE and of the
+# stages after it (they are recomputed), never those of earlier stages.
+STAGE_OF_FIELD: dict[str, str] = {
+    "cnn_train": "prepare", "fit": "prepare", "val": "prepare", "test": "prepare", "seed": "prepare",
+    "fit_is_cnn_train": "prepare", "val_from": "prepare",
+    "epochs": "train", "batch_size": "train",
+    "n_mutants": "mutants", "operator": "mutants", "mutation_rate": "mutants", "mutant_modules": "mutants",
+    "lcr_sprt_alpha": "features", "lcr_chunk": "features",
+    "detector_seeds": "detectors", "cond_inputs": "detectors",
+    "n_boot": "report",
+}
+
+
+def fixed_fields_differ(recorded: BuildProfile, requested: BuildProfile, redo: str | None) -> list[str]:
+    """Fields that differ between the two profiles although their stage is not redone."""
+    first_redone = STAGE_ORDER.index(redo) if redo is not None else len(STAGE_ORDER)
+    return [
+        name for name, stage in STAGE_OF_FIELD.items()
+        if STAGE_ORDER.index(stage) < first_redone and getattr(recorded, name) != getattr(requested, name)
+    ]
 
 
 # Fashion-MNIST has 60k train / 10k test images.

@@ -300,6 +300,12 @@ def _fit_source(manifest: dict[str, Any]) -> str:
     return f"a **held-out fit split** of {splits['sizes']['fit']} images the CNN never saw"
 
 
+def _cond_inputs(detectors: dict[str, Any]) -> str:
+    if detectors["conductance"].get("inputs", "conductance") == "conductance+class":
+        return "**conductance and the predicted class** (one-hot; `--cond-inputs conductance+class`)"
+    return "conductance alone (the paper's inputs)"
+
+
 def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
     man = bundle.manifest
     training = man.get("training", {})
@@ -315,7 +321,8 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
         f"{', '.join(f'{k} {v}' for k, v in m['errors'].items())}."),
         (f"Conductance: layer `{man['conductance']['layer']}`, mode **{man['conductance']['mode']}** "
         f"(max relative difference to the 11-point form {man['conductance'].get('shortcut_max_rel_diff', float('nan')):.2g}). "
-        f"Detectors trained on {_fit_source(man)} (unified classifiers on out-of-fold conductance scores)."),
+        f"Detectors trained on {_fit_source(man)} (unified classifiers on out-of-fold conductance scores); "
+        f"the conductance detector reads {_cond_inputs(det)}."),
     ]
     if mut:
         lines.append(

@@ -19,7 +19,7 @@ from models.bundle import Bundle, load_bundle
 from models.errors import BundleError
 from models.preprocess import Normalisation
 from offline.data import ImageArrays, Splits, SplitSpec, apply_splits, load_dataset, make_splits
-from offline.profiles import BuildProfile
+from offline.profiles import STAGE_ORDER, BuildProfile, fixed_fields_differ
 from offline.train import TrainConfig, accuracy, build_seeded_model, pick_device, train_model
 
 log = logging.getLogger("predgate.build")
@@ -63,18 +63,36 @@ def prepare(
     arch: str = "resnet20",
     layer: str | None = None,
     overwrite: bool = False,
+    redo: str | None = None,
 ) -> tuple[Bundle, dict[str, ImageArrays]]:
-    """Create the bundle (or reopen it), cut the splits and record normalisation statistics."""
+    """Create the bundle (or reopen it), cut the splits and record normalisation statistics.
+
+    Reopening needs the profile it was started with, except for the fields of the ``redo`` stage
+    and later ones, which are recomputed: the new profile is then recorded."""
     manifest_path = Path(out) / "manifest.json"
     if manifest_path.exists() and not overwrite:
         bundle = load_bundle(out)
-        recorded = bundle.manifest.get("profile") or {}
         # Fields added to profiles after the bundle was started count at their defaults.
-        if BuildProfile(**recorded) != profile:
+        recorded = BuildProfile(**(bundle.manifest.get("profile") or {}))
+        differ = fixed_fields_differ(recorded, profile, redo)
+        if differ:
             raise BundleError(
-                f"{out} was started with profile {recorded}, not {profile.to_dict()}: "
-                "use another --out or --overwrite"
+                f"{out} was started with {', '.join(f'{k}={getattr(recorded, k)!r}' for k in differ)}, not "
+                f"{', '.join(f'{k}={getattr(profile, k)!r}' for k in differ)}: use another --out, --overwrite, "
+                "or --redo an earlier stage"
             )
+        recorded_layer = (bundle.manifest.get("conductance") or {}).get("layer")
+        if layer is not None and layer != recorded_layer:
+            if redo is None or STAGE_ORDER.index(redo) > STAGE_ORDER.index("conductance"):
+                raise BundleError(
+                    f"{out} computes conductance at {recorded_layer!r}, not {layer!r}: "
+                    "use --redo conductance (or an earlier stage) to change the layer"
+                )
+            bundle.set("conductance", {"layer": layer})
+            bundle.save()
+        if recorded != profile:
+            bundle.set("profile", profile.to_dict())
+            bundle.save()
         return bundle, load_splits(bundle)
     train_pool, test_pool = source.load()
     spec = SplitSpec(
@@ -320,9 +338,13 @@ def detectors_stage(
     *,
     seeds: int = 3,
     default_set: str | None = None,
+    cond_inputs: str = "conductance",
     progress: bool = True,
 ) -> None:
-    """Fit detectors for every signal set over several seeds; store seed 0's with operating points."""
+    """Fit detectors for every signal set over several seeds; store seed 0's with operating points.
+
+    ``cond_inputs`` is what the conductance detector reads: the paper's conductance alone, or
+    conductance with the predicted class (recorded, so the gate builds the same inputs)."""
     if bundle.stage_done("detectors"):
         return
     import numpy as np
@@ -336,11 +358,13 @@ def detectors_stage(
 
     features = load_features(bundle)
     start = time.perf_counter()
-    first = fit_detectors(features, seed=0, progress=progress)
+    first = fit_detectors(features, seed=0, cond_inputs=cond_inputs, progress=progress)
     fits = [first]
     chosen = {name: s.kind for name, s in first.sets.items()}
     for seed in range(1, seeds):
-        fits.append(fit_detectors(features, seed=seed, chosen_kinds=chosen, progress=progress))
+        fits.append(
+            fit_detectors(features, seed=seed, chosen_kinds=chosen, cond_inputs=cond_inputs, progress=progress)
+        )
     wrong_val = wrong_labels(features["val"])
 
     def save(stem: str, detector: Any) -> None:
@@ -390,6 +414,7 @@ def detectors_stage(
                 "best_val_auroc": first.cond_detector.best_val_auroc_,
                 "best_epoch": first.cond_detector.best_epoch_,
                 "trained_on": "fit",
+                "inputs": cond_inputs,
             },
             "signal_sets": sets,
             "default_set": default_set,

@@ -65,7 +65,7 @@ async def bundle_summary(loaded: LoadedDep, settings: SettingsDep) -> BundleSumm
         class_names=loaded.bundle.class_names,
         input_shape=list(loaded.bundle.input_shape),
         architecture=_scalars(manifest.get("architecture")) or {},
-        conductance=_scalars(manifest.get("conductance")),
+        conductance={**(_scalars(manifest.get("conductance")) or {}), "detector_inputs": loaded.gate.cond_inputs},
         training=training_summary,
         mutants=_scalars(manifest.get("mutants")),
         default_set=str(detectors.get("default_set")),

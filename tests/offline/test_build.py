@@ -15,7 +15,7 @@ from models.bundle import load_bundle
 from models.errors import BundleError
 from models.gate import load_gate
 from models.scores import BASELINE_SCORES
-from models.signals import signal_matrix
+from models.signals import conductance_inputs, signal_matrix
 from offline.features import wrong_labels
 from offline.stages import load_splits
 
@@ -42,7 +42,7 @@ def test_stored_scores_reproduce_from_features_and_report_equals_sklearn(tiny_bu
     for split in ("val", "test"):
         feats = bundle.read_arrays(f"features/{split}.npz")
         wrong = wrong_labels(feats)
-        cond = gate.cond_detector.decision_function(feats["conductance"].astype(np.float64))
+        cond = gate.cond_score(feats["conductance"].astype(np.float64), feats["prediction"])
         np.testing.assert_allclose(cond, stored[f"0/conductance-detector/{split}"], rtol=0, atol=1e-12)
         for name, signal_set in gate.signal_sets.items():
             x = signal_matrix(signal_set.signals, feats["logits"], cond, feats["lcr"])
@@ -103,8 +103,20 @@ def test_rerunning_a_finished_build_changes_nothing(tiny_bundle: Path, tiny_data
     assert before["stages"] == after["stages"]
     assert before["files"] == after["files"]
     load_bundle(bundle.path)
-    with pytest.raises(BundleError, match="was started with profile"):
+    with pytest.raises(BundleError, match="was started with fit=250, not fit=99"):
         build_bundle(copy, DataSource("fashion-mnist", str(tiny_data_dir)), BuildProfile(**{**TINY_PROFILE, "fit": 99}), progress=False)
+    # A redone stage may change its own settings, never an earlier stage's.
+    with pytest.raises(BundleError, match="epochs=3, not epochs=4"):
+        build_bundle(
+            copy, DataSource("fashion-mnist", str(tiny_data_dir)), BuildProfile(**{**TINY_PROFILE, "epochs": 4}),
+            redo="detectors", progress=False,
+        )
+    with pytest.raises(BundleError, match="use --redo conductance"):
+        build_bundle(
+            copy, DataSource("fashion-mnist", str(tiny_data_dir)), BuildProfile(**TINY_PROFILE), layer="layer2",
+            redo="mutants", progress=False,
+        )
+    assert json.loads((copy / "manifest.json").read_text())["files"] == before["files"]
 
 
 def test_mutant_regeneration_is_checked(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -137,3 +149,44 @@ def test_paper_comparison_rows_equal_sklearn_and_the_summary_shows_them(tiny_bun
     out = capsys.readouterr().out
     assert "a: test AUROC [95% CI]" in out and "b: diff to MSP [95% CI]" in out
     assert f"{rows['doctor']['test_auroc']:.4f}" in out
+
+
+@pytest.mark.slow
+def test_conductance_detector_with_the_predicted_class(tiny_bundle: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
+    """``--redo detectors --cond-inputs conductance+class``: the detector reads C + K inputs, the
+    manifest and report say so, and the gate computes the scores the stage stored."""
+    from offline.build import build_bundle
+    from offline.profiles import BuildProfile
+    from offline.stages import DataSource
+    from tests.conftest import TINY_PROFILE
+
+    copy = tmp_path / "with-class"
+    shutil.copytree(tiny_bundle, copy)
+    before = load_bundle(copy).read_arrays("features/val.npz")
+    profile = BuildProfile(**{**TINY_PROFILE, "cond_inputs": "conductance+class"})
+    build_bundle(copy, DataSource("fashion-mnist", str(tiny_data_dir)), profile, redo="detectors", progress=False)
+    bundle = load_bundle(copy)
+    assert bundle.manifest["detectors"]["conductance"]["inputs"] == "conductance+class"
+    assert bundle.manifest["profile"]["cond_inputs"] == "conductance+class"
+    assert "conductance and the predicted class" in (copy / "report" / "report.md").read_text()
+    feats = bundle.read_arrays("features/val.npz")
+    np.testing.assert_array_equal(feats["conductance"], before["conductance"])  # features were not redone
+    gate = load_gate(bundle)
+    n_channels, n_classes = feats["conductance"].shape[1], len(bundle.class_names)
+    assert gate.cond_inputs == "conductance+class"
+    assert gate.cond_detector.n_features_in_ == n_channels + n_classes
+    stored = bundle.read_arrays("detectors/scores.npz")
+    x = conductance_inputs(feats["conductance"], feats["prediction"], "conductance+class", n_classes)
+    np.testing.assert_allclose(gate.cond_detector.decision_function(x), stored["0/conductance-detector/val"], atol=1e-12)
+    out = gate.run(bundle.normalisation.apply(load_splits(bundle)["val"].images[:20]), full_evidence=True)
+    np.testing.assert_allclose(out.cond_score, stored["0/conductance-detector/val"][:20], atol=1e-5)
+    np.testing.assert_allclose(out.unified_score, stored[f"0/{gate.default_set}/val"][:20], atol=1e-5)
+    # The class columns matter: the same conductance with another predicted class scores differently.
+    shifted = gate.cond_score(feats["conductance"][:20], (feats["prediction"][:20] + 1) % n_classes)
+    assert not np.allclose(shifted, stored["0/conductance-detector/val"][:20])
+
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["detectors"]["conductance"]["inputs"] = "conductance+logits"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="detectors.conductance.inputs"):
+        load_gate(load_bundle(copy))

@@ -27,7 +27,7 @@ def test_online_equals_offline(
     arrays = ImageArrays(images, np.zeros(len(images), dtype=np.int64), bundle.class_names)
     features = extract_features(extractor, bundle.normalisation, arrays, batch_size=5, progress=False)
     cond = features["conductance"].astype(np.float64)
-    cond_score = gate.cond_detector.decision_function(cond)
+    cond_score = gate.cond_score(cond, features["prediction"])
     lcr = features["lcr"]
     logits = features["logits"]
 

@@ -27,6 +27,7 @@ def test_bundle_summary(client: TestClient, bundle: Bundle, gate: Gate) -> None:
     assert body["serving"]["operating_point"] == gate.signal_set(None).default_point
     assert body["mutants"]["count"] == manifest["mutants"]["count"] and "weight_hashes" not in body["mutants"]
     assert body["conductance"]["layer"] == manifest["conductance"]["layer"]
+    assert body["conductance"]["detector_inputs"] == "conductance"
     sets = {s["name"]: s for s in body["signal_sets"]}
     assert set(sets) == set(gate.signal_sets)
     for name, summary in sets.items():
