@@ -160,6 +160,10 @@ def cmd_report(args: argparse.Namespace) -> None:
     from offline.stages import load_splits
 
     bundle = load_bundle(args.bundle)
+    if args.sweep_from is not None:
+        from offline.sweep import copy_sweep
+
+        copy_sweep(load_bundle(args.sweep_from), bundle)
     arrays = load_splits(bundle)
     out = write_report(bundle, val_images=arrays["val"].images, n_boot=args.n_boot, progress=_progress())
     print(f"report written to {out}")
@@ -228,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="(re)write a bundle's evaluation report")
     report.add_argument("--bundle", type=Path, required=True)
     report.add_argument("--n-boot", type=int, default=1000)
+    report.add_argument(
+        "--sweep-from", type=Path, default=None,
+        help="include the mutation sweep run on this bundle (it must hold the same CNN weights)",
+    )
     report.set_defaults(func=cmd_report)
     return parser
 

@@ -237,6 +237,24 @@ def run_sweep(
     return sweep
 
 
+def copy_sweep(source: Bundle, target: Bundle) -> None:
+    """Put ``source``'s sweep into ``target``'s report: one sweep serves every bundle built on the
+    same CNN (e.g. detectors on a held-out fit split and in the paper's setting). Refused unless
+    both hold the same weights and the same val images, which the sweep was measured on."""
+    from offline.stages import load_splits
+
+    if not source.has_file(SWEEP_FILE):
+        raise ConfigError(f"{source.path} has no {SWEEP_FILE}: run the sweep there first")
+    weights = [b.manifest["files"].get("weights.safetensors", {}).get("sha256") for b in (source, target)]
+    if weights[0] is None or weights[0] != weights[1]:
+        raise ConfigError(f"{source.path} and {target.path} hold different CNN weights: the sweep does not apply")
+    vals = [load_splits(b)["val"] for b in (source, target)]
+    if not (np.array_equal(vals[0].images, vals[1].images) and np.array_equal(vals[0].labels, vals[1].labels)):
+        raise ConfigError(f"{source.path} and {target.path} have different val images: the sweep does not apply")
+    target.write_json(SWEEP_FILE, source.read_json(SWEEP_FILE))
+    target.save()
+
+
 def _fmt(value: float | None, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"

@@ -140,3 +140,27 @@ def test_impossible_acceptance_is_an_error_row(
         assert "auroc" not in row
     out = capsys.readouterr().out
     assert "| GF | 1 |" in out and "failed" in out
+
+
+def test_report_takes_the_sweep_of_a_bundle_with_the_same_cnn(
+    swept: tuple[Path, dict], tiny_bundle: Path, tmp_path: Path
+) -> None:
+    from offline.cli import main as cli_main
+
+    source, sweep = swept
+    target = tmp_path / "same-cnn"
+    shutil.copytree(tiny_bundle, target)
+    assert cli_main(["report", "--bundle", str(target), "--n-boot", "20", "--sweep-from", str(source)]) == 0
+    assert load_bundle(target).read_json(SWEEP_FILE) == json.loads(json.dumps(sweep))
+    assert "## Mutation operators and rates" in (target / "report" / "report.md").read_text()
+
+    other = tmp_path / "other-cnn"
+    shutil.copytree(tiny_bundle, other)
+    bundle = load_bundle(other)
+    model = bundle.load_model()
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    bundle.save_model(model)
+    bundle.save()
+    assert cli_main(["report", "--bundle", str(other), "--sweep-from", str(source)]) == 2
+    assert not load_bundle(other).has_file(SWEEP_FILE)
