@@ -108,6 +108,31 @@ class Bundle:
         bundle.save()
         return bundle
 
+    def copy_to(self, path: str | Path) -> Bundle:
+        """A new bundle at ``path`` holding this one's files, with its own ``bundle_id`` and
+        ``derived_from`` naming this one: variants (other detectors, another conductance layer)
+        start from the stages they share instead of recomputing them. The copy is made beside
+        ``path`` and moved into place, so a failure leaves no half-made bundle."""
+        import shutil
+
+        path = Path(path)
+        if path.exists():
+            raise BundleError(f"{path} already exists; choose a new directory for the copy")
+        load_bundle(self.path)  # every file present and unchanged before it is copied
+        tmp = path.with_name(f".{path.name}.copying")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            shutil.copytree(self.path, tmp, ignore=shutil.ignore_patterns(".work"))
+            copy = Bundle(tmp, json.loads(json.dumps(self.manifest)))
+            copy.manifest["bundle_id"] = f"{path.name}-{uuid.uuid4().hex[:8]}"
+            copy.manifest["derived_from"] = self.manifest["bundle_id"]
+            copy.save()
+            tmp.rename(path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return Bundle(path, copy.manifest)
+
     # ----------------------------------------------------------------- files
     def record_file(self, name: str) -> None:
         """Hash a file written by other means (a plot) into the manifest."""

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from models.bundle import Bundle
+from models.errors import BundleError
 from offline.profiles import STAGE_ORDER, BuildProfile
 from offline.stages import (
     DataSource,
@@ -36,10 +37,22 @@ def build_bundle(
     default_set: str | None = None,
     overwrite: bool = False,
     redo: str | None = None,
+    base: Path | None = None,
     progress: bool = True,
 ) -> Bundle:
-    """Run the stages that are not done yet (and ``redo`` with every later one); returns the bundle."""
+    """Run the stages that are not done yet (and ``redo`` with every later one); returns the bundle.
+
+    ``base``: start ``out`` as a copy of that bundle (its own id; see :meth:`Bundle.copy_to`), so a
+    variant recomputes only the ``redo`` stage and the ones after it."""
     t0 = time.perf_counter()
+    if base is not None:
+        from models.bundle import load_bundle
+
+        if not (Path(out) / "manifest.json").exists():
+            _say(f"copying {base} to {out}")
+            load_bundle(base).copy_to(out)
+        elif load_bundle(out).manifest.get("derived_from") != load_bundle(base, verify=False).manifest["bundle_id"]:
+            raise BundleError(f"{out} exists and was not copied from {base}: use another --out")
 
     def stage(name: str) -> float:
         _say(f"{name} ... (t={time.perf_counter() - t0:.0f}s)")

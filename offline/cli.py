@@ -98,7 +98,7 @@ def cmd_build(args: argparse.Namespace) -> None:
     build_bundle(
         args.out, _source_from(args), _profile_from(args), arch=args.arch, layer=args.layer,
         weights=args.weights, device=args.device, default_set=args.default_set, overwrite=args.overwrite,
-        redo=args.redo, progress=_progress(),
+        redo=args.redo, base=args.base, progress=_progress(),
     )
 
 
@@ -195,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--redo", default=None, choices=["conductance", "mutants", "features", "detectors", "report"],
         help="run this stage and every later one again (earlier stages stay as built)",
+    )
+    build.add_argument(
+        "--from", dest="base", type=Path, default=None, metavar="BUNDLE",
+        help="start --out as a copy of BUNDLE (new id), e.g. to --redo detectors with other settings",
     )
     build.set_defaults(func=cmd_build)
 

@@ -118,3 +118,21 @@ def test_weights_of_another_architecture_refused(tmp_path: Path) -> None:
     bundle.manifest["architecture"]["num_classes"] = 7
     with pytest.raises(BundleError, match="does not fit"):
         bundle.load_model()
+
+
+def test_copy_gets_its_own_id_and_refuses_a_changed_source(tmp_path: Path) -> None:
+    source, _ = _make_bundle(tmp_path / "src")
+    copy = source.copy_to(tmp_path / "variant")
+    assert copy.manifest["bundle_id"].startswith("variant-") and copy.manifest["bundle_id"] != source.manifest["bundle_id"]
+    assert copy.manifest["derived_from"] == source.manifest["bundle_id"]
+    reloaded = load_bundle(tmp_path / "variant")
+    assert reloaded.manifest["files"] == source.manifest["files"]
+    with pytest.raises(BundleError, match="already exists"):
+        source.copy_to(tmp_path / "variant")
+    name = "mutants.json"
+    (tmp_path / "src" / name).write_text('{"specs": [9]}')
+    with pytest.raises(BundleError, match=name):
+        source.copy_to(tmp_path / "second")
+    assert not (tmp_path / "second").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert json.loads((tmp_path / "variant" / "manifest.json").read_text())["derived_from"]

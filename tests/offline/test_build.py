@@ -161,11 +161,17 @@ def test_conductance_detector_with_the_predicted_class(tiny_bundle: Path, tiny_d
     from tests.conftest import TINY_PROFILE
 
     copy = tmp_path / "with-class"
-    shutil.copytree(tiny_bundle, copy)
-    before = load_bundle(copy).read_arrays("features/val.npz")
+    before = load_bundle(tiny_bundle).read_arrays("features/val.npz")
     profile = BuildProfile(**{**TINY_PROFILE, "cond_inputs": "conductance+class"})
-    build_bundle(copy, DataSource("fashion-mnist", str(tiny_data_dir)), profile, redo="detectors", progress=False)
+    source = DataSource("fashion-mnist", str(tiny_data_dir))
+    build_bundle(copy, source, profile, redo="detectors", base=tiny_bundle, progress=False)
     bundle = load_bundle(copy)
+    original = load_bundle(tiny_bundle)
+    assert bundle.manifest["derived_from"] == original.manifest["bundle_id"]
+    assert bundle.manifest["bundle_id"].startswith("with-class-")
+    assert original.manifest["detectors"]["conductance"]["inputs"] == "conductance"  # the base is untouched
+    with pytest.raises(BundleError, match="was not copied from"):
+        build_bundle(tmp_path / "with-class", source, profile, base=tmp_path / "with-class", progress=False)
     assert bundle.manifest["detectors"]["conductance"]["inputs"] == "conductance+class"
     assert bundle.manifest["profile"]["cond_inputs"] == "conductance+class"
     assert "conductance and the predicted class" in (copy / "report" / "report.md").read_text()
