@@ -40,12 +40,16 @@ def describe(name: str, setting: dict[str, Any]) -> str:
     man, m = setting["manifest"], setting["metrics"]
     training, mut = man.get("training", {}), man.get("mutants", {})
     stopping = (man.get("lcr") or {}).get("early_stopping")
+    cond = man.get("conductance", {})
+    with_class = (man.get("detectors") or {}).get("conductance", {}).get("inputs") == "conductance+class"
     return (
         f"- **{name}** (`{man['bundle_id']}`): CNN test accuracy {_fmt(training.get('test_accuracy'))} "
         f"(val {_fmt(training.get('val_accuracy'))}, {man['profile']['epochs']} epochs); "
         f"{mut.get('count')} {mut.get('operator')} mutants at rate {mut.get('rate')} "
         f"({', '.join(map(str, mut.get('filters_per_mutant', [])))} filters each"
         f"{', in ' + ', '.join(mut['modules']) if mut.get('modules') else ''}); "
+        f"conductance at `{cond.get('layer')}` ({cond.get('mode')} form)"
+        f"{', its detector also reads the predicted class' if with_class else ''}; "
         f"splits {', '.join(f'{k} {v}' for k, v in m['splits'].items())}; detectors trained on {_fit_source(man)}"
         f"{'; LCR stops early' if stopping else ''}."
     )
