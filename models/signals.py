@@ -15,7 +15,8 @@ from models.scores import doctor, entropy, margin, msp_score
 SIGNALS = ("cond", "lcr", "msp", "entropy", "margin", "doctor")
 SOFTMAX_SIGNALS = {"msp": msp_score, "entropy": entropy, "margin": margin, "doctor": doctor}
 
-# Candidate sets fitted at build time. "cond+lcr" is the paper's unified classifier.
+# Candidate sets fitted at build time. "cond+lcr" is the paper's unified classifier; "softmax" is the
+# control for "all": a gain of "all" over MSP that "softmax" also shows is not the gate's evidence.
 CANDIDATE_SETS: dict[str, tuple[str, ...]] = {
     "msp": ("msp",),
     "cond": ("cond",),
@@ -24,6 +25,7 @@ CANDIDATE_SETS: dict[str, tuple[str, ...]] = {
     "cond+msp": ("cond", "msp"),
     "cond+lcr+msp": ("cond", "lcr", "msp"),
     "all": ("cond", "lcr", "msp", "entropy", "margin"),
+    "softmax": ("msp", "entropy", "margin"),
 }
 PAPER_SET = "cond+lcr"
 
