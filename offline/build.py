@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from models.bundle import Bundle
+from models.bundle import Bundle, load_bundle
 from models.errors import BundleError
 from offline.profiles import STAGE_ORDER, BuildProfile
 from offline.stages import (
@@ -46,12 +46,12 @@ def build_bundle(
     variant recomputes only the ``redo`` stage and the ones after it."""
     t0 = time.perf_counter()
     if base is not None:
-        from models.bundle import load_bundle
-
+        # Only ids are read here: copy_to verifies the base's files, and prepare opens ``out``.
+        base_bundle = load_bundle(base, verify=False)
         if not (Path(out) / "manifest.json").exists():
             _say(f"copying {base} to {out}")
-            load_bundle(base).copy_to(out)
-        elif load_bundle(out).manifest.get("derived_from") != load_bundle(base, verify=False).manifest["bundle_id"]:
+            base_bundle.copy_to(out)
+        elif load_bundle(out, verify=False).manifest.get("derived_from") != base_bundle.manifest["bundle_id"]:
             raise BundleError(f"{out} exists and was not copied from {base}: use another --out")
 
     def stage(name: str) -> float:

@@ -216,4 +216,8 @@ def test_seeds_above_msp_are_counted_against_msp_on_every_detector_seed(tiny_bun
             for s in seeds
         )
         assert row["seeds_ci_above_0_msp"] == f"{above}/{len(seeds)}"
+        seed0 = stored[f"0/{row['signal_set']}/test"]
+        assert row["test_auroc"] == pytest.approx(roc_auc_score(wrong, seed0), abs=1e-12)
+        assert row["diff_to_msp"] == pytest.approx(roc_auc_score(wrong, seed0) - roc_auc_score(wrong, msp), abs=1e-12)
+        assert row["ci_diff_msp"][0] <= row["diff_to_msp"] <= row["ci_diff_msp"][1]
     assert "seeds with CI > 0 vs MSP" in (tiny_bundle / "report" / "report.md").read_text()

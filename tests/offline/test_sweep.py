@@ -164,3 +164,32 @@ def test_report_takes_the_sweep_of_a_bundle_with_the_same_cnn(
     bundle.save()
     assert cli_main(["report", "--bundle", str(other), "--sweep-from", str(source)]) == 2
     assert not load_bundle(other).has_file(SWEEP_FILE)
+
+
+def test_sweep_refused_where_the_val_images_differ(
+    swept: tuple[Path, dict], tiny_bundle: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Same weights but other val images: the sweep's LCR figures were measured on other inputs."""
+    import dataclasses
+
+    import offline.stages
+    from models.errors import ConfigError
+    from offline.sweep import copy_sweep
+
+    source, _ = swept
+    target = tmp_path / "other-val"
+    shutil.copytree(tiny_bundle, target)
+    real = offline.stages.load_splits
+
+    def other_val(bundle):
+        arrays = real(bundle)
+        if bundle.path == target:
+            images = arrays["val"].images.copy()
+            images[0] = 255 - images[0]
+            arrays["val"] = dataclasses.replace(arrays["val"], images=images)
+        return arrays
+
+    monkeypatch.setattr(offline.stages, "load_splits", other_val)
+    with pytest.raises(ConfigError, match="different val images"):
+        copy_sweep(load_bundle(source), load_bundle(target))
+    assert not load_bundle(target).has_file(SWEEP_FILE)
