@@ -125,6 +125,44 @@ def doctor(logits: ArrayLike) -> ArrayLike:
     return _back((p * complement).sum(dim=1), is_numpy)
 
 
+def max_logit(logits: ArrayLike) -> ArrayLike:
+    """``-max_i z_i`` (Hendrycks et al. 2022, MaxLogit): unlike the softmax, the raw logit keeps how
+    strongly the input activates its class, which drops for inputs far from every class.
+
+    Parameters
+    ----------
+    logits : N x K array or tensor.
+
+    Returns
+    -------
+    N scores (unbounded).
+    """
+    tensor, is_numpy = _as_logits(logits)
+    return _back(-tensor.max(dim=1).values, is_numpy)
+
+
+def energy(logits: ArrayLike, temperature: float = 1.0) -> ArrayLike:
+    """The free energy ``-T logsumexp(z / T)`` (Liu et al. 2020): higher for inputs the CNN gives
+    little total evidence to, whatever class wins.
+
+    Parameters
+    ----------
+    logits : N x K array or tensor.
+    temperature : T > 0.
+
+    Returns
+    -------
+    N scores (unbounded).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    tensor, is_numpy = _as_logits(logits)
+    return _back(-temperature * torch.logsumexp(tensor / temperature, dim=1), is_numpy)
+
+
+LOGIT_SCORES: dict[str, Callable[[ArrayLike], ArrayLike]] = {"maxlogit": max_logit, "energy": energy}
+"""Scores of the raw logits that need no fitting, higher = more likely wrong or unknown."""
+
 BASELINE_SCORES: dict[str, Callable[[ArrayLike], ArrayLike]] = {
     "msp": msp_score,
     "entropy": entropy,
