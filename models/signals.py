@@ -7,13 +7,19 @@ vector and its detector, ``lcr`` the mutant ensemble, the softmax signals only t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from models.errors import ConfigError
 from models.scores import doctor, entropy, margin, msp_score
 
-SIGNALS = ("cond", "lcr", "msp", "entropy", "margin", "doctor")
 SOFTMAX_SIGNALS = {"msp": msp_score, "entropy": entropy, "margin": margin, "doctor": doctor}
+# Open-world signals, computed from fitted scorers (models.feature_scores, models.fitted_scores,
+# models.input_perturbation) and handed to signal_matrix as precomputed columns: "maha" and "knn"
+# read the penultimate features, "doctor_pert" needs one gradient step, the rest only the logits.
+OPEN_WORLD_SIGNALS = ("maxlogit", "energy", "pnorm", "relu", "doctor_pert", "maha", "knn")
+SIGNALS = ("cond", "lcr", *SOFTMAX_SIGNALS, *OPEN_WORLD_SIGNALS)
 
 # Candidate sets fitted at build time. "cond+lcr" is the paper's unified classifier; "softmax" is the
 # control for "all": a gain of "all" over MSP that "softmax" also shows is not the gate's evidence.
@@ -28,6 +34,26 @@ CANDIDATE_SETS: dict[str, tuple[str, ...]] = {
     "softmax": ("msp", "entropy", "margin"),
 }
 PAPER_SET = "cond+lcr"
+
+# Sets measured by the open-world evaluation (offline.open_world): each new signal alone, softmax
+# with feature distances (SIRC's combination, Xia & Bouganis 2022), the paper's evidence with them,
+# and everything. "feat+softmax" costs one forward pass; sets with "doctor_pert" about four.
+OPEN_WORLD_SETS: dict[str, tuple[str, ...]] = {
+    "doctor": ("doctor",),
+    "maxlogit": ("maxlogit",),
+    "energy": ("energy",),
+    "pnorm": ("pnorm",),
+    "relu": ("relu",),
+    "doctor_pert": ("doctor_pert",),
+    "maha": ("maha",),
+    "knn": ("knn",),
+    "msp+maha+knn": ("msp", "maha", "knn"),
+    "feat+softmax": ("msp", "entropy", "margin", "energy", "maha", "knn"),
+    "cond+feat+softmax": ("cond", "msp", "entropy", "margin", "energy", "maha", "knn"),
+    "cond+lcr+maha+knn": ("cond", "lcr", "maha", "knn"),
+    "everything": ("cond", "lcr", "msp", "entropy", "margin", "energy", "pnorm", "relu", "doctor_pert",
+                   "maha", "knn"),
+}
 
 
 # What the conductance detector reads. "conductance" is the paper's (the C per-channel values);
@@ -81,8 +107,10 @@ def signal_matrix(
     logits: np.ndarray,
     cond_score: np.ndarray | None = None,
     lcr: np.ndarray | None = None,
+    extra: Mapping[str, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """``N x len(signals)`` inputs of a unified classifier, columns in ``signals`` order."""
+    """``N x len(signals)`` inputs of a unified classifier, columns in ``signals`` order; the
+    open-world signals come precomputed in ``extra`` (signal name -> ``N`` scores)."""
     columns = []
     for name in signals:
         if name == "cond":
@@ -93,6 +121,10 @@ def signal_matrix(
             if lcr is None:
                 raise ConfigError("signal 'lcr' needs the label change rate")
             columns.append(np.asarray(lcr, dtype=np.float64))
-        else:
+        elif name in SOFTMAX_SIGNALS:
             columns.append(np.asarray(SOFTMAX_SIGNALS[name](np.asarray(logits)), dtype=np.float64))
+        else:
+            if extra is None or name not in extra:
+                raise ConfigError(f"signal {name!r} needs its precomputed column (the open-world scorers)")
+            columns.append(np.asarray(extra[name], dtype=np.float64))
     return np.column_stack(columns)

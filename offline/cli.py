@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from models.errors import PredgateError
+from offline import open_world_job
 from offline.profiles import get_profile
 
 
@@ -241,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="include the mutation sweep run on this bundle (it must hold the same CNN weights)",
     )
     report.set_defaults(func=cmd_report)
+
+    open_world = sub.add_parser("open-world", help="shifted, unknown and mixed inputs: every signal set vs MSP")
+    open_world_job.add_arguments(open_world)
+    open_world.set_defaults(func=lambda args: open_world_job.run(args, _progress()))
     return parser
 
 

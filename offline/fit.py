@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from models.detectors import UNIFIED_KINDS, ConductanceDetector, UnifiedClassifier
 from models.errors import ConfigError
-from models.signals import CANDIDATE_SETS, conductance_inputs, needs_lcr, signal_matrix
+from models.signals import CANDIDATE_SETS, OPEN_WORLD_SIGNALS, conductance_inputs, needs_lcr, signal_matrix
 from offline.features import wrong_labels
 from offline.metrics import auroc
 
@@ -50,7 +50,11 @@ class DetectorFit:
 
 
 def _usable(features: dict[str, dict[str, np.ndarray]], signals: tuple[str, ...]) -> bool:
-    return not needs_lcr(signals) or all("lcr" in features[s] for s in SPLITS)
+    """A set is fitted only where every split has its evidence (LCR needs mutants; the open-world
+    signals need their precomputed columns)."""
+    if needs_lcr(signals) and not all("lcr" in features[s] for s in SPLITS):
+        return False
+    return all(name in features[s] for name in signals if name in OPEN_WORLD_SIGNALS for s in SPLITS)
 
 
 def out_of_fold_scores(
@@ -109,7 +113,9 @@ def fit_detectors(
     for name in tqdm(names, desc=f"signal sets (seed {seed})", disable=not progress):
         signals = signal_sets[name]
         x = {
-            s: signal_matrix(signals, features[s]["logits"], cond_scores[s], features[s].get("lcr"))
+            s: signal_matrix(
+                signals, features[s]["logits"], cond_scores[s], features[s].get("lcr"), extra=features[s]
+            )
             for s in SPLITS
         }
         by_kind: dict[str, float] = {}

@@ -1,0 +1,466 @@
+"""The open-world evaluation of a finished bundle: every signal set on clean, shifted and unknown
+inputs, with detectors fitted on clean data (``clean``) or also on exposure rows (``exposed``).
+
+Steps (``predgate open-world --bundle B``):
+
+1. fit the open-set scorers: class Mahalanobis and deep kNN on the penultimate features of the
+   CNN's training images, p-NormSoftmax and Relative Uncertainty on the fit split's logits, the
+   DOCTOR perturbation step on fit images;
+2. extract every suite's evidence through the bundle's own extractor (the server's code: forward,
+   conductance, LCR with the bundle's early-stopping rule) plus penultimate features and the
+   perturbed DOCTOR score; cached per suite in the bundle, so a rerun resumes;
+3. fit the unified classifier of every signal set (the build's sets and the open-world ones) for
+   several seeds with :func:`offline.fit.fit_detectors`, once on the clean fit split and once with
+   the exposure rows added to fit (and val, where thresholds are chosen);
+4. score every suite with every (variant, seed, set) and hand the scores to the report.
+
+The build's own detectors are not changed: the open-world sets are measured here first, and only a
+set that earns its cost becomes a bundle's default (docs/open-world.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.bundle import Bundle
+from models.errors import ConfigError
+from models.feature_scores import ClassMahalanobis, DeepKNN, PenultimateProbe
+from models.fitted_scores import PNormSoftmax, RelativeUncertainty
+from models.gate import EvidenceExtractor, load_early_stopping, load_extractor
+from models.input_perturbation import PerturbedDoctor, choose_perturbation
+from models.operating_points import OperatingPoint, choose_threshold
+from models.scores import energy, max_logit
+from models.signals import CANDIDATE_SETS, OPEN_WORLD_SETS, conductance_inputs, signal_matrix
+from offline.data import ImageArrays
+from offline.features import apply_early_stopping, extract_features, wrong_labels
+from offline.fit import DetectorFit, fit_detectors
+from offline.open_world_suites import (
+    EVAL_KINDS,
+    Suite,
+    corruption_suites,
+    exposure_rows,
+    mixed_suite,
+    unknown_suites,
+)
+from offline.stages import load_features, load_splits
+
+log = logging.getLogger("predgate.open_world")
+
+VARIANTS = ("clean", "exposed")
+POINTS = ("equal-recall", "correct-recall=0.98", "risk=0.02@0.95")
+
+
+@dataclass
+class OpenSetScorers:
+    """The fitted parts of the open-world signals (see :mod:`models.feature_scores`,
+    :mod:`models.fitted_scores`, :mod:`models.input_perturbation`)."""
+
+    mahalanobis: ClassMahalanobis
+    knn: DeepKNN
+    pnorm: PNormSoftmax
+    relu: RelativeUncertainty
+    perturbed: PerturbedDoctor
+    perturbation_grid: dict[str, float] = field(default_factory=dict)
+
+    def columns(self, evidence: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The open-world signal columns of one table of evidence (``N`` each)."""
+        logits = evidence["logits"]
+        return {
+            "maxlogit": np.asarray(max_logit(logits), dtype=np.float64),
+            "energy": np.asarray(energy(logits), dtype=np.float64),
+            "pnorm": self.pnorm.decision_function(logits),
+            "relu": self.relu.decision_function(logits),
+            "maha": self.mahalanobis.decision_function(evidence["penultimate"]),
+            "knn": self.knn.decision_function(evidence["penultimate"]),
+            "doctor_pert": np.asarray(evidence["doctor_pert"], dtype=np.float64),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "pnorm": {"p": self.pnorm.p_, "tau": self.pnorm.tau_},
+            "relu": {"lambda": self.relu.lambda_, "temperature": self.relu.temperature_},
+            "perturbation": {"eps": self.perturbed.eps, "temperature": self.perturbed.temperature},
+            "knn": {"k": self.knn.k, "bank": len(self.knn.bank_)},
+        }
+
+
+def _batches(n: int, batch_size: int) -> range:
+    return range(0, n, batch_size)
+
+
+def penultimate_features(
+    model: torch.nn.Module,
+    normalisation: Any,
+    images: np.ndarray,
+    *,
+    batch_size: int = 512,
+    progress: bool = False,
+    desc: str = "penultimate",
+) -> np.ndarray:
+    """``N x D`` head inputs of raw ``images`` (one forward pass each)."""
+    probe = PenultimateProbe(model)
+    try:
+        parts = []
+        for start in tqdm(_batches(len(images), batch_size), desc=desc, disable=not progress, unit="batch"):
+            _, feats = probe(normalisation.apply(images[start : start + batch_size]))
+            parts.append(feats.double().numpy())
+    finally:
+        probe.close()
+    return np.concatenate(parts) if parts else np.zeros((0, 0))
+
+
+def suite_evidence(
+    extractor: EvidenceExtractor,
+    normalisation: Any,
+    perturbed: PerturbedDoctor | None,
+    images: np.ndarray,
+    labels: np.ndarray,
+    stopping: Any,
+    *,
+    batch_size: int = 256,
+    progress: bool = False,
+    desc: str = "evidence",
+) -> dict[str, np.ndarray]:
+    """Every column the open world needs for raw ``images`` (labels -1 = unknown): the bundle's
+    features (as the build stores them, early-stopped LCR included), ``penultimate`` and, given a
+    fitted perturbation, ``doctor_pert``; ``seconds_*`` hold wall time per image of each part."""
+    arrays = ImageArrays(images, np.zeros(len(images), dtype=np.int64), ["unknown"])
+    start = time.perf_counter()
+    feats = extract_features(
+        extractor,
+        normalisation,
+        arrays,
+        with_lcr=extractor.ensemble is not None,
+        batch_size=batch_size,
+        progress=progress,
+        desc=desc,
+    )
+    seconds_gate = time.perf_counter() - start
+    feats["label"] = np.asarray(labels, dtype=np.int64)
+    if "mutant_labels" in feats:
+        feats = apply_early_stopping(feats, stopping)
+    start = time.perf_counter()
+    feats["penultimate"] = penultimate_features(extractor.model, normalisation, images, batch_size=batch_size)
+    seconds_features = time.perf_counter() - start
+    if perturbed is not None:
+        start = time.perf_counter()
+        feats["doctor_pert"] = np.concatenate(
+            [
+                perturbed(normalisation.apply(images[s : s + batch_size]))
+                for s in _batches(len(images), batch_size)
+            ]
+        )
+        feats["seconds_perturbation"] = np.array((time.perf_counter() - start) / max(len(images), 1))
+    feats["seconds_gate"] = np.array(seconds_gate / max(len(images), 1))
+    feats["seconds_penultimate"] = np.array(seconds_features / max(len(images), 1))
+    return feats
+
+
+def fit_scorers(
+    bundle: Bundle,
+    extractor: EvidenceExtractor,
+    splits: dict[str, ImageArrays],
+    features: dict[str, dict[str, np.ndarray]],
+    *,
+    perturbation_images: int = 1000,
+    seed: int = 0,
+    progress: bool = False,
+) -> OpenSetScorers:
+    """Fit every open-set scorer (Mahalanobis / kNN on cnn-train, the rest on the fit split)."""
+    normalisation = bundle.normalisation
+    train = splits["cnn-train"]
+    train_feats = penultimate_features(
+        extractor.model, normalisation, train.images, progress=progress, desc="penultimate (cnn-train)"
+    )
+    maha = ClassMahalanobis().fit(train_feats, train.labels)
+    knn = DeepKNN(k=min(10, len(train_feats)), bank_size=10000, seed=seed).fit(train_feats)
+    fit = features["fit"]
+    wrong = wrong_labels(fit)
+    pnorm = PNormSoftmax().fit(fit["logits"], wrong)
+    relu = RelativeUncertainty(seed=seed).fit(fit["logits"], wrong)
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(wrong), min(perturbation_images, len(wrong)), replace=False))
+    if len(set(wrong[pick])) < 2:
+        pick = np.arange(len(wrong))
+    x = normalisation.apply(splits["fit"].images[pick])
+    perturbed, grid = choose_perturbation(extractor.model, tuple(normalisation.std), x, wrong[pick])
+    return OpenSetScorers(maha, knn, pnorm, relu, perturbed, grid)
+
+
+@dataclass
+class VariantFit:
+    """Detectors of one variant for every seed, with operating points chosen on its val rows."""
+
+    variant: str
+    fits: list[DetectorFit]
+    points: dict[tuple[int, str], dict[str, OperatingPoint]]
+
+    def scores(
+        self, seed: int, name: str, table: dict[str, np.ndarray], num_classes: int, cond_inputs: str
+    ) -> np.ndarray:
+        fit = self.fits[seed]
+        cond = fit.cond_detector.decision_function(
+            conductance_inputs(table["conductance"], table["prediction"], cond_inputs, num_classes)
+        )
+        chosen = fit.sets[name]
+        return chosen.classifier.decision_function(
+            signal_matrix(chosen.signals, table["logits"], cond, table.get("lcr"), extra=table)
+        )
+
+
+def _concat_tables(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    keys = [k for k in a if k in b and not k.startswith("seconds") and np.ndim(a[k]) >= 1]
+    return {k: np.concatenate([a[k], b[k]], axis=1 if k == "mutant_labels" else 0) for k in keys}
+
+
+def fit_variant(
+    variant: str,
+    tables: dict[str, dict[str, np.ndarray]],
+    *,
+    seeds: int,
+    cond_inputs: str,
+    signal_sets: dict[str, tuple[str, ...]],
+    progress: bool = False,
+) -> VariantFit:
+    first = fit_detectors(tables, seed=0, signal_sets=signal_sets, cond_inputs=cond_inputs, progress=progress)
+    chosen = {name: s.kind for name, s in first.sets.items()}
+    fits = [first] + [
+        fit_detectors(
+            tables,
+            seed=s,
+            signal_sets=signal_sets,
+            chosen_kinds=chosen,
+            cond_inputs=cond_inputs,
+            progress=progress,
+        )
+        for s in range(1, seeds)
+    ]
+    wrong_val = wrong_labels(tables["val"])
+    points: dict[tuple[int, str], dict[str, OperatingPoint]] = {}
+    for fit in fits:
+        for name, set_fit in fit.sets.items():
+            chosen_points = {}
+            for spec in POINTS:
+                try:
+                    chosen_points[spec] = choose_threshold(set_fit.scores["val"], wrong_val, spec)
+                except ConfigError:
+                    continue
+            points[(fit.seed, name)] = chosen_points
+    return VariantFit(variant, fits, points)
+
+
+@dataclass
+class OpenWorldResult:
+    """Everything the report needs: per suite its labels and predictions, and the scores of every
+    (variant, seed, set); plus the scorers' settings, the operating points and the costs."""
+
+    suites: dict[str, dict[str, Any]]
+    scores: dict[str, dict[tuple[str, int, str], np.ndarray]]
+    variants: dict[str, VariantFit]
+    scorers: dict[str, Any]
+    costs: dict[str, float]
+    val_auroc: dict[tuple[str, str], float]
+    accuracy_clean: float
+    settings: dict[str, Any]
+
+
+def evidence_name(suite: str) -> str:
+    return f"open_world/evidence/{suite}.npz"
+
+
+def _cached(bundle: Bundle, name: str, compute: Any) -> dict[str, np.ndarray]:
+    if bundle.has_file(name):
+        return dict(bundle.read_arrays(name))
+    table = compute()
+    bundle.write_arrays(name, table)
+    bundle.save()
+    return table
+
+
+def run_open_world(
+    bundle: Bundle,
+    *,
+    images: int = 300,
+    kinds: tuple[str, ...] = EVAL_KINDS,
+    severities: tuple[int, ...] = (1, 2, 3, 4, 5),
+    exposure_images: int = 1000,
+    seeds: int = 3,
+    seed: int = 0,
+    data_roots: dict[str, str | None] | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> OpenWorldResult:
+    """Run steps 1-4 of the module docstring; evidence is cached in the bundle (resumable)."""
+    settings = {
+        "images": images,
+        "kinds": list(kinds),
+        "severities": list(severities),
+        "exposure_images": exposure_images,
+        "seeds": seeds,
+        "seed": seed,
+    }
+    recorded = bundle.get("open_world") or {}
+    if recorded.get("settings") not in (None, settings):
+        raise ConfigError(
+            f"this bundle's open-world evidence was made with {recorded['settings']}, not {settings}: "
+            "rerun with the same settings, or remove the bundle's open_world/ files to start anew"
+        )
+    bundle.set("open_world", {**recorded, "settings": settings})
+    torch.manual_seed(seed)
+    extractor = load_extractor(bundle)
+    stopping = load_early_stopping(bundle)
+    normalisation = bundle.normalisation
+    splits = load_splits(bundle)
+    features = {k: dict(v) for k, v in load_features(bundle).items()}
+    log.info("open world: fitting the open-set scorers")
+    scorers = fit_scorers(bundle, extractor, splits, features, seed=seed, progress=progress)
+    shape = splits["test"].image_shape
+    dataset = bundle.manifest["dataset"]["name"]
+
+    # The stored split features gain the new columns (penultimate, perturbed DOCTOR).
+    tables: dict[str, dict[str, np.ndarray]] = {}
+    for split in ("fit", "val", "test"):
+        imgs = splits[split].images
+
+        def extra(imgs: np.ndarray = imgs) -> dict[str, np.ndarray]:
+            return {
+                "penultimate": penultimate_features(
+                    extractor.model, normalisation, imgs, batch_size=batch_size
+                ),
+                "doctor_pert": np.concatenate(
+                    [
+                        scorers.perturbed(normalisation.apply(imgs[s : s + batch_size]))
+                        for s in _batches(len(imgs), batch_size)
+                    ]
+                ),
+            }
+
+        added = _cached(
+            bundle,
+            f"open_world/splits/{split}-{scorers.perturbed.eps}-{scorers.perturbed.temperature}.npz",
+            extra,
+        )
+        table = {**features[split], **added}
+        table.update(scorers.columns(table))
+        tables[split] = table
+
+    # Suites (clean test images first: the corruptions are of the same images).
+    rng = np.random.default_rng((seed, 11))
+    test = splits["test"]
+    pick = np.sort(rng.choice(len(test), min(images, len(test)), replace=False))
+    clean = Suite("clean", "clean", "clean", 0, test.images[pick], test.labels[pick])
+    suites = [clean] + corruption_suites(clean.images, clean.labels, kinds, severities, seed)
+    unknowns = unknown_suites(images, shape, dataset, seed, data_roots)
+    suites += unknowns + [mixed_suite(clean, unknowns, seed)]
+    log.info("open world: %d suites of up to %d images", len(suites), images)
+
+    suite_tables: dict[str, dict[str, np.ndarray]] = {}
+    for suite in tqdm(suites, desc="open-world suites", disable=not progress, unit="suite"):
+        table = _cached(
+            bundle,
+            evidence_name(suite.name),
+            lambda s=suite: suite_evidence(
+                extractor,
+                normalisation,
+                scorers.perturbed,
+                s.images,
+                s.labels,
+                stopping,
+                batch_size=batch_size,
+            ),
+        )
+        table.update(scorers.columns(table))
+        suite_tables[suite.name] = table
+
+    # Exposure rows for the exposed variant: fit and val images under exposure kinds + outliers.
+    exposed_tables = dict(tables)
+    for split in ("fit", "val"):
+        arr = splits[split]
+        idx = np.sort(rng.choice(len(arr), min(exposure_images, len(arr)), replace=False))
+        ex_images, ex_labels = exposure_rows(
+            arr.images[idx],
+            arr.labels[idx],
+            n_outliers=max(1, len(idx) // 5),
+            seed=seed + (1 if split == "val" else 0),
+        )
+        ex = _cached(
+            bundle,
+            f"open_world/exposure/{split}.npz",
+            lambda i=ex_images, lab=ex_labels: suite_evidence(
+                extractor,
+                normalisation,
+                scorers.perturbed,
+                i,
+                lab,
+                stopping,
+                batch_size=batch_size,
+            ),
+        )
+        ex.update(scorers.columns(ex))
+        exposed_tables[split] = _concat_tables(tables[split], ex)
+
+    signal_sets = {**CANDIDATE_SETS, **OPEN_WORLD_SETS}
+    if extractor.ensemble is None:
+        signal_sets = {k: v for k, v in signal_sets.items() if "lcr" not in v}
+    cond_inputs = bundle.manifest.get("detectors", {}).get("conductance", {}).get("inputs", "conductance")
+    num_classes = int(bundle.manifest["architecture"]["num_classes"])
+    variants = {}
+    for variant, var_tables in (("clean", tables), ("exposed", exposed_tables)):
+        log.info("open world: fitting the %s detectors (%d seeds)", variant, seeds)
+        variants[variant] = fit_variant(
+            variant,
+            var_tables,
+            seeds=seeds,
+            cond_inputs=cond_inputs,
+            signal_sets=signal_sets,
+            progress=progress,
+        )
+
+    scores: dict[str, dict[tuple[str, int, str], np.ndarray]] = {}
+    for name, table in suite_tables.items():
+        scores[name] = {
+            (variant, fit.seed, set_name): vf.scores(fit.seed, set_name, table, num_classes, cond_inputs)
+            for variant, vf in variants.items()
+            for fit in vf.fits
+            for set_name in fit.sets
+        }
+    val_auroc = {
+        (variant, name): s.val_auroc_by_kind[s.kind]
+        for variant, vf in variants.items()
+        for name, s in vf.fits[0].sets.items()
+    }
+    costs = {
+        "gate_ms": float(np.mean([t["seconds_gate"] for t in suite_tables.values()]) * 1e3),
+        "penultimate_ms": float(np.mean([t["seconds_penultimate"] for t in suite_tables.values()]) * 1e3),
+        "perturbation_ms": float(np.mean([t["seconds_perturbation"] for t in suite_tables.values()]) * 1e3),
+    }
+    suites_out = {
+        s.name: {
+            "regime": s.regime,
+            "kind": s.kind,
+            "severity": s.severity,
+            "label": suite_tables[s.name]["label"],
+            "prediction": suite_tables[s.name]["prediction"],
+            "logits": suite_tables[s.name]["logits"],
+            "mutants_used": suite_tables[s.name].get("mutants_used"),
+        }
+        for s in suites
+    }
+    accuracy_clean = float(1 - wrong_labels(tables["test"]).mean())
+    return OpenWorldResult(
+        suites_out,
+        scores,
+        variants,
+        scorers.summary() | {"perturbation_grid": scorers.perturbation_grid},
+        costs,
+        val_auroc,
+        accuracy_clean,
+        settings,
+    )

@@ -1,0 +1,106 @@
+"""The open-world evaluation end to end on the tiny bundle, its figures checked against sklearn."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from models.bundle import load_bundle
+from models.scores import msp_score
+from offline.cli import main
+from offline.corruptions import KINDS, corrupt_images, kinds_for
+from offline.open_world import run_open_world
+from offline.open_world_report import regime_table
+from offline.open_world_suites import EVAL_KINDS, EXPOSURE_KINDS, exposure_rows, shuffled_outliers
+from offline.unknown_inputs import unknown_sets
+
+
+def test_corruptions_keep_shape_and_are_seeded() -> None:
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    for kind in kinds_for(1):
+        out = corrupt_images(grey, kind, 3, seed=1)
+        assert out.shape == grey.shape and out.dtype == np.uint8
+        assert np.array_equal(out, corrupt_images(grey, kind, 3, seed=1)), kind
+    for kind in ("gaussian_noise", "saturate", "rotation", "contrast"):
+        assert corrupt_images(rgb, kind, 5).shape == rgb.shape
+    # severity makes noise stronger and contrast lower
+    flat = np.full((4, 28, 28, 1), 128, dtype=np.uint8)
+    noise = [np.abs(corrupt_images(flat, "gaussian_noise", s).astype(int) - 128).mean() for s in (1, 5)]
+    assert noise[1] > noise[0] > 0
+    contrast = [corrupt_images(grey, "contrast", s).std() for s in (1, 5)]
+    assert contrast[1] < contrast[0] < grey.std()
+    assert not set(EVAL_KINDS) & set(EXPOSURE_KINDS)
+    assert set(EVAL_KINDS) | set(EXPOSURE_KINDS) == set(KINDS)
+
+
+def test_unknown_sets_and_exposure_rows(cifar10_npz_dir: Path) -> None:
+    sets = unknown_sets(7, (28, 28, 1), dataset="fashion-mnist", data_roots={"cifar10": str(cifar10_npz_dir)})
+    assert set(sets) == {"noise-gaussian", "noise-uniform", "constant", "digits", "other-dataset"}
+    assert all(v.shape == (7, 28, 28, 1) and v.dtype == np.uint8 for v in sets.values())
+    assert all(len(np.unique(img)) == 1 for img in sets["constant"])
+    images = np.random.default_rng(0).integers(0, 256, (10, 28, 28, 1), dtype=np.uint8)
+    shuffled = shuffled_outliers(images, 4, seed=0)
+    assert shuffled.shape == (4, 28, 28, 1)
+    # permuting pixels keeps each image's histogram
+    assert any(np.array_equal(np.sort(shuffled[0].ravel()), np.sort(im.ravel())) for im in images)
+    rows, labels = exposure_rows(images, np.arange(10) % 3, n_outliers=3, seed=0)
+    assert rows.shape == (13, 28, 28, 1) and list(labels[-3:]) == [-1, -1, -1]
+
+
+@pytest.mark.slow
+def test_open_world_on_the_tiny_bundle(tiny_bundle: Path, tmp_path: Path, cifar10_npz_dir: Path) -> None:
+    path = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, path)
+    bundle = load_bundle(path)
+    result = run_open_world(
+        bundle, images=30, kinds=("gaussian_noise", "contrast"), severities=(1, 5), exposure_images=80,
+        seeds=2, data_roots={"cifar10": str(cifar10_npz_dir)}, progress=False,
+    )
+    assert set(result.suites) >= {"clean", "gaussian_noise-1", "contrast-5", "digits", "mixed"}
+    assert all(s["label"].min() == -1 for n, s in result.suites.items() if s["regime"] == "unknown")
+    table = regime_table(result, n_boot=30)
+    assert {"clean", "shift-s1", "shift-s5", "mixed", "unknown-far"} <= set(table)
+    # the figures are sklearn's on the pooled suites
+    for regime, names, unknown_only in (("shift-s5", ["gaussian_noise-5", "contrast-5"], False),
+                                         ("unknown-digits", ["clean", "digits"], True)):
+        label = np.concatenate([result.suites[n]["label"] for n in names])
+        pred = np.concatenate([result.suites[n]["prediction"] for n in names])
+        positive = (label < 0) if unknown_only else (label != pred)
+        logits = np.concatenate([result.suites[n]["logits"] for n in names])
+        assert table[regime]["baselines"]["msp"]["auroc"] == pytest.approx(roc_auc_score(positive, msp_score(logits)))
+        for key in ("clean/cond+lcr", "exposed/maha"):
+            scores = np.concatenate([result.scores[n][(*key.split("/")[:1], 0, key.split("/")[1])] for n in names])
+            assert table[regime]["sets"][key]["per_seed"][0]["auroc"] == pytest.approx(roc_auc_score(positive, scores))
+    # a rerun reads the cached evidence and gives the same scores
+    again = run_open_world(
+        load_bundle(path), images=30, kinds=("gaussian_noise", "contrast"), severities=(1, 5),
+        exposure_images=80, seeds=2, data_roots={"cifar10": str(cifar10_npz_dir)}, progress=False,
+    )
+    assert np.array_equal(again.scores["contrast-5"][("clean", 0, "msp")], result.scores["contrast-5"][("clean", 0, "msp")])
+    # other settings on the same bundle are refused, naming what to do
+    with pytest.raises(Exception, match="same settings"):
+        run_open_world(load_bundle(path), images=31, progress=False)
+
+
+@pytest.mark.slow
+def test_open_world_cli_writes_the_report(tiny_bundle: Path, tmp_path: Path, cifar10_npz_dir: Path) -> None:
+    path = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, path)
+    code = main(["open-world", "--bundle", str(path), "--images", "20", "--kinds", "rotation", "--severities", "3",
+                 "--exposure-images", "60", "--seeds", "1", "--n-boot", "20", "--cifar10-root", str(cifar10_npz_dir),
+                 "--preview"])
+    assert code == 0
+    report = path / "report"
+    text = (report / "open_world.md").read_text()
+    assert "Best set per regime" in text and "shift-s3" in text and "mixed" in text
+    summary = json.loads((report / "open_world.json").read_text())
+    assert summary["default"]["chosen"] is not None
+    for png in ("open_world_shift.png", "open_world_unknown.png", "open_world_suites.png"):
+        assert (report / png).stat().st_size > 1000
