@@ -1,7 +1,13 @@
 """Every Prometheus metric of the service, as module-level constants (default registry).
 
-The service runs one uvicorn worker (the batcher must see every request), so the default registry
-is complete; multiprocess mode is not needed.
+One uvicorn worker (the default) exposes the default registry. With several workers per container
+(``PREDGATE_WORKERS``, each with its own batcher and gate) a scrape reaches one worker at random, so
+the metrics go through prometheus-client's multiprocess mode: ``service.server`` points
+``PROMETHEUS_MULTIPROC_DIR`` at an emptied directory before any worker imports this module, every
+worker writes its values there, and ``/metrics`` sums the files through a ``MultiProcessCollector``
+on a fresh registry. Gauges say how they combine across workers (``multiprocess_mode``: queue depth
+and in-flight requests add up; ready is the best worker's), and a worker that exits drops its live
+gauges (:func:`_forget_this_process`).
 
 Stage latencies: ``queue`` and ``total`` are observed once per image (each request's own wait and
 its whole time in the service); the gate's stages (the keys of ``GateOutput.seconds``: ``forward`` or
@@ -10,7 +16,12 @@ its whole time in the service); the gate's stages (the keys of ``GateOutput.seco
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info, make_asgi_app
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_asgi_app, multiprocess
+
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # the value files open as the metrics below are made
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _UNIT_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
@@ -36,7 +47,14 @@ BATCH_SIZE = Histogram(
     "Images per gate run (one run per group of equal signal set, operating point and evidence flag).",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
-QUEUE_DEPTH = Gauge("predgate_queue_depth", "Images waiting in the batching queue.")
+QUEUE_DEPTH = Gauge(
+    "predgate_queue_depth", "Images waiting in the batching queue (summed over workers).", multiprocess_mode="livesum"
+)
+IN_FLIGHT = Gauge(
+    "predgate_in_flight_requests",
+    "Predict requests received and not yet answered (summed over workers): the autoscaling signal.",
+    multiprocess_mode="livesum",
+)
 LCR = Histogram(
     "predgate_lcr_ratio",
     "Label change rate of answered images (only where it was computed).",
@@ -49,7 +67,9 @@ UNIFIED_SCORE = Histogram(
     ["signal_set"],
     buckets=_UNIT_BUCKETS,
 )
-READY = Gauge("predgate_ready", "1 when the bundle is loaded and warmed up, else 0.")
+READY = Gauge(
+    "predgate_ready", "1 when the bundle is loaded and warmed up (in any worker), else 0.", multiprocess_mode="livemax"
+)
 BUNDLE = Info(
     "predgate_bundle", "The bundle being served and the signal set and operating point it uses by default."
 )
@@ -58,6 +78,35 @@ STAGES = ("queue", "forward", "forward+conductance", "lcr", "detectors", "total"
 """Label values of ``predgate_stage_seconds``."""
 
 
+def multiprocess_dir() -> str | None:
+    """The multiprocess directory when this process writes its metrics there, else None."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def multiprocess_registry() -> CollectorRegistry:
+    """A fresh registry that reads every worker's files, plus this worker's bundle info.
+
+    ``Info`` has no multiprocess form; every worker of a container serves the same bundle, so this
+    worker's own ``predgate_bundle_info`` stands for all of them.
+    """
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    registry.register(BUNDLE)
+    return registry
+
+
 def metrics_app():  # type: ignore[no-untyped-def]
-    """The ``/metrics`` ASGI app over the default registry."""
+    """The ``/metrics`` ASGI app: the default registry, or every worker's files in multiprocess mode."""
+    if multiprocess_dir() is not None:
+        return make_asgi_app(multiprocess_registry())
     return make_asgi_app()
+
+
+def forget_this_process() -> None:
+    """Drop this worker's live gauges (queue depth, in flight, ready) from the shared directory.
+
+    Called when the worker's app has shut down (``service.server``), not at exit: uvicorn ends a
+    worker by re-raising SIGTERM, which skips ``atexit``."""
+    directory = multiprocess_dir()
+    if directory is not None and os.path.isdir(directory):
+        multiprocess.mark_process_dead(os.getpid(), directory)

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="run one full-evidence batch before reporting ready")
     host: str = Field("127.0.0.1", description="address uvicorn binds (0.0.0.0 in the container)")
     port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(
+        1, ge=1, description="uvicorn worker processes, each with its own gate and batcher (metrics: multiprocess)"
+    )
     log_level: str = "info"
     graceful_timeout_s: float = Field(
         30.0, gt=0, description="longest wait for in-flight requests on SIGTERM"
