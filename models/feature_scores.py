@@ -61,11 +61,15 @@ class PenultimateProbe:
             raise ConfigError(f"the head {self.head_name!r} did not run in the forward pass")
         return logits, self._features.flatten(1)
 
-    def last_features(self) -> torch.Tensor:
-        """The head input of the most recent forward pass through the model (any caller's)."""
-        if self._features is None:
-            raise ConfigError("no forward pass has run through the model since the probe was set")
-        return self._features.flatten(1)
+    def reset(self) -> None:
+        """Forget the last forward pass's features (call before the next batch's forward)."""
+        self._features = None
+
+    def pop(self) -> torch.Tensor | None:
+        """``N x D`` head input of the latest forward pass through the model since :meth:`reset`
+        (whoever ran it), or None; cleared on reading."""
+        feats, self._features = self._features, None
+        return None if feats is None else feats.flatten(1)
 
     def close(self) -> None:
         self._handle.remove()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,8 +35,8 @@ from models.feature_scores import ClassMahalanobis, DeepKNN, PenultimateProbe
 from models.fitted_scores import PNormSoftmax, RelativeUncertainty
 from models.gate import EvidenceExtractor, load_early_stopping, load_extractor
 from models.input_perturbation import PerturbedDoctor, choose_perturbation
+from models.open_world_evidence import OpenWorldScorers
 from models.operating_points import OperatingPoint, choose_threshold
-from models.scores import energy, max_logit
 from models.signals import CANDIDATE_SETS, OPEN_WORLD_SETS, conductance_inputs, signal_matrix
 from offline.data import ImageArrays
 from offline.features import apply_early_stopping, extract_features, wrong_labels
@@ -55,40 +55,6 @@ log = logging.getLogger("predgate.open_world")
 
 VARIANTS = ("clean", "exposed")
 POINTS = ("equal-recall", "correct-recall=0.98", "risk=0.02@0.95")
-
-
-@dataclass
-class OpenSetScorers:
-    """The fitted parts of the open-world signals (see :mod:`models.feature_scores`,
-    :mod:`models.fitted_scores`, :mod:`models.input_perturbation`)."""
-
-    mahalanobis: ClassMahalanobis
-    knn: DeepKNN
-    pnorm: PNormSoftmax
-    relu: RelativeUncertainty
-    perturbed: PerturbedDoctor
-    perturbation_grid: dict[str, float] = field(default_factory=dict)
-
-    def columns(self, evidence: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The open-world signal columns of one table of evidence (``N`` each)."""
-        logits = evidence["logits"]
-        return {
-            "maxlogit": np.asarray(max_logit(logits), dtype=np.float64),
-            "energy": np.asarray(energy(logits), dtype=np.float64),
-            "pnorm": self.pnorm.decision_function(logits),
-            "relu": self.relu.decision_function(logits),
-            "maha": self.mahalanobis.decision_function(evidence["penultimate"]),
-            "knn": self.knn.decision_function(evidence["penultimate"]),
-            "doctor_pert": np.asarray(evidence["doctor_pert"], dtype=np.float64),
-        }
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "pnorm": {"p": self.pnorm.p_, "tau": self.pnorm.tau_},
-            "relu": {"lambda": self.relu.lambda_, "temperature": self.relu.temperature_},
-            "perturbation": {"eps": self.perturbed.eps, "temperature": self.perturbed.temperature},
-            "knn": {"k": self.knn.k, "bank": len(self.knn.bank_)},
-        }
 
 
 def _batches(n: int, batch_size: int) -> range:
@@ -172,7 +138,7 @@ def fit_scorers(
     perturbation_images: int = 1000,
     seed: int = 0,
     progress: bool = False,
-) -> OpenSetScorers:
+) -> OpenWorldScorers:
     """Fit every open-set scorer (Mahalanobis / kNN on cnn-train, the rest on the fit split)."""
     normalisation = bundle.normalisation
     train = splits["cnn-train"]
@@ -191,7 +157,8 @@ def fit_scorers(
         pick = np.arange(len(wrong))
     x = normalisation.apply(splits["fit"].images[pick])
     perturbed, grid = choose_perturbation(extractor.model, tuple(normalisation.std), x, wrong[pick])
-    return OpenSetScorers(maha, knn, pnorm, relu, perturbed, grid)
+    setting = {"eps": perturbed.eps, "temperature": perturbed.temperature}
+    return OpenWorldScorers(maha, knn, pnorm, relu, setting, grid)
 
 
 @dataclass
@@ -321,6 +288,11 @@ def run_open_world(
     features = {k: dict(v) for k, v in load_features(bundle).items()}
     log.info("open world: fitting the open-set scorers")
     scorers = fit_scorers(bundle, extractor, splits, features, seed=seed, progress=progress)
+    perturbed = scorers.perturbed_doctor(extractor.model, tuple(normalisation.std))
+
+    def columns(table: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return scorers.columns(table["logits"], table["penultimate"], table.get("doctor_pert"))
+
     shape = splits["test"].image_shape
     dataset = bundle.manifest["dataset"]["name"]
 
@@ -336,7 +308,7 @@ def run_open_world(
                 ),
                 "doctor_pert": np.concatenate(
                     [
-                        scorers.perturbed(normalisation.apply(imgs[s : s + batch_size]))
+                        perturbed(normalisation.apply(imgs[s : s + batch_size]))
                         for s in _batches(len(imgs), batch_size)
                     ]
                 ),
@@ -344,11 +316,11 @@ def run_open_world(
 
         added = _cached(
             bundle,
-            f"open_world/splits/{split}-{scorers.perturbed.eps}-{scorers.perturbed.temperature}.npz",
+            f"open_world/splits/{split}-{perturbed.eps}-{perturbed.temperature}.npz",
             extra,
         )
         table = {**features[split], **added}
-        table.update(scorers.columns(table))
+        table.update(columns(table))
         tables[split] = table
 
     # Suites (clean test images first: the corruptions are of the same images).
@@ -369,14 +341,14 @@ def run_open_world(
             lambda s=suite: suite_evidence(
                 extractor,
                 normalisation,
-                scorers.perturbed,
+                perturbed,
                 s.images,
                 s.labels,
                 stopping,
                 batch_size=batch_size,
             ),
         )
-        table.update(scorers.columns(table))
+        table.update(columns(table))
         suite_tables[suite.name] = table
 
     # Exposure rows for the exposed variant: fit and val images under exposure kinds + outliers.
@@ -396,14 +368,14 @@ def run_open_world(
             lambda i=ex_images, lab=ex_labels: suite_evidence(
                 extractor,
                 normalisation,
-                scorers.perturbed,
+                perturbed,
                 i,
                 lab,
                 stopping,
                 batch_size=batch_size,
             ),
         )
-        ex.update(scorers.columns(ex))
+        ex.update(columns(ex))
         exposed_tables[split] = _concat_tables(tables[split], ex)
 
     signal_sets = {**CANDIDATE_SETS, **OPEN_WORLD_SETS}
