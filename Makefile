@@ -26,10 +26,11 @@ data:
 	@if [ ! -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz ] && [ ! -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte ]; then \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; fi
 
-# Programs the integration tests start or call: a Prometheus server and docker-compose (config validation only).
+# Programs the integration tests start or call: a Prometheus server, docker-compose (config validation
+# only) and HAProxy (the replica test's balancer).
 system-deps: data
-	@if ! command -v prometheus >/dev/null || ! command -v docker-compose >/dev/null; then \
-		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq prometheus docker-compose; fi
+	@if ! command -v prometheus >/dev/null || ! command -v docker-compose >/dev/null || ! command -v haproxy >/dev/null; then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq prometheus docker-compose haproxy; fi
 
 bundle: setup data
 	$(PREDGATE) build --dataset $(DATASET) --profile $(PROFILE) --out $(BUNDLE)
