@@ -15,7 +15,9 @@ Conversion policy (documented for callers):
   (:func:`models.preprocess.resize_and_crop`, the training policy); ``refuse`` rejects any image whose
   size differs from the bundle's.
 - Decompression bombs: images with more than ``max_pixels`` pixels are refused from their header,
-  before any pixel is decoded.
+  before any pixel is decoded; so are images whose shorter side, scaled to the input size, would
+  stretch the long side past that cap (a 1 x 10^6 strip), since scaling comes before the crop.
+- JSON tensors: only JSON numbers (no strings, booleans or nulls, which numpy would coerce).
 
 PIL is imported inside the functions, as in :mod:`models.preprocess`, so ``models`` imports without it.
 """
@@ -121,7 +123,9 @@ def decode_image(data: bytes, contract: InputContract) -> np.ndarray:
     except UnidentifiedImageError:
         raise InputError(f"not a PNG or JPEG image ({len(data)} bytes that no decoder recognises)") from None
     except Image.DecompressionBombError as exc:
-        raise InputError(f"image refused as a decompression bomb: {exc}") from None
+        raise InputError(
+            f"image refused before decoding, over the pixel limit of {contract.max_pixels}: {exc}"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # a header cut short
         raise InputError(f"truncated or corrupt image: {exc}") from None
     width, height = image.size
@@ -131,9 +135,19 @@ def decode_image(data: bytes, contract: InputContract) -> np.ndarray:
         )
     if width < 1 or height < 1:
         raise InputError(f"image has no pixels ({width}x{height})")
+    if contract.resize == "crop" and (width, height) != (contract.width, contract.height):
+        # Scaling the shorter side to the input size multiplies the long side too: a 1 x 10^6 strip
+        # would become 28 x 28 * 10^6 pixels. The scaled image must fit the same pixel cap.
+        short, long = min(width, height), max(width, height)
+        scaled = contract.height * int(contract.height * long / short)
+        if scaled > contract.max_pixels:
+            raise InputError(
+                f"image is {width}x{height}: scaling its shorter side to {contract.height} would give "
+                f"{scaled} pixels, more than the limit of {contract.max_pixels} (aspect ratio too extreme)"
+            )
     try:
         image.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
         raise InputError(f"truncated or corrupt {image.format} image: {exc}") from None
     image = _to_mode(image, contract.mode)
     if (width, height) != (contract.width, contract.height):
@@ -188,13 +202,26 @@ def tensor_from_json(value: Any, input_shape: tuple[int, int, int]) -> torch.Ten
     """
     if not isinstance(value, list):
         raise InputError(f"tensor must be a nested list of numbers, got {type(value).__name__}")
+    expected = tuple(int(v) for v in input_shape)
     try:
-        array = np.asarray(value, dtype=np.float64)
-    except (ValueError, TypeError) as exc:
+        # object dtype first: numpy would otherwise read "1.5" and true as numbers without a word
+        cells = np.array(value, dtype=object)
+    except (ValueError, TypeError, RecursionError) as exc:
         raise InputError(
             f"tensor is not a rectangular array of numbers (ragged or non-numeric): {exc}"
         ) from None
-    expected = tuple(int(v) for v in input_shape)
+    kinds = {type(v) for v in cells.ravel()}
+    if not kinds <= {int, float}:
+        names = sorted(k.__name__ for k in kinds - {int, float})
+        raise InputError(
+            f"tensor is not a rectangular array of numbers (ragged or non-numeric): found {', '.join(names)}"
+        )
+    try:
+        array = cells.astype(np.float64)
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise InputError(
+            f"tensor holds a number beyond the float range ({exc}); values must be finite"
+        ) from None
     if array.shape == (1, *expected):
         array = array[0]
     if array.shape != expected:

@@ -7,9 +7,13 @@ Body of every error response: ``{"error": {"type": ..., "message": ...}}``.
 | unreadable input (:class:`models.errors.InputError`): not an image, truncated, bad base64, wrong tensor shape, NaN/inf, empty body | 422 | ``invalid_input`` |
 | unknown signal set or operating point, or an option the gate cannot honour (:class:`models.errors.ConfigError`) | 422 | ``invalid_option`` |
 | malformed fields or query parameters (FastAPI's ``RequestValidationError``) | 422 | ``validation_error`` |
+| ``X-Request-Timeout`` not a positive number | 400 | ``invalid_header`` |
+| body not received within ``body_timeout_s`` (a trickling client) | 408 | ``body_timeout`` |
+| more than 100 headers or 16 KiB of them / URL over 8 KiB | 431 / 414 | ``request_too_large`` |
+| query parameter the route does not declare | 422 | ``validation_error`` |
 | body over ``max_payload_bytes`` | 413 | ``payload_too_large`` |
 | more images than ``max_images_per_request`` | 413 | ``too_many_images`` |
-| content type other than JSON or multipart | 415 | ``unsupported_media_type`` |
+| content type other than JSON or multipart, or JSON in a charset other than UTF-8 | 415 | ``unsupported_media_type`` |
 | missing or wrong bearer token | 401 | ``unauthorized`` |
 | batching queue full / not ready yet / shutting down | 503 + ``Retry-After`` | ``queue_full`` / ``not_ready`` / ``shutting_down`` |
 | other HTTP errors (404, 405, ...) | as raised | ``http_error`` |

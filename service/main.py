@@ -15,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 from models import __version__
 from service import metrics
 from service.errors import install_handlers
+from service.guards import install_guards
 from service.inflight import InFlightMiddleware
 from service.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from service.routes import bundle, health, predict
@@ -55,8 +56,11 @@ def create_app(settings: Settings, *, loaded: LoadedService | None = None) -> Fa
     app.include_router(bundle.router)
     app.include_router(predict.router)
     app.add_route("/metrics", _MetricsEndpoint(), methods=["GET"], include_in_schema=False)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_payload_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_payload_bytes, timeout_s=settings.body_timeout_s
+    )
     app.add_middleware(InFlightMiddleware)  # predgate_in_flight_requests, the autoscaling signal
+    install_guards(app, settings)  # request id + deadline header, header/URL caps, CORS, unknown query params
     # outermost, so it counts the body cap's 413s too
     app.add_middleware(RequestMetricsMiddleware, known_paths=lambda: [*app.openapi()["paths"], "/metrics"])
     return app

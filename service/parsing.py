@@ -52,19 +52,72 @@ def _validate(model: type[BaseModel], data: Any) -> Any:
         raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from None
 
 
+MAX_INT_DIGITS = 64
+"""Longest integer literal read from JSON: Python refuses > 4300 digits with a ValueError, and any
+integer past float range would only become an infinite pixel."""
+
+
+def _charset(request: Request) -> str | None:
+    for part in request.headers.get("content-type", "").split(";")[1:]:
+        name, _, value = part.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"').lower()
+    return None
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook``: a key given twice is refused (parsers disagree on which one wins)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise InputError(f"JSON object has the key {key!r} twice; send each field once")
+        out[key] = value
+    return out
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise InputError(f"JSON integer literal with {digits} digits, more than {MAX_INT_DIGITS}")
+    return int(text)
+
+
+def parse_json(body: bytes) -> Any:
+    """Strict JSON: UTF-8 (a BOM is skipped, RFC 8259 allows it), no duplicate keys, bounded integer
+    literals and nesting (Python's parser raises RecursionError ~1000 levels down). NaN/Infinity
+    literals are read, so such tensors reach the check that names them."""
+    if body.startswith(b"\xef\xbb\xbf"):
+        body = body[3:]
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"body is not valid JSON: not UTF-8 ({exc})") from None
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_int=_bounded_int)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InputError("body is not valid JSON here: nested too deeply") from None
+
+
 async def _json_body(request: Request) -> Any:
+    charset = _charset(request)
+    if charset not in (None, "utf-8", "utf8"):
+        raise UnsupportedMediaType(f"JSON must be UTF-8, the request declares charset={charset!r}")
     body = await request.body()
     if not body.strip():
         raise InputError(EMPTY_BODY)
-    try:
-        # Python's parser reads NaN/Infinity literals, so such tensors reach the check that names them.
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"body is not valid JSON: {exc}") from None
+    return parse_json(body)
 
 
 def _options_from_form(form: Any) -> PredictOptions:
+    repeated = sorted(key for key in _OPTION_FIELDS if len(form.getlist(key)) > 1)
+    if repeated:
+        raise InputError(f"form fields {repeated} given more than once; send each option once")
     fields = {key: form.get(key) for key in _OPTION_FIELDS if form.get(key) not in (None, "")}
+    texts = [key for key, value in fields.items() if not isinstance(value, str)]
+    if texts:
+        raise InputError(f"form fields {texts} must be text values, got file uploads")
     unknown = sorted(set(form.keys()) - set(_OPTION_FIELDS) - {"file", "files"})
     if unknown:
         raise InputError(

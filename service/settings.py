@@ -40,6 +40,15 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="when set, predict routes need 'Authorization: Bearer <key>'"
     )
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="deadline of a request without X-Request-Timeout (kept in request.state.deadline)"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="longest time to receive a request body; a trickling body gets 408"
+    )
+    cors_origins: str = Field(
+        "", description="comma-separated origins allowed by CORS; empty (the default) = no CORS headers"
+    )
     resize: Literal["crop", "refuse"] = Field(
         "crop", description="crop: shorter side to the input size + centre crop; refuse: 422 on other sizes"
     )
