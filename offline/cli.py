@@ -246,6 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
     open_world = sub.add_parser("open-world", help="shifted, unknown and mixed inputs: every signal set vs MSP")
     open_world_job.add_arguments(open_world)
     open_world.set_defaults(func=lambda args: open_world_job.run(args, _progress()))
+
+    from offline import attack as attack_job, robustness_report  # adversarial inputs (docs/robustness.md)
+
+    attack = sub.add_parser("attack", help="adversarial versions of the test split (torchattacks), into the bundle")
+    attack_job.add_arguments(attack)
+    attack.set_defaults(func=lambda args: attack_job.run(args, _progress()))
+    robustness = sub.add_parser("robustness", help="every signal set on the bundle's adversarial images vs MSP")
+    robustness_report.add_arguments(robustness)
+    robustness.set_defaults(func=lambda args: robustness_report.run(args, _progress()))
     return parser
 
 

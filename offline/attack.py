@@ -1,0 +1,144 @@
+"""``predgate attack``: adversarial versions of a bundle's test split, written into the bundle.
+
+    predgate attack --bundle bundles/fashion-mnist-quick --attack pgd-linf --eps 0.1 --steps 10 --images 500
+
+Outputs go to ``BUNDLE/adversarial/<tag>/chunk-NNNNN.npz`` (``index`` into the test split,
+``pixels`` float32 ``N x C x H x W`` in [0, 1] as the attack returned them, ``images`` the uint8
+rounding a PNG would carry, ``clean_prediction`` and ``adv_prediction`` of the rounded image).
+Each chunk is attacked with its own seed (``seed + chunk``), so an interrupted run resumes at the
+first missing chunk and gives the same images as an uninterrupted one. The summary (success rate:
+share of the correctly classified test images whose rounded adversarial version is misclassified)
+is recorded in the manifest under ``adversarial.<tag>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.attacks import ATTACKS, AttackSpec, attack_batch, predict_pixels, to_pixels, to_uint8
+from models.bundle import Bundle, load_bundle
+from models.errors import ConfigError
+from offline.stages import load_splits
+
+log = logging.getLogger("predgate.attack")
+FOLDER = "adversarial"
+
+
+def chunk_name(tag: str, chunk: int) -> str:
+    return f"{FOLDER}/{tag}/chunk-{chunk:05d}.npz"
+
+
+def run_attack(
+    bundle: Bundle,
+    spec: AttackSpec,
+    *,
+    images: int | None = None,
+    chunk_size: int = 100,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Attack the first ``images`` test images (all when None) chunk by chunk; returns the summary."""
+    test = load_splits(bundle)["test"]
+    n = len(test) if images is None else min(int(images), len(test))
+    if n < 1 or chunk_size < 1:
+        raise ConfigError(f"need at least one image and chunk size >= 1, got {n} and {chunk_size}")
+    record = (bundle.get(FOLDER) or {}).get(spec.tag)
+    settings = {"spec": spec.to_dict(), "seed": seed, "chunk_size": chunk_size}
+    if record is not None and record["settings"] != settings:
+        raise ConfigError(
+            f"{FOLDER}/{spec.tag} was made with {record['settings']}, not {settings}: "
+            "rerun with the same settings or remove its files"
+        )
+    model = bundle.load_model(device).eval()
+    norm = bundle.normalisation
+    chunks = range(-(-n // chunk_size))
+    seconds = float(record["seconds"]) if record else 0.0
+    for chunk in tqdm(chunks, desc=f"attack {spec.tag}", disable=not progress, unit="chunk"):
+        name = chunk_name(spec.tag, chunk)
+        if bundle.has_file(name) and (bundle.path / name).exists():
+            continue
+        idx = np.arange(chunk * chunk_size, min((chunk + 1) * chunk_size, len(test)))
+        start = time.perf_counter()
+        adv = attack_batch(spec, model, norm, test.images[idx], test.labels[idx], seed=seed + chunk, device=device)
+        seconds += time.perf_counter() - start
+        rounded = to_uint8(adv)
+        bundle.write_arrays(
+            name,
+            {
+                "index": idx,
+                "pixels": adv.numpy().astype(np.float32),
+                "images": rounded,
+                "clean_prediction": predict_pixels(model, norm, to_pixels(test.images[idx])),
+                "adv_prediction": predict_pixels(model, norm, to_pixels(rounded)),
+            },
+        )
+        bundle.set(FOLDER, {**(bundle.get(FOLDER) or {}), spec.tag: {"settings": settings, "seconds": seconds}})
+        bundle.save()
+    table = load_adversarial(bundle, spec.tag, n)
+    correct = table["clean_prediction"] == test.labels[table["index"]]
+    fooled = correct & (table["adv_prediction"] != test.labels[table["index"]])
+    summary = {
+        "settings": settings,
+        "images": len(table["index"]),
+        "clean_correct": int(correct.sum()),
+        "success_rate": float(fooled.sum() / max(int(correct.sum()), 1)),
+        "adv_accuracy": float((table["adv_prediction"] == test.labels[table["index"]]).mean()),
+        "seconds": seconds,
+        "seconds_per_image": seconds / max(len(table["index"]), 1),
+    }
+    bundle.set(FOLDER, {**(bundle.get(FOLDER) or {}), spec.tag: summary})
+    bundle.save()
+    return summary
+
+
+def load_adversarial(bundle: Bundle, tag: str, images: int | None = None) -> dict[str, np.ndarray]:
+    """The stored chunks of ``tag`` concatenated (first ``images`` rows)."""
+    names = sorted(k for k in bundle.manifest["files"] if k.startswith(f"{FOLDER}/{tag}/chunk-"))
+    if not names:
+        raise ConfigError(f"bundle has no adversarial images under {FOLDER}/{tag}: run predgate attack first")
+    parts = [bundle.read_arrays(k) for k in names]
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    if images is not None:
+        out = {k: v[:images] for k, v in out.items()}
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--attack", required=True, choices=list(ATTACKS))
+    parser.add_argument("--eps", type=float, default=0.1, help="l-inf or l2 radius in [0, 1] pixel units")
+    parser.add_argument("--steps", type=int, default=10, help="iterations (queries for square)")
+    parser.add_argument("--alpha", type=float, default=None, help="step size (default 2.5 * eps / steps)")
+    parser.add_argument("--cw-c", type=float, default=1.0, help="C&W: weight of the misclassification term")
+    parser.add_argument("--cw-lr", type=float, default=0.01, help="C&W: Adam learning rate")
+    parser.add_argument("--images", type=int, default=None, help="first N test images (default: all)")
+    parser.add_argument("--chunk-size", type=int, default=100, help="images per resumable chunk")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+
+
+def spec_from(args: argparse.Namespace) -> AttackSpec:
+    return AttackSpec(args.attack, eps=args.eps, steps=args.steps, alpha=args.alpha, cw_c=args.cw_c, cw_lr=args.cw_lr)
+
+
+def run(args: argparse.Namespace, progress: bool) -> None:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    spec = spec_from(args)
+    summary = run_attack(
+        load_bundle(args.bundle), spec, images=args.images, chunk_size=args.chunk_size, seed=args.seed,
+        device=args.device, progress=progress,
+    )
+    print(
+        f"{spec.tag}: {summary['images']} images, success rate {summary['success_rate']:.4f} "
+        f"(of {summary['clean_correct']} correctly classified), adversarial accuracy {summary['adv_accuracy']:.4f}, "
+        f"{summary['seconds_per_image'] * 1000:.1f} ms/image -> {args.bundle / FOLDER / spec.tag}"
+    )
