@@ -11,7 +11,7 @@ PORT ?= 8000
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data system-deps bundle run serve test lint clean-venv
+.PHONY: setup data system-deps bundle run serve test lint audit hostile clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,3 +46,12 @@ test: setup system-deps
 
 lint: setup
 	$(VENV)/bin/ruff check models offline service bench tests
+
+# Known vulnerabilities in the installed dependencies (PyPI's advisory data). --strict: a package that
+# could not be audited fails the target instead of passing silently.
+audit: setup
+	$(VENV)/bin/pip-audit --vulnerability-service pypi --local --strict --progress-spinner off
+
+# The hostile-input suite against a server already running on PORT (loopback only).
+hostile: setup
+	$(PY) -m bench.hostile --url http://127.0.0.1:$(PORT) --json reports/hostile.json
