@@ -5,8 +5,9 @@ Three parts:
 - :class:`PendingImage`, one waiting image with the future its caller awaits;
 - a bounded queue (:class:`Batcher`): ``submit`` enqueues all of a request's images or none of them,
   and answers :class:`~service.errors.QueueFull` (HTTP 503) when they would not fit;
-- one worker loop that takes up to ``max_batch_size`` images, or what arrived within
-  ``max_queue_delay`` of the first, groups them by :class:`GroupKey` (signal set, operating point,
+- one worker loop that takes up to ``max_batch_size`` images; it waits up to ``max_queue_delay`` for
+  a batch to fill only while busy (a batch ended less than that delay ago), so a lone request on an
+  idle worker starts at once and batches form when work piles up; it groups them by :class:`GroupKey` (signal set, operating point,
   full evidence: images that need the same computation), runs the batch function once per group on a
   single worker thread (off the event loop, so requests keep arriving while the gate runs), checks that
   it returned one row per image, and resolves each future with its row or the group's exception.
@@ -133,6 +134,7 @@ class Batcher:
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._last_batch_end = float("-inf")
 
     @property
     def depth(self) -> int:
@@ -194,12 +196,18 @@ class Batcher:
                     return
                 await self._wait(None)
                 continue
-            deadline = loop.time() + self.max_queue_delay_s
-            while len(self._queue) < self.max_batch_size and not self._closing:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                await self._wait(remaining)
+            if loop.time() - self._last_batch_end < self.max_queue_delay_s:
+                # busy: a batch ended moments ago, traffic is flowing, so waiting to fill pays
+                deadline = loop.time() + self.max_queue_delay_s
+                while len(self._queue) < self.max_batch_size and not self._closing:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    await self._wait(remaining)
+            else:
+                # idle worker: a lone request is not held for the delay; only requests that arrived
+                # in the same event-loop turn join it
+                await asyncio.sleep(0)
             take = min(self.max_batch_size, len(self._queue))
             batch = [self._queue.popleft() for _ in range(take)]
             metrics.QUEUE_DEPTH.set(len(self._queue))
@@ -210,6 +218,7 @@ class Batcher:
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(RuntimeError("internal error while batching"))
+            self._last_batch_end = loop.time()
 
     async def _run(self, batch: list[PendingImage]) -> None:
         groups: dict[GroupKey, list[PendingImage]] = {}

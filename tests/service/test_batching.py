@@ -170,3 +170,22 @@ def test_cancelled_callers_are_skipped() -> None:
         assert fn.calls == [(KEY, 1)] and row.unified_score == pytest.approx(0.2)
 
     run(main())
+
+
+def test_a_lone_request_on_an_idle_worker_is_not_held_for_the_delay() -> None:
+    async def main() -> None:
+        fn = Recorder(delay=0.05)
+        batcher = Batcher(fn, max_batch_size=8, max_queue_delay_s=1.0, queue_limit=32)
+        await batcher.start()
+        started = time.perf_counter()
+        (row,) = await asyncio.gather(*batcher.submit(images([0.3]), KEY))
+        assert time.perf_counter() - started < 0.5 and row.queue_seconds < 0.1  # not the 1 s delay
+        # busy now (a batch just ended): the next arrivals wait to fill one batch
+        first = batcher.submit(images([0.1]), KEY)
+        await asyncio.sleep(0.02)
+        second = batcher.submit(images([0.2]), KEY)
+        rows = await asyncio.gather(*first, *second)
+        await batcher.stop()
+        assert fn.calls == [(KEY, 1), (KEY, 2)] and [r.batch_size for r in rows] == [2, 2]
+
+    run(main())
