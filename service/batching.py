@@ -6,8 +6,9 @@ Three parts:
 - a bounded queue (:class:`Batcher`): ``submit`` enqueues all of a request's images or none of them,
   and answers :class:`~service.errors.QueueFull` (HTTP 503) when they would not fit;
 - one worker loop that takes up to ``max_batch_size`` images; it waits up to ``max_queue_delay`` for
-  a batch to fill only while busy (a batch ended less than that delay ago), so a lone request on an
-  idle worker starts at once and batches form when work piles up; it groups them by :class:`GroupKey` (signal set, operating point,
+  a batch to fill only while busy (work arrived while the last batch ran), so a lone request on an
+  idle worker, or a closed-loop client's next request, starts at once, and batches form when work
+  piles up; it groups them by :class:`GroupKey` (signal set, operating point,
   full evidence: images that need the same computation), runs the batch function once per group on a
   single worker thread (off the event loop, so requests keep arriving while the gate runs), checks that
   it returned one row per image, and resolves each future with its row or the group's exception.
@@ -134,7 +135,8 @@ class Batcher:
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._last_batch_end = float("-inf")
+        self._running = False
+        self._arrived_while_running = False
 
     @property
     def depth(self) -> int:
@@ -168,6 +170,7 @@ class Batcher:
             self._queue.append(PendingImage(images[i], key, future))
             futures.append(future)
         metrics.QUEUE_DEPTH.set(len(self._queue))
+        self._arrived_while_running = self._arrived_while_running or self._running
         self._wakeup.set()
         return futures
 
@@ -196,8 +199,8 @@ class Batcher:
                     return
                 await self._wait(None)
                 continue
-            if loop.time() - self._last_batch_end < self.max_queue_delay_s:
-                # busy: a batch ended moments ago, traffic is flowing, so waiting to fill pays
+            if self._arrived_while_running:
+                # busy: work arrived while the last batch ran, so waiting to fill one batch pays
                 deadline = loop.time() + self.max_queue_delay_s
                 while len(self._queue) < self.max_batch_size and not self._closing:
                     remaining = deadline - loop.time()
@@ -211,6 +214,7 @@ class Batcher:
             take = min(self.max_batch_size, len(self._queue))
             batch = [self._queue.popleft() for _ in range(take)]
             metrics.QUEUE_DEPTH.set(len(self._queue))
+            self._running, self._arrived_while_running = True, False
             try:
                 await self._run(batch)
             except Exception:  # a bug in this loop must not stop the service
@@ -218,7 +222,7 @@ class Batcher:
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(RuntimeError("internal error while batching"))
-            self._last_batch_end = loop.time()
+            self._running = False
 
     async def _run(self, batch: list[PendingImage]) -> None:
         groups: dict[GroupKey, list[PendingImage]] = {}

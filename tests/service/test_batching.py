@@ -180,12 +180,17 @@ def test_a_lone_request_on_an_idle_worker_is_not_held_for_the_delay() -> None:
         started = time.perf_counter()
         (row,) = await asyncio.gather(*batcher.submit(images([0.3]), KEY))
         assert time.perf_counter() - started < 0.5 and row.queue_seconds < 0.1  # not the 1 s delay
-        # busy now (a batch just ended): the next arrivals wait to fill one batch
+        # the next request of a closed-loop client is not held either
+        (row,) = await asyncio.gather(*batcher.submit(images([0.4]), KEY))
+        assert row.queue_seconds < 0.1
+        # work arriving while a batch runs: the worker is busy and the arrivals wait to fill one batch
+        running = batcher.submit(images([0.5]), KEY)
+        await asyncio.sleep(0.01)
         first = batcher.submit(images([0.1]), KEY)
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.01)
         second = batcher.submit(images([0.2]), KEY)
-        rows = await asyncio.gather(*first, *second)
+        rows = await asyncio.gather(*running, *first, *second)
         await batcher.stop()
-        assert fn.calls == [(KEY, 1), (KEY, 2)] and [r.batch_size for r in rows] == [2, 2]
+        assert fn.calls == [(KEY, 1)] * 3 + [(KEY, 2)] and [r.batch_size for r in rows] == [1, 2, 2]
 
     run(main())
