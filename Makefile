@@ -49,8 +49,12 @@ lint: setup
 
 # Known vulnerabilities in the installed dependencies (PyPI's advisory data). --strict: a package that
 # could not be audited fails the target instead of passing silently.
+# pip-audit lives in its own venv: torchattacks pins an older requests than pip-audit accepts.
+AUDIT_VENV ?= .venv-audit
 audit: setup
-	$(VENV)/bin/pip-audit --vulnerability-service pypi --local --strict --progress-spinner off
+	[ -x $(AUDIT_VENV)/bin/pip-audit ] || ($(PYTHON) -m venv $(AUDIT_VENV) && $(AUDIT_VENV)/bin/pip install --quiet 'pip-audit>=2.7')
+	$(AUDIT_VENV)/bin/pip-audit --vulnerability-service pypi --strict --progress-spinner off \
+		--path $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
 # The hostile-input suite against a server already running on PORT (loopback only).
 hostile: setup
