@@ -50,7 +50,10 @@ class PenultimateProbe:
         self._handle = head.register_forward_hook(self._keep)
 
     def _keep(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        self._features = inputs[0].detach()
+        # Only the first forward after a reset: later ones through the same model (mutants that
+        # share its modules) must not overwrite the CNN's own features.
+        if self._features is None:
+            self._features = inputs[0].detach()
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,10 +20,12 @@ from models.detectors import ConductanceDetector, UnifiedClassifier, load_state
 from models.errors import BundleError, ConfigError
 from models.lcr import MutantEnsemble, label_change_rate
 from models.mutation import MutantSet, mutant_weights_hash
+from models.open_world_evidence import OpenWorldProbe, OpenWorldScorers
 from models.operating_points import OperatingPoint
 from models.prefix_ensemble import PrefixSharingEnsemble
 from models.sequential_lcr import EarlyStopping, SequentialLCR
 from models.signals import (
+    OPEN_WORLD_SIGNALS,
     check_cond_inputs,
     check_signals,
     conductance_inputs,
@@ -196,6 +198,7 @@ class Gate:
         default_set: str,
         cond_inputs: str = "conductance",
         num_classes: int | None = None,
+        open_world: OpenWorldProbe | None = None,
     ) -> None:
         if default_set not in signal_sets:
             raise BundleError(f"default signal set {default_set!r} is not among {sorted(signal_sets)}")
@@ -205,6 +208,10 @@ class Gate:
         self.default_set = default_set
         self.cond_inputs = check_cond_inputs(cond_inputs)
         self.num_classes = num_classes
+        self.open_world = open_world
+        needing = [n for n, s in signal_sets.items() if any(sig in OPEN_WORLD_SIGNALS for sig in s.signals)]
+        if needing and open_world is None:
+            raise BundleError(f"signal sets {needing} need the open-world scorers, which the gate was not given")
 
     def cond_score(self, conductance: np.ndarray, prediction: np.ndarray) -> np.ndarray:
         """The conductance detector's score of ``N x C`` conductance for the CNN's ``prediction``,
@@ -235,6 +242,10 @@ class Gate:
         point = chosen.point(operating_point)
         want_cond = full_evidence or needs_conductance(chosen.signals)
         want_lcr = full_evidence or needs_lcr(chosen.signals)
+        want_open = any(s in OPEN_WORLD_SIGNALS for s in chosen.signals)
+        if want_open:
+            assert self.open_world is not None  # checked at construction
+            self.open_world.reset()  # the forward below leaves its penultimate features in the probe
         evidence = self.extractor(x, conductance=want_cond, lcr=want_lcr)
         seconds = dict(evidence.seconds)
         start = time.perf_counter()
@@ -243,7 +254,15 @@ class Gate:
             cond_score = self.cond_score(evidence.conductance.double().numpy(), evidence.prediction.numpy())
         logits = evidence.logits.numpy()
         lcr = evidence.lcr.numpy() if evidence.lcr is not None else None
-        unified = chosen.classifier.decision_function(signal_matrix(chosen.signals, logits, cond_score, lcr))
+        extra = None
+        if want_open:
+            assert self.open_world is not None
+            extra = self.open_world.columns(
+                x.to(self.extractor.device), logits, perturbation="doctor_pert" in chosen.signals
+            )
+        unified = chosen.classifier.decision_function(
+            signal_matrix(chosen.signals, logits, cond_score, lcr, extra=extra)
+        )
         seconds["detectors"] = time.perf_counter() - start
         return GateOutput(
             logits=logits,
@@ -380,6 +399,13 @@ def load_gate(
             operating_points=points,
             default_point=info["default_point"],
         )
+    open_world = None
+    if any(sig in OPEN_WORLD_SIGNALS for s in sets.values() for sig in s.signals):
+        # The torch model whose forward the probe reads; the ONNX backend's forward is a graph, so
+        # there the probe runs its own (torch) forward pass.
+        model = extractor.model if backend == "torch" else bundle.load_model(device)
+        open_world = OpenWorldProbe(OpenWorldScorers.load(bundle), model, tuple(bundle.normalisation.std))
     return Gate(
-        extractor, cond_detector, sets, default_set or detectors["default_set"], cond_inputs, num_classes
+        extractor, cond_detector, sets, default_set or detectors["default_set"], cond_inputs, num_classes,
+        open_world,
     )

@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from models.bundle import Bundle
+from models.detectors import save_state
 from models.errors import ConfigError
 from models.feature_scores import ClassMahalanobis, DeepKNN, PenultimateProbe
 from models.fitted_scores import PNormSoftmax, RelativeUncertainty
@@ -49,12 +50,12 @@ from offline.open_world_suites import (
     mixed_suite,
     unknown_suites,
 )
-from offline.stages import load_features, load_splits
+from offline.stages import OPERATING_POINTS, load_features, load_splits
 
 log = logging.getLogger("predgate.open_world")
 
 VARIANTS = ("clean", "exposed")
-POINTS = ("equal-recall", "correct-recall=0.98", "risk=0.02@0.95")
+POINTS = OPERATING_POINTS
 
 
 def _batches(n: int, batch_size: int) -> range:
@@ -236,6 +237,7 @@ class OpenWorldResult:
     val_auroc: dict[tuple[str, str], float]
     accuracy_clean: float
     settings: dict[str, Any]
+    fitted_scorers: OpenWorldScorers | None = None
 
 
 def evidence_name(suite: str) -> str:
@@ -435,4 +437,64 @@ def run_open_world(
         val_auroc,
         accuracy_clean,
         settings,
+        scorers,
     )
+
+
+def served_name(key: str) -> str:
+    """The bundle's name of an evaluated ``variant/set``: the set's own for ``clean``, with
+    ``-exposed`` appended for the exposed variant."""
+    variant, name = key.split("/", 1)
+    return name if variant == "clean" else f"{name}-{variant}"
+
+
+def adopt(bundle: Bundle, result: OpenWorldResult, keys: list[str], default: str | None = None) -> list[str]:
+    """Store the open-world scorers and the seed-0 detectors of ``keys`` (``variant/set``) in the
+    bundle as servable signal sets, with operating points chosen on the variant's val rows;
+    ``default`` (one of ``keys``) becomes the bundle's default set. Returns the served names.
+
+    A set that reads ``cond`` is adopted only from the clean variant: the gate serves one
+    conductance detector, the bundle's, and the exposed variant refits its own.
+    """
+    if result.fitted_scorers is None:
+        raise ConfigError("this result has no fitted scorers to store")
+    detectors = dict(bundle.get("detectors") or {})
+    if not detectors:
+        raise ConfigError("the bundle has no detectors section: build it to the end first")
+    result.fitted_scorers.save(bundle)
+    sets = dict(detectors["signal_sets"])
+    names = []
+    for key in keys:
+        variant, name = key.split("/", 1)
+        if variant not in result.variants or name not in result.variants[variant].fits[0].sets:
+            raise ConfigError(f"{key!r} was not evaluated; evaluated sets: {sorted(result.val_auroc)}")
+        set_fit = result.variants[variant].fits[0].sets[name]
+        if variant != "clean" and "cond" in set_fit.signals:
+            raise ConfigError(f"{key!r} reads conductance through its own detector: adopt a clean-variant set")
+        serve_as = served_name(key)
+        stem = f"detectors/set-{serve_as}"
+        config, arrays = save_state(set_fit.classifier)
+        bundle.write_json(f"{stem}.json", config)
+        bundle.write_arrays(f"{stem}.npz", arrays)
+        points = result.variants[variant].points[(0, name)]
+        sets[serve_as] = {
+            "signals": list(set_fit.signals),
+            "kind": set_fit.kind,
+            "val_auroc_by_kind": set_fit.val_auroc_by_kind,
+            "val_auroc": set_fit.val_auroc_by_kind[set_fit.kind],
+            "stem": stem,
+            "operating_points": {p: op.to_dict() for p, op in points.items()},
+            "skipped_points": {p: "infeasible on val" for p in OPERATING_POINTS if p not in points},
+            "default_point": "equal-recall",
+            "source": f"open-world ({variant} variant)",
+        }
+        names.append(serve_as)
+    detectors["signal_sets"] = sets
+    if default is not None:
+        if default not in keys:
+            raise ConfigError(f"the default {default!r} must be one of the adopted sets {keys}")
+        detectors["default_set"] = served_name(default)
+        detectors["default_chosen_by"] = "open-world report (report/open_world.md)"
+    bundle.set("detectors", detectors)
+    bundle.save()
+    return names

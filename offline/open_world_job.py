@@ -10,6 +10,7 @@ of one image per corruption kind and severity and of each unknown set, to look a
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from models.bundle import load_bundle
 from offline.corruptions import SEVERITIES, corrupt_images
-from offline.open_world import run_open_world
+from offline.open_world import adopt, run_open_world
 from offline.open_world_report import write_open_world_report
 from offline.open_world_suites import EVAL_KINDS, EXPOSURE_KINDS
 from offline.stages import load_splits
@@ -58,6 +59,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fashion-mnist-root", default=None, help="Fashion-MNIST folder (unknown set of a colour one)"
     )
     parser.add_argument("--preview", action="store_true", help="also write a PNG grid of the suites")
+    parser.add_argument(
+        "--adopt",
+        nargs="*",
+        default=None,
+        metavar="VARIANT/SET",
+        help="store these evaluated sets (e.g. exposed/feat+softmax) and the scorers in the bundle, servable; "
+        "with no value: the set the report chooses",
+    )
+    parser.add_argument(
+        "--make-default",
+        action="store_true",
+        help="with --adopt: the report's chosen set becomes the bundle's default signal set",
+    )
 
 
 def write_preview(images: np.ndarray, shape_unknown: dict[str, np.ndarray], path: Path) -> None:
@@ -119,3 +133,13 @@ def run(args: argparse.Namespace, progress: bool) -> None:
         unknown = unknown_sets(6, test.image_shape, dataset=dataset, data_roots=roots)
         write_preview(test.images, unknown, out_dir / "open_world_suites.png")
     print(f"open-world report written to {out_dir / 'open_world.md'}")
+    if args.adopt is not None:
+        chosen = json.loads((out_dir / "open_world.json").read_text())["default"]["chosen"]
+        keys = list(args.adopt) or ([chosen] if chosen else [])
+        if args.make_default and chosen not in keys:
+            keys.append(chosen)
+        names = adopt(bundle, result, keys, default=chosen if args.make_default else None)
+        print(
+            f"adopted signal sets {names}"
+            + (f"; default is now {names[keys.index(chosen)]}" if args.make_default else "")
+        )

@@ -11,12 +11,15 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from models.bundle import load_bundle
+from models.errors import ConfigError
+from models.gate import load_gate
 from models.scores import msp_score
 from offline.cli import main
 from offline.corruptions import KINDS, corrupt_images, kinds_for
-from offline.open_world import run_open_world
+from offline.open_world import adopt, run_open_world
 from offline.open_world_report import regime_table
 from offline.open_world_suites import EVAL_KINDS, EXPOSURE_KINDS, exposure_rows, shuffled_outliers
+from offline.stages import load_splits
 from offline.unknown_inputs import unknown_sets
 
 
@@ -84,6 +87,25 @@ def test_open_world_on_the_tiny_bundle(tiny_bundle: Path, tmp_path: Path, cifar1
         exposure_images=80, seeds=2, data_roots={"cifar10": str(cifar10_npz_dir)}, progress=False,
     )
     assert np.array_equal(again.scores["contrast-5"][("clean", 0, "msp")], result.scores["contrast-5"][("clean", 0, "msp")])
+    # adopted sets are served by the gate with the scores the evaluation computed offline
+    names = adopt(load_bundle(path), again, ["exposed/feat+softmax", "clean/everything", "exposed/doctor_pert"],
+                  default="exposed/feat+softmax")
+    assert names == ["feat+softmax-exposed", "everything", "doctor_pert-exposed"]
+    served = load_bundle(path)
+    assert served.manifest["detectors"]["default_set"] == "feat+softmax-exposed"
+    gate = load_gate(served)
+    clean = again.suites["clean"]
+    test = load_splits(served)["test"]
+    pick = np.sort(np.random.default_rng((0, 11)).choice(len(test), 30, replace=False))
+    assert np.array_equal(test.labels[pick], clean["label"])
+    x = served.normalisation.apply(test.images[pick])
+    for name, key in zip(names, [("exposed", 0, "feat+softmax"), ("clean", 0, "everything"),
+                                 ("exposed", 0, "doctor_pert")], strict=True):
+        out = gate.run(x, signal_set=name)
+        assert np.allclose(out.unified_score, again.scores["clean"][key], rtol=1e-5, atol=1e-6), name
+    assert gate.run(x).signal_set == "feat+softmax-exposed"
+    with pytest.raises(ConfigError, match="clean-variant"):
+        adopt(served, again, ["exposed/cond+lcr"])
     # other settings on the same bundle are refused, naming what to do
     with pytest.raises(Exception, match="same settings"):
         run_open_world(load_bundle(path), images=31, progress=False)
@@ -95,12 +117,17 @@ def test_open_world_cli_writes_the_report(tiny_bundle: Path, tmp_path: Path, cif
     shutil.copytree(tiny_bundle, path)
     code = main(["open-world", "--bundle", str(path), "--images", "20", "--kinds", "rotation", "--severities", "3",
                  "--exposure-images", "60", "--seeds", "1", "--n-boot", "20", "--cifar10-root", str(cifar10_npz_dir),
-                 "--preview"])
+                 "--preview", "--adopt", "--make-default"])
     assert code == 0
     report = path / "report"
     text = (report / "open_world.md").read_text()
     assert "Best set per regime" in text and "shift-s3" in text and "mixed" in text
     summary = json.loads((report / "open_world.json").read_text())
-    assert summary["default"]["chosen"] is not None
+    chosen = summary["default"]["chosen"]
+    assert chosen is not None
+    served = load_bundle(path)
+    variant, name = chosen.split("/", 1)
+    assert served.manifest["detectors"]["default_set"] == (name if variant == "clean" else f"{name}-{variant}")
+    assert load_gate(served).default_set == served.manifest["detectors"]["default_set"]
     for png in ("open_world_shift.png", "open_world_unknown.png", "open_world_suites.png"):
         assert (report / png).stat().st_size > 1000
