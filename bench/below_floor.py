@@ -38,7 +38,8 @@ from bench.costs import finish, median_seconds, progress_wanted, timed_runs
 from models.bundle import Bundle, load_bundle
 from models.gate import load_detector, load_mutants
 from models.lcr import MutantEnsemble
-from models.prefix_ensemble import PrefixSharingEnsemble, generate_mutants_in
+from models.mutant_search import generate_mutants_in
+from models.prefix_ensemble import PrefixSharingEnsemble
 from models.sequential_lcr import SPRT, Curtailed, StoppingRule, rule_to_dict, simulate_sequential
 from models.signals import conductance_inputs, needs_lcr, signal_matrix
 

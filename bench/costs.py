@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from models.gate import EvidenceExtractor
+from models.evidence import EvidenceExtractor
 
 
 def timed_runs(

@@ -51,7 +51,8 @@ from bench.costs import (
 from models.architectures import resolve_layer
 from models.bundle import Bundle, load_bundle
 from models.conductance import LayerConductance, ShortcutConductance
-from models.gate import EvidenceExtractor, Gate, load_extractor, load_gate
+from models.evidence import EvidenceExtractor
+from models.gate import Gate, load_extractor, load_gate
 from models.lcr import MutantEnsemble, predict_naive
 from models.signals import needs_conductance, needs_lcr, signal_matrix
 

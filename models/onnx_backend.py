@@ -20,7 +20,7 @@ Both exports go through ``torch.onnx.export(..., dynamo=False)``, which needs th
 (not only ``onnxruntime``). Graphs are exported per input image shape, on first use or eagerly with
 ``input_shape``; only the batch axis is dynamic.
 
-:func:`onnx_extractor` turns a torch :class:`models.gate.EvidenceExtractor` into one whose forward
+:func:`onnx_extractor` turns a torch :class:`models.evidence.EvidenceExtractor` into one whose forward
 pass, shortcut conductance and LCR run on ONNX Runtime; the general 11-point conductance needs
 autograd and stays on torch.
 """
@@ -43,7 +43,7 @@ from torch import fx, nn
 from models.architectures import resolve_layer
 from models.conductance import LayerConductance, ShortcutConductance
 from models.errors import ConfigError, InputError
-from models.gate import EvidenceExtractor  # models.gate imports this module only inside a function
+from models.evidence import EvidenceExtractor
 from models.mutation import MutantSpec, mutant_patches
 from models.sequential_lcr import EarlyStopping
 
@@ -610,7 +610,7 @@ class OnnxMutantEnsemble:
 
 # ------------------------------------------------------------------------------------- extractor
 class OnnxEvidenceExtractor(EvidenceExtractor):
-    """An :class:`models.gate.EvidenceExtractor` whose forward, shortcut conductance and LCR run on ORT.
+    """An :class:`models.evidence.EvidenceExtractor` whose forward, shortcut conductance and LCR run on ORT.
 
     ``model`` is an :class:`OnnxForwardModule` (the plain forward of ``__call__`` goes through ORT);
     the torch model stays available as ``torch_model`` for what needs torch (the general

@@ -17,18 +17,15 @@ import copy
 import math
 import threading
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import fx, nn
 
 from models.errors import ConfigError, InputError
 from models.mutation import (
-    MutantSet,
     MutantSpec,
     Patches,
     conv_layers,
-    generate_mutants,
     mutant_patches,
     plan_mutant,
 )
@@ -278,17 +275,3 @@ class _SuffixChunk:
 
     def predict(self, shared: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return self.ensemble.predict_suffix(shared, self.mutants)
-
-
-def generate_mutants_in(
-    model: nn.Module,
-    operator: str,
-    rate: float,
-    n_mutants: int,
-    modules: Sequence[str],
-    x_val: torch.Tensor,
-    y_val: torch.Tensor,
-    **kwargs: Any,
-) -> MutantSet:
-    """:func:`models.mutation.generate_mutants` restricted to ``modules`` (same acceptance rule)."""
-    return generate_mutants(model, operator, rate, n_mutants, x_val, y_val, modules=modules, **kwargs)

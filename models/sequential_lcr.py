@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from models.errors import ConfigError, InputError
+from models.lcr import MutantEnsemble
 from models.mutation import MutantSpec
 
 
@@ -265,8 +266,6 @@ def chunk_ensembles(
     """
     _check_args(chunk_size, 0)
     if factory is None:
-        from models.lcr import MutantEnsemble
-
         factory = MutantEnsemble
     return [factory(model, specs[i : i + chunk_size]) for i in range(0, len(specs), chunk_size)]
 

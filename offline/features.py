@@ -1,6 +1,6 @@
 """Per-split evidence tables: what the detectors are fitted on and the report is computed from.
 
-Extraction goes through :class:`models.gate.EvidenceExtractor`, the same object the server runs,
+Extraction goes through :class:`models.evidence.EvidenceExtractor`, the same object the server runs,
 so offline and online features are equal by construction (and a test checks it).
 """
 
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.gate import EvidenceExtractor
+from models.evidence import EvidenceExtractor
 from models.preprocess import Normalisation
 from models.sequential_lcr import EarlyStopping
 from offline.data import ImageArrays

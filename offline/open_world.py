@@ -32,9 +32,10 @@ from tqdm import tqdm
 from models.bundle import Bundle
 from models.detectors import save_state
 from models.errors import ConfigError
+from models.evidence import EvidenceExtractor
 from models.feature_scores import ClassMahalanobis, DeepKNN, PenultimateProbe
 from models.fitted_scores import PNormSoftmax, RelativeUncertainty
-from models.gate import EvidenceExtractor, load_early_stopping, load_extractor
+from models.gate import load_early_stopping, load_extractor
 from models.input_perturbation import PerturbedDoctor, choose_perturbation
 from models.open_world_evidence import OpenWorldScorers
 from models.operating_points import OperatingPoint, choose_threshold

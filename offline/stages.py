@@ -225,7 +225,8 @@ def mutants_stage(
     if bundle.stage_done("mutants"):
         return
     from models.gate import MUTANTS_FILE
-    from models.mutation import generate_mutants, mutant_weights_hash
+    from models.mutant_search import generate_mutants
+    from models.mutation import mutant_weights_hash
 
     model = bundle.load_model()
     val = arrays["val"]

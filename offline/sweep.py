@@ -27,11 +27,11 @@ import torch
 from models.bundle import Bundle, load_bundle
 from models.errors import ConfigError
 from models.lcr import MutantEnsemble, label_change_rate
+from models.mutant_search import generate_mutants
 from models.mutation import (
     MutationError,
     count_filters,
     filters_for_rate,
-    generate_mutants,
     get_operator,
     plan_mutant,
 )

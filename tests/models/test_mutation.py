@@ -17,13 +17,13 @@ from torch import nn
 from models.architectures import build_model
 from models.errors import BundleError, ConfigError, PredgateError
 from models.lcr import MutantEnsemble, label_change_rate, predict_model, predict_naive
+from models.mutant_search import generate_mutants
 from models.mutation import (
     OPERATORS,
     MutantSet,
     MutantSpec,
     MutationError,
     count_filters,
-    generate_mutants,
     mutant_tensors,
     mutant_weights_hash,
     plan_mutant,

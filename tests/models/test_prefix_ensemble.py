@@ -17,8 +17,9 @@ from torch import nn
 from models.architectures import ResNet20
 from models.errors import ConfigError
 from models.lcr import predict_naive
+from models.mutant_search import generate_mutants_in
 from models.mutation import MutantSpec, MutationError, filters_for_rate, mutant_weights_hash
-from models.prefix_ensemble import PrefixSharingEnsemble, convs_in, generate_mutants_in, plan_mutant_in
+from models.prefix_ensemble import PrefixSharingEnsemble, convs_in, plan_mutant_in
 from models.sequential_lcr import SPRT, SequentialLCR, simulate_sequential
 
 
