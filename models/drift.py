@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import ks_2samp
 
-from models.errors import ConfigError
+from models.bundle import Bundle
+from models.errors import BundleError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -70,3 +71,26 @@ class DriftMonitor:
             return None
         result = ks_2samp(live, self.reference, alternative="two-sided", method="asymp")
         return DriftState(float(result.statistic), float(result.pvalue), float(rejected.mean()), int(live.size))
+
+
+SCORES_FILE = "detectors/scores.npz"
+"""Where the bundle keeps every signal set's detector scores per seed and split."""
+
+
+def reference_scores(bundle: Bundle, signal_set: str) -> np.ndarray:
+    """The val scores of ``signal_set``'s served (seed-0) detector: the sample its thresholds were
+    chosen on, so the sample live scores are compared with.
+
+    Raises
+    ------
+    BundleError
+        The bundle stores no val scores for that set (rebuild its detectors stage, or adopt the set
+        with ``predgate open-world --adopt``, which stores them).
+    """
+    key = f"0/{signal_set}/val"
+    if not bundle.has_file(SCORES_FILE):
+        raise BundleError(f"the bundle has no {SCORES_FILE}: build its detectors stage")
+    scores = bundle.read_arrays(SCORES_FILE)
+    if key not in scores:
+        raise BundleError(f"{SCORES_FILE} holds no val scores of signal set {signal_set!r} ({key!r})")
+    return scores[key]

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from models.bundle import Bundle
 from models.detectors import save_state
+from models.drift import SCORES_FILE
 from models.errors import ConfigError
 from models.evidence import EvidenceExtractor
 from models.feature_scores import ClassMahalanobis, DeepKNN, PenultimateProbe
@@ -464,6 +465,7 @@ def adopt(bundle: Bundle, result: OpenWorldResult, keys: list[str], default: str
         raise ConfigError("the bundle has no detectors section: build it to the end first")
     result.fitted_scorers.save(bundle)
     sets = dict(detectors["signal_sets"])
+    stored_scores = bundle.read_arrays(SCORES_FILE) if bundle.has_file(SCORES_FILE) else {}
     names = []
     for key in keys:
         variant, name = key.split("/", 1)
@@ -477,6 +479,12 @@ def adopt(bundle: Bundle, result: OpenWorldResult, keys: list[str], default: str
         config, arrays = save_state(set_fit.classifier)
         bundle.write_json(f"{stem}.json", config)
         bundle.write_arrays(f"{stem}.npz", arrays)
+        for split, split_scores in set_fit.scores.items():
+            # The exposed variant's splits end with its exposure rows; the stored scores (the drift
+            # monitor's reference is val) are those of the clean rows, which come first.
+            clean_fit = result.variants.get("clean", result.variants[variant]).fits[0]
+            clean_rows = len(next(iter(clean_fit.sets.values())).scores[split])
+            stored_scores[f"0/{serve_as}/{split}"] = np.asarray(split_scores)[:clean_rows]
         points = result.variants[variant].points[(0, name)]
         sets[serve_as] = {
             "signals": list(set_fit.signals),
@@ -490,6 +498,7 @@ def adopt(bundle: Bundle, result: OpenWorldResult, keys: list[str], default: str
             "source": f"open-world ({variant} variant)",
         }
         names.append(serve_as)
+    bundle.write_arrays(SCORES_FILE, stored_scores)
     detectors["signal_sets"] = sets
     if default is not None:
         if default not in keys:

@@ -67,6 +67,30 @@ UNIFIED_SCORE = Histogram(
     ["signal_set"],
     buckets=_UNIT_BUCKETS,
 )
+DRIFT_KS = Gauge(
+    "predgate_drift_ks_statistic",
+    "Two-sample KS statistic of the last window of unified scores against the bundle's val scores (max over workers).",
+    ["signal_set"],
+    multiprocess_mode="livemax",
+)
+DRIFT_PVALUE = Gauge(
+    "predgate_drift_ks_pvalue",
+    "Asymptotic p-value of that KS test (min over workers): small = live scores no longer look like val.",
+    ["signal_set"],
+    multiprocess_mode="livemin",
+)
+WINDOW_UNKNOWN_SHARE = Gauge(
+    "predgate_window_unknown_share",
+    "Share of 'unknown' verdicts among the last window of answered images (max over workers).",
+    ["signal_set"],
+    multiprocess_mode="livemax",
+)
+DRIFT_WINDOW = Gauge(
+    "predgate_drift_window_images",
+    "Images in the drift window (summed over workers); the drift gauges appear once it holds min_window.",
+    ["signal_set"],
+    multiprocess_mode="livesum",
+)
 READY = Gauge(
     "predgate_ready", "1 when the bundle is loaded and warmed up (in any worker), else 0.", multiprocess_mode="livemax"
 )

@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     workers: int = Field(
         1, ge=1, description="uvicorn worker processes, each with its own gate and batcher (metrics: multiprocess)"
     )
+    drift_window: int = Field(
+        1000, ge=2, description="answered images per signal set in the drift window (KS test vs val scores)"
+    )
+    drift_min_window: int = Field(
+        100, ge=2, description="images the drift window needs before its gauges are exported"
+    )
     log_level: str = "info"
     graceful_timeout_s: float = Field(
         30.0, gt=0, description="longest wait for in-flight requests on SIGTERM"

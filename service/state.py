@@ -18,6 +18,7 @@ from models.gate import Gate, GateOutput, load_gate
 from models.image_input import InputContract
 from service import metrics
 from service.batching import Batcher, GroupKey
+from service.drift import DriftGauges
 from service.settings import Settings
 
 log = logging.getLogger("predgate.service")
@@ -31,6 +32,7 @@ class LoadedService:
     gate: Gate
     contract: InputContract
     device: torch.device
+    drift: DriftGauges
 
     @property
     def bundle_id(self) -> str:
@@ -64,7 +66,8 @@ def load_service(settings: Settings) -> LoadedService:
     gate = load_gate(bundle, device, settings.signal_set, backend=settings.backend)
     gate.signal_set(None).point(settings.operating_point)  # raises ConfigError naming the stored points
     contract = InputContract.from_shape(bundle.input_shape, settings.resize, settings.max_image_pixels)
-    return LoadedService(bundle, gate, contract, device)
+    drift = DriftGauges(bundle, settings.drift_window, min(settings.drift_min_window, settings.drift_window))
+    return LoadedService(bundle, gate, contract, device, drift)
 
 
 def warm_up(loaded: LoadedService) -> None:

@@ -171,6 +171,9 @@ async def _answer(
     for row in rows:
         _observe(row, loaded.bundle.class_names[row.prediction], total)
         records.append(_record(row, loaded, options, total))
+    loaded.drift.observe(
+        key.signal_set, np.array([row.unified_score for row in rows]), np.array([row.reject for row in rows])
+    )
     return records
 
 

@@ -56,7 +56,9 @@ def rule_queries() -> list[str]:
 def test_dashboard_has_the_required_panels() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     titles = " | ".join(p["title"].lower() for p in dashboard["panels"])
-    for word in ("rejection rate", "per predicted class", "request rate", "latency per stage", "batch size"):
+    for word in (
+        "rejection rate", "per predicted class", "request rate", "latency per stage", "batch size", "drift"
+    ):
         assert word in titles
     exprs = dashboard_queries()
     assert any(
@@ -86,6 +88,7 @@ def test_queried_metrics_and_labels_exist(source: str) -> None:
 def test_rules_name_the_rejection_spike_alert() -> None:
     queries = rule_queries()
     assert any("predgate:rejection_rate:5m > 2 * predgate:rejection_rate:1h" in q for q in queries)
+    assert any("predgate_drift_ks_statistic" in q and "predgate_drift_ks_pvalue" in q for q in queries)
 
 
 @pytest.mark.skipif(
@@ -96,7 +99,7 @@ def test_promtool_checks_rules_and_config() -> None:
         ["promtool", "check", "rules", str(RULES)], check=False, capture_output=True, text=True, timeout=60
     )
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 5 rules found" in rules.stdout + rules.stderr
+    assert "SUCCESS: 6 rules found" in rules.stdout + rules.stderr
     config = subprocess.run(
         ["promtool", "check", "config", str(PROMETHEUS_CONFIG)],
         check=False,
