@@ -36,6 +36,7 @@ from sklearn.metrics import roc_auc_score
 
 from bench.costs import finish, median_seconds, progress_wanted, timed_runs
 from models.bundle import Bundle, load_bundle
+from models.data import load_splits
 from models.gate import load_detector, load_mutants
 from models.lcr import MutantEnsemble
 from models.mutant_search import generate_mutants_in
@@ -267,8 +268,6 @@ def part_b(
     ``rates`` default to the bundle's rate and twice it: a restricted mutant at the bundle's rate
     changes as many filters as an ordinary one, but all in the later layers.
     """
-    from offline.stages import load_splits  # data loaders live offline; only this part needs images
-
     model = bundle.load_model()
     info = bundle.get("mutants") or {}
     operator = info.get("operator", "NAI")

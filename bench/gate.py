@@ -51,6 +51,7 @@ from bench.costs import (
 from models.architectures import resolve_layer
 from models.bundle import Bundle, load_bundle
 from models.conductance import LayerConductance, ShortcutConductance
+from models.data import load_splits
 from models.evidence import EvidenceExtractor
 from models.gate import Gate, load_extractor, load_gate
 from models.lcr import MutantEnsemble, predict_naive
@@ -92,8 +93,6 @@ def sample_images(bundle: Bundle, n: int, seed: int = 0) -> tuple[np.ndarray, st
     compute but make LCR and the detectors see unusual inputs.
     """
     try:
-        from offline.stages import load_splits  # the data loaders live offline; optional here
-
         images = load_splits(bundle)["val"].images
         if len(images):
             reps = -(-n // len(images))

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from models.attacks import ATTACKS, AttackSpec, attack_batch, predict_pixels, to_pixels, to_uint8
 from models.bundle import Bundle, load_bundle
+from models.data import load_splits
 from models.errors import ConfigError
-from offline.stages import load_splits
 
 log = logging.getLogger("predgate.attack")
 FOLDER = "adversarial"

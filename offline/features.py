@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from models.data import ImageArrays
 from models.evidence import EvidenceExtractor
 from models.preprocess import Normalisation
 from models.sequential_lcr import EarlyStopping
-from offline.data import ImageArrays
 
 
 def extract_features(

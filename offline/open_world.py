@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from models.bundle import Bundle
+from models.data import ImageArrays, load_splits
 from models.detectors import save_state
 from models.drift import SCORES_FILE
 from models.errors import ConfigError
@@ -41,7 +42,6 @@ from models.input_perturbation import PerturbedDoctor, choose_perturbation
 from models.open_world_evidence import OpenWorldScorers
 from models.operating_points import OperatingPoint, choose_threshold
 from models.signals import CANDIDATE_SETS, OPEN_WORLD_SETS, conductance_inputs, signal_matrix
-from offline.data import ImageArrays
 from offline.features import apply_early_stopping, extract_features, wrong_labels
 from offline.fit import DetectorFit, fit_detectors
 from offline.open_world_suites import (
@@ -52,7 +52,7 @@ from offline.open_world_suites import (
     mixed_suite,
     unknown_suites,
 )
-from offline.stages import OPERATING_POINTS, load_features, load_splits
+from offline.stages import OPERATING_POINTS, load_features
 
 log = logging.getLogger("predgate.open_world")
 

@@ -21,11 +21,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from models.bundle import load_bundle
+from models.data import load_splits
 from offline.corruptions import SEVERITIES, corrupt_images
 from offline.open_world import adopt, run_open_world
 from offline.open_world_report import write_open_world_report
 from offline.open_world_suites import EVAL_KINDS, EXPOSURE_KINDS
-from offline.stages import load_splits
 from offline.unknown_inputs import unknown_sets
 
 log = logging.getLogger("predgate.open_world")

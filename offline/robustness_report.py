@@ -32,13 +32,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from models.bundle import Bundle, load_bundle
+from models.data import ImageArrays, load_splits
 from models.gate import Gate, load_early_stopping, load_gate
 from models.signals import signal_matrix
 from offline.attack import FOLDER, load_adversarial
-from offline.data import ImageArrays
 from offline.features import apply_early_stopping, extract_features
 from offline.metrics import auroc, paired_bootstrap_auroc
-from offline.stages import load_features, load_splits
+from offline.stages import load_features
 
 log = logging.getLogger("predgate.robustness")
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,9 @@ import torch
 
 from models.architectures import default_layer
 from models.bundle import Bundle, load_bundle
+from models.data import DataSource, ImageArrays, SplitSpec, apply_splits, load_splits, make_splits
 from models.errors import BundleError
 from models.preprocess import Normalisation
-from offline.data import ImageArrays, Splits, SplitSpec, apply_splits, load_dataset, make_splits
 from offline.profiles import STAGE_ORDER, BuildProfile, fixed_fields_differ
 from offline.train import TrainConfig, accuracy, build_seeded_model, pick_device, train_model
 
@@ -26,33 +25,6 @@ log = logging.getLogger("predgate.build")
 
 # Per-dataset training recipe: flips and crops for natural images only.
 AUGMENTATION = {"fashion-mnist": (False, 0), "cifar10": (True, 4), "imagefolder": (True, 4)}
-
-
-@dataclass
-class DataSource:
-    """How to reload the data a bundle was built from (recorded in its manifest)."""
-
-    name: str
-    root: str | None = None
-    image_size: int | None = None
-    channels: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
-
-    def load(self) -> tuple[ImageArrays, ImageArrays]:
-        kwargs: dict[str, Any] = {}
-        if self.name == "imagefolder":
-            kwargs = {"image_size": self.image_size, "channels": self.channels or 3}
-        return load_dataset(self.name, self.root, **kwargs)
-
-
-def load_splits(bundle: Bundle) -> dict[str, ImageArrays]:
-    """Reload the four splits a bundle was built on (checked against the recorded digest)."""
-    source = DataSource(**bundle.manifest["dataset"]["source"])
-    train_pool, test_pool = source.load()
-    splits = Splits.from_dict(bundle.manifest["splits"])
-    return apply_splits(train_pool, test_pool, splits)
 
 
 def prepare(

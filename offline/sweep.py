@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from models.bundle import Bundle, load_bundle
+from models.data import load_splits
 from models.errors import ConfigError
 from models.lcr import MutantEnsemble, label_change_rate
 from models.mutant_search import generate_mutants
@@ -139,8 +140,6 @@ def run_sweep(
     max-softmax AUROC on the LCR images (a reference), and ``rows``, one per combination, each
     with the acceptance statistics and either the LCR statistics or ``error``.
     """
-    from offline.stages import load_splits
-
     for op in operators:
         get_operator(op)
     if n_mutants < 1 or images < 1 or acceptance_images < 1:
@@ -241,8 +240,6 @@ def copy_sweep(source: Bundle, target: Bundle) -> None:
     """Put ``source``'s sweep into ``target``'s report: one sweep serves every bundle built on the
     same CNN (e.g. detectors on a held-out fit split and in the paper's setting). Refused unless
     both hold the same weights and the same val images, which the sweep was measured on."""
-    from offline.stages import load_splits
-
     if not source.has_file(SWEEP_FILE):
         raise ConfigError(f"{source.path} has no {SWEEP_FILE}: run the sweep there first")
     weights = [b.manifest["files"].get("weights.safetensors", {}).get("sha256") for b in (source, target)]

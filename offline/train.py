@@ -16,9 +16,10 @@ from torch import nn
 from tqdm import tqdm
 
 from models.architectures import build_model
+from models.data import ImageArrays
 from models.errors import ConfigError
 from models.preprocess import Normalisation
-from offline.data import ImageArrays, augment_images
+from offline.augment import augment_images
 
 
 @dataclass

@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from models.data import load_cifar10_npz, load_fashion_mnist, load_image_folder
 from models.errors import ConfigError
-from offline.data import load_cifar10_npz, load_fashion_mnist, load_image_folder
 
 FAR_SETS = ("noise-gaussian", "noise-uniform", "constant")
 NEAR_SETS = ("digits", "other-dataset")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.offline.fixtures import write_cifar_npz, write_fashion_mnist
+from tests.fixtures import write_cifar_npz, write_fashion_mnist
 
 # One torch thread: on two shared cores it builds the tiny bundle several times faster than the
 # oversubscribed default, and keeps numbers independent of the machine's core count.
@@ -48,9 +48,9 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: Path) -> Path:
     """Path to a finished bundle (every stage, every signal set, a report)."""
+    from models.data import DataSource
     from offline.build import build_bundle
     from offline.profiles import BuildProfile
-    from offline.stages import DataSource
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     build_bundle(

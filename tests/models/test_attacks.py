@@ -11,8 +11,8 @@ import torchattacks
 
 from models.attacks import AttackSpec, PixelModel, attack_batch, predict_pixels, to_pixels, to_uint8
 from models.bundle import load_bundle
+from models.data import load_splits
 from models.errors import ConfigError
-from offline.stages import load_splits
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ import torchattacks
 
 from models.attacks import AttackSpec
 from models.bundle import load_bundle
+from models.data import load_splits
 from offline.attack import chunk_name, load_adversarial, run_attack
 from offline.cli import main
 from offline.metrics import auroc
-from offline.stages import load_splits
 
 
 @pytest.fixture()

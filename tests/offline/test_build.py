@@ -12,12 +12,12 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from models.bundle import load_bundle
+from models.data import load_splits
 from models.errors import BundleError
 from models.gate import load_gate
 from models.scores import BASELINE_SCORES
 from models.signals import conductance_inputs, signal_matrix
 from offline.features import wrong_labels
-from offline.stages import load_splits
 
 
 def test_bundle_is_complete(tiny_bundle: Path) -> None:
@@ -89,9 +89,9 @@ def test_stored_operating_points_hold_on_val(tiny_bundle: Path) -> None:
 
 
 def test_rerunning_a_finished_build_changes_nothing(tiny_bundle: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
+    from models.data import DataSource
     from offline.build import build_bundle
     from offline.profiles import BuildProfile
-    from offline.stages import DataSource
     from tests.conftest import TINY_PROFILE
 
     copy = tmp_path / "copy"
@@ -155,9 +155,9 @@ def test_paper_comparison_rows_equal_sklearn_and_the_summary_shows_them(tiny_bun
 def test_conductance_detector_with_the_predicted_class(tiny_bundle: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
     """``--redo detectors --cond-inputs conductance+class``: the detector reads C + K inputs, the
     manifest and report say so, and the gate computes the scores the stage stored."""
+    from models.data import DataSource
     from offline.build import build_bundle
     from offline.profiles import BuildProfile
-    from offline.stages import DataSource
     from tests.conftest import TINY_PROFILE
 
     copy = tmp_path / "with-class"

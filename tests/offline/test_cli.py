@@ -44,10 +44,10 @@ def test_mutants_confined_to_a_later_stage_share_the_prefix(tiny_bundle: Path, t
     import numpy as np
     import torch
 
+    from models.data import load_splits
     from models.gate import load_extractor
     from models.lcr import predict_naive
     from models.prefix_ensemble import PrefixSharingEnsemble, convs_in
-    from offline.stages import load_splits
 
     copy = tmp_path / "b"
     shutil.copytree(tiny_bundle, copy)

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from models.bundle import load_bundle
+from models.data import load_splits
 from models.errors import BundleError, ConfigError
 from models.gate import load_gate
 from models.sequential_lcr import SPRT, EarlyStopping, rule_to_dict, simulate_sequential, sprt_from_data
 from offline.features import wrong_labels
-from offline.stages import detectors_stage, lcr_setting_stage, load_splits, mutants_stage
+from offline.stages import detectors_stage, lcr_setting_stage, mutants_stage
 
 
 def _early_stopping_bundle(tiny_bundle: Path, tmp_path: Path, modules: tuple[str, ...] | None) -> Path:

@@ -11,6 +11,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from models.bundle import load_bundle
+from models.data import load_splits
 from models.errors import ConfigError
 from models.gate import load_gate
 from models.scores import msp_score
@@ -19,7 +20,6 @@ from offline.corruptions import KINDS, corrupt_images, kinds_for
 from offline.open_world import adopt, run_open_world
 from offline.open_world_report import regime_table
 from offline.open_world_suites import EVAL_KINDS, EXPOSURE_KINDS, exposure_rows, shuffled_outliers
-from offline.stages import load_splits
 from offline.unknown_inputs import unknown_sets
 
 

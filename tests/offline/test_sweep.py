@@ -12,9 +12,9 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from models.bundle import load_bundle
+from models.data import load_splits
 from models.lcr import label_change_rate, predict_naive
 from models.mutation import MutantSet, count_filters, filters_for_rate, plan_mutant
-from offline.stages import load_splits
 from offline.sweep import SWEEP_FILE, default_rates, main, run_sweep, sweep_markdown
 
 OPERATORS = ("NAI", "GF")

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from models.architectures import build_model
+from models.data import ImageArrays
 from models.errors import ConfigError
 from models.preprocess import Normalisation
-from offline.data import ImageArrays
 from offline.train import TrainConfig, accuracy, train_model
 
 

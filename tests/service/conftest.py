@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from models.bundle import Bundle, load_bundle
+from models.data import read_idx
 from models.gate import Gate, load_gate
-from offline.data import read_idx
 from service.main import create_app
 from service.settings import Settings
 

@@ -10,9 +10,9 @@ import numpy as np
 from fastapi.testclient import TestClient
 
 from models.bundle import Bundle
+from models.data import ImageArrays
 from models.gate import Gate, load_extractor
 from models.signals import signal_matrix
-from offline.data import ImageArrays
 from offline.features import extract_features
 from tests.service.conftest import png_bytes
 

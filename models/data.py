@@ -1,5 +1,5 @@
-"""Image data sets as plain uint8 arrays, the four disjoint splits of method.md section 1, and the
-torch ``Dataset`` that feeds training.
+"""Image data sets as plain uint8 arrays, the four disjoint splits of method.md section 1, and
+reloading the splits a bundle was built on (:func:`load_splits`).
 
 Every loader returns the same ``ImageArrays`` record (``N x H x W x C`` uint8, int64 labels, class
 names) so that training, feature extraction and evaluation never care where the pixels came from.
@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10
 
+from models.bundle import Bundle
 from models.errors import PredgateError
-from models.preprocess import Normalisation, resize_and_crop
+from models.preprocess import resize_and_crop
+from models.progress import maybe_tqdm
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",
@@ -352,7 +352,7 @@ def load_image_folder(
     mode = "L" if channels == 1 else "RGB"
     images = np.empty((len(samples), image_size, image_size, channels), dtype=np.uint8)
     labels = np.empty(len(samples), dtype=np.int64)
-    for i, (path, label) in enumerate(_maybe_tqdm(samples, progress, f"decoding {folder.name}")):
+    for i, (path, label) in enumerate(maybe_tqdm(samples, progress, f"decoding {folder.name}")):
         try:
             with Image.open(path) as img:
                 pixels = np.asarray(resize_and_crop(img.convert(mode), image_size), dtype=np.uint8)
@@ -440,14 +440,6 @@ def _no_kwargs(name: str, kwargs: dict[str, Any]) -> None:
 def _check_split(split: str) -> None:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-
-
-def _maybe_tqdm(items: Sequence[Any], progress: bool, desc: str) -> Any:
-    if not progress:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -621,89 +613,32 @@ def apply_splits(train_pool: ImageArrays, test_pool: ImageArrays, splits: Splits
 
 
 # --------------------------------------------------------------------------------------------------
-# Training data
+# A bundle's data
 # --------------------------------------------------------------------------------------------------
 
 
-def augment_images(
-    images: torch.Tensor, flip: bool, crop_padding: int, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Random crop after zero padding, then random horizontal flip, on raw pixels.
+@dataclass
+class DataSource:
+    """How to reload the data a bundle was built from (recorded in its manifest)."""
 
-    Works on a whole batch at once (on any device) so GPU training need not go image by image;
-    padding is black pixels, as torchvision's ``RandomCrop(padding=...)`` does.
+    name: str
+    root: str | None = None
+    image_size: int | None = None
+    channels: int | None = None
 
-    Parameters
-    ----------
-    images : torch.Tensor
-        ``N x H x W x C`` uint8.
-    flip : bool
-        Flip each image left-right with probability 1/2 (not for digits or text).
-    crop_padding : int
-        Pad by this many pixels on each side, then cut a random ``H x W`` window.
-    generator : torch.Generator, optional
-        On the CPU; default: torch's global generator.
-    """
-    n, height, width, _ = images.shape
-    device = images.device
-    out = images
-    if crop_padding > 0:
-        pad = crop_padding
-        padded = torch.nn.functional.pad(images, (0, 0, pad, pad, pad, pad))
-        top = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(device)
-        left = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(device)
-        rows = top[:, None] + torch.arange(height, device=device)[None, :]
-        cols = left[:, None] + torch.arange(width, device=device)[None, :]
-        out = padded[torch.arange(n, device=device)[:, None, None], rows[:, :, None], cols[:, None, :]]
-    if flip:
-        mask = (torch.rand(n, generator=generator) < 0.5).to(device)
-        out = torch.where(mask[:, None, None, None], out.flip(2), out)
-    return out
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    def load(self) -> tuple[ImageArrays, ImageArrays]:
+        kwargs: dict[str, Any] = {}
+        if self.name == "imagefolder":
+            kwargs = {"image_size": self.image_size, "channels": self.channels or 3}
+        return load_dataset(self.name, self.root, **kwargs)
 
 
-class ArrayDataset(Dataset):
-    """``(normalised C x H x W float32 tensor, label)`` pairs for a ``DataLoader``.
-
-    Normalisation goes through ``Normalisation.apply``, the same call the gate makes at serve
-    time, so a trained model never sees inputs scaled differently from what it is served.
-
-    Parameters
-    ----------
-    arrays : ImageArrays
-    normalisation : Normalisation
-        Per-channel statistics (of cnn-train).
-    augment : bool
-        Apply ``augment_images`` to each item; ``False`` for every split but cnn-train.
-    flip : bool
-        With ``augment``: random horizontal flips (natural images such as CIFAR-10 only).
-    crop_padding : int
-        With ``augment``: random crops after padding by this many pixels.
-    """
-
-    def __init__(
-        self,
-        arrays: ImageArrays,
-        normalisation: Normalisation,
-        augment: bool = False,
-        flip: bool = False,
-        crop_padding: int = 0,
-    ) -> None:
-        if len(normalisation.mean) != arrays.images.shape[-1]:
-            raise ValueError(
-                f"normalisation has {len(normalisation.mean)} channels, images have {arrays.images.shape[-1]}"
-            )
-        if crop_padding < 0:
-            raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
-        self.arrays = arrays
-        self.normalisation = normalisation
-        self.augment, self.flip, self.crop_padding = augment, flip, crop_padding
-
-    def __len__(self) -> int:
-        return len(self.arrays)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        index = range(len(self))[index]  # negative indices; IndexError past the end
-        image = torch.from_numpy(self.arrays.images[index : index + 1])
-        if self.augment:
-            image = augment_images(image, self.flip, self.crop_padding)
-        return self.normalisation.apply(image)[0], int(self.arrays.labels[index])
+def load_splits(bundle: Bundle) -> dict[str, ImageArrays]:
+    """Reload the four splits a bundle was built on (checked against the recorded digest)."""
+    source = DataSource(**bundle.manifest["dataset"]["source"])
+    train_pool, test_pool = source.load()
+    splits = Splits.from_dict(bundle.manifest["splits"])
+    return apply_splits(train_pool, test_pool, splits)
