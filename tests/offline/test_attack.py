@@ -11,11 +11,11 @@ import pytest
 import torch
 import torchattacks
 
+from cli.main import main
 from models.attacks import AttackSpec
 from models.bundle import load_bundle
 from models.data import load_splits
 from offline.attack import chunk_name, load_adversarial, run_attack
-from offline.cli import main
 from offline.metrics import auroc
 
 

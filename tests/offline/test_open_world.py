@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from cli.main import main
 from models.bundle import load_bundle
 from models.data import load_splits
 from models.errors import ConfigError
 from models.gate import load_gate
 from models.scores import msp_score
-from offline.cli import main
 from offline.corruptions import KINDS, corrupt_images, kinds_for
 from offline.open_world import adopt, run_open_world
 from offline.open_world_report import regime_table

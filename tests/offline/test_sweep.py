@@ -145,7 +145,7 @@ def test_impossible_acceptance_is_an_error_row(
 def test_report_takes_the_sweep_of_a_bundle_with_the_same_cnn(
     swept: tuple[Path, dict], tiny_bundle: Path, tmp_path: Path
 ) -> None:
-    from offline.cli import main as cli_main
+    from cli.main import main as cli_main
 
     source, sweep = swept
     target = tmp_path / "same-cnn"

@@ -1,20 +1,30 @@
-"""The ``predgate`` command: one subcommand per offline job, plus ``serve``."""
+"""The ``predgate`` command: one subcommand per offline job, plus ``serve``.
+
+The composition root: the one module that wires the offline jobs and the server together (the
+import contracts in pyproject.toml allow nothing else to import both ``offline`` and ``service``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
+from models.bundle import load_bundle
+from models.data import DataSource, load_splits
 from models.errors import PredgateError
-from offline import open_world_job
-from offline.profiles import get_profile
-
-
-def _progress() -> bool:
-    return os.environ.get("PREDGATE_NO_PROGRESS", "") not in ("1", "true", "yes")
+from models.progress import progress_wanted
+from offline import attack as attack_job
+from offline import open_world_job, robustness_report
+from offline.build import build_bundle
+from offline.profiles import STAGE_ORDER, get_profile
+from offline.report import write_report
+from offline.stages import features_stage, mutants_stage, prepare, train_stage
+from offline.sweep import copy_sweep
+from offline.sweep import main as sweep_main
+from service.server import serve
+from service.settings import Settings
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -72,19 +82,15 @@ def _profile_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _source_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from offline.stages import DataSource
-
     return DataSource(args.dataset, args.data_root, args.image_size, args.channels if args.dataset == "imagefolder" else None)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from offline.stages import prepare, train_stage
-
     profile = _profile_from(args)
     bundle, arrays = prepare(args.out, _source_from(args), profile, arch=args.arch, layer=args.layer, overwrite=args.overwrite)
     train_stage(
         bundle, arrays, epochs=profile.epochs, seed=profile.seed, batch_size=profile.batch_size, weights=args.weights,
-        device=args.device, progress=_progress(),
+        device=args.device, progress=progress_wanted(),
     )
     info = bundle.manifest["training"]
     print(
@@ -94,21 +100,15 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> None:
-    from offline.build import build_bundle
-
     build_bundle(
         args.out, _source_from(args), _profile_from(args), arch=args.arch, layer=args.layer,
         weights=args.weights, device=args.device, default_set=args.default_set, overwrite=args.overwrite,
-        redo=args.redo, base=args.base, progress=_progress(),
+        redo=args.redo, base=args.base, progress=progress_wanted(),
     )
 
 
 def _open_for_stage(args: argparse.Namespace, stage: str):  # type: ignore[no-untyped-def]
     """The bundle and its splits, with ``stage`` (and what follows it) cleared when ``--redo``."""
-    from models.bundle import load_bundle
-    from offline.build import STAGE_ORDER
-    from offline.stages import load_splits
-
     bundle = load_bundle(args.bundle)
     if args.redo:
         later = STAGE_ORDER[STAGE_ORDER.index(stage) :]
@@ -120,14 +120,12 @@ def _open_for_stage(args: argparse.Namespace, stage: str):  # type: ignore[no-un
 
 
 def cmd_mutants(args: argparse.Namespace) -> None:
-    from offline.stages import mutants_stage
-
     bundle, arrays = _open_for_stage(args, "mutants")
     profile = bundle.manifest["profile"]
     mutants_stage(
         bundle, arrays, operator=args.operator or profile["operator"], rate=args.rate or profile["mutation_rate"],
         n_mutants=args.n or profile["n_mutants"], seed=profile["seed"],
-        modules=args.modules or profile.get("mutant_modules"), progress=_progress(),
+        modules=args.modules or profile.get("mutant_modules"), progress=progress_wanted(),
     )
     info = bundle.manifest["mutants"]
     print(
@@ -138,42 +136,29 @@ def cmd_mutants(args: argparse.Namespace) -> None:
 
 
 def cmd_features(args: argparse.Namespace) -> None:
-    from offline.stages import features_stage
-
     bundle, arrays = _open_for_stage(args, "features")
     profile = bundle.manifest["profile"]
     features_stage(
         bundle, arrays, batch_size=args.batch_size, early_stopping_alpha=profile.get("lcr_sprt_alpha"),
-        early_stopping_chunk=profile.get("lcr_chunk", 10), progress=_progress(),
+        early_stopping_chunk=profile.get("lcr_chunk", 10), progress=progress_wanted(),
     )
     print(f"features written to {bundle.path / 'features'}")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from offline.sweep import main as sweep_main
-
     return sweep_main(args.sweep_args)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from models.bundle import load_bundle
-    from offline.report import write_report
-    from offline.stages import load_splits
-
     bundle = load_bundle(args.bundle)
     if args.sweep_from is not None:
-        from offline.sweep import copy_sweep
-
         copy_sweep(load_bundle(args.sweep_from), bundle)
     arrays = load_splits(bundle)
-    out = write_report(bundle, val_images=arrays["val"].images, n_boot=args.n_boot, progress=_progress())
+    out = write_report(bundle, val_images=arrays["val"].images, n_boot=args.n_boot, progress=progress_wanted())
     print(f"report written to {out}")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from service.server import serve
-    from service.settings import Settings
-
     overrides = {
         "bundle": args.bundle, "host": args.host, "port": args.port, "signal_set": args.signal_set,
         "operating_point": args.operating_point, "device": args.device, "backend": args.backend,
@@ -245,16 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     open_world = sub.add_parser("open-world", help="shifted, unknown and mixed inputs: every signal set vs MSP")
     open_world_job.add_arguments(open_world)
-    open_world.set_defaults(func=lambda args: open_world_job.run(args, _progress()))
-
-    from offline import attack as attack_job, robustness_report  # adversarial inputs (docs/robustness.md)
+    open_world.set_defaults(func=lambda args: open_world_job.run(args, progress_wanted()))
 
     attack = sub.add_parser("attack", help="adversarial versions of the test split (torchattacks), into the bundle")
     attack_job.add_arguments(attack)
-    attack.set_defaults(func=lambda args: attack_job.run(args, _progress()))
+    attack.set_defaults(func=lambda args: attack_job.run(args, progress_wanted()))
     robustness = sub.add_parser("robustness", help="every signal set on the bundle's adversarial images vs MSP")
     robustness_report.add_arguments(robustness)
-    robustness.set_defaults(func=lambda args: robustness_report.run(args, _progress()))
+    robustness.set_defaults(func=lambda args: robustness_report.run(args, progress_wanted()))
     return parser
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from cli.main import main
 from models.bundle import load_bundle
-from offline.cli import main
 
 
 def test_mutants_and_features_subcommands_redo_their_stage(tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,1 @@
+"""The ``predgate`` command line (:mod:`cli.main`), above the offline jobs and the service."""
