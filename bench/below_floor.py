@@ -34,13 +34,15 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from bench.costs import finish, median_seconds, progress_wanted, timed_runs
+from bench.common import finish
 from models.bundle import Bundle, load_bundle
+from models.costs import median_seconds, timed_runs
 from models.data import load_splits
 from models.gate import load_detector, load_mutants
 from models.lcr import MutantEnsemble
 from models.mutant_search import generate_mutants_in
 from models.prefix_ensemble import PrefixSharingEnsemble
+from models.progress import progress_wanted
 from models.sequential_lcr import SPRT, Curtailed, StoppingRule, rule_to_dict, simulate_sequential
 from models.signals import conductance_inputs, needs_lcr, signal_matrix
 

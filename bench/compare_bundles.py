@@ -16,10 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from bench.costs import finish
+from bench.common import finish
 from models.bundle import load_bundle
-from offline.features import wrong_labels
-from offline.metrics import auroc, paired_bootstrap_auroc
+from models.metrics import auroc, paired_bootstrap_auroc, wrong_labels
 
 
 def _scores(path: Path) -> tuple[Any, dict[str, np.ndarray], dict[str, Any]]:

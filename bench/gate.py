@@ -38,23 +38,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.costs import (
-    finish,
-    flop_floor,
-    forward_equivalents,
-    maybe_tqdm,
-    peak_rss_bytes,
-    progress_wanted,
-    sequential_lcr_call,
-    timed_runs,
-)
+from bench.common import finish, peak_rss_bytes
 from models.architectures import resolve_layer
 from models.bundle import Bundle, load_bundle
 from models.conductance import LayerConductance, ShortcutConductance
+from models.costs import flop_floor, forward_equivalents, sequential_lcr_call, timed_runs
 from models.data import load_splits
 from models.evidence import EvidenceExtractor
 from models.gate import Gate, load_extractor, load_gate
 from models.lcr import MutantEnsemble, predict_naive
+from models.progress import maybe_tqdm, progress_wanted
 from models.signals import needs_conductance, needs_lcr, signal_matrix
 
 # Stage names in table order. "gate_full" computes every signal (conductance and LCR) whatever the
@@ -368,7 +361,7 @@ def measure_batch(
     samples: dict[str, list[float]] = {}
     adjacent: dict[str, list[float]] = {}
     names = [s for s in STAGES if s in factories and s != "forward"]
-    for name in maybe_tqdm(names, progress, f"stages, batch {n}"):
+    for name in maybe_tqdm(names, progress, f"stages, batch {n}", leave=False):
         run = factories[name]()
         # The naive reference rebuilds its state on every call: a warm-up call would only add time.
         warmup = 0 if name in NAIVE_STAGES else 1
@@ -403,7 +396,7 @@ def measure_batch(
             "(adjacent: the sum of their adjacent ratios)",
         }
     if memory:
-        for name in maybe_tqdm(list(samples), progress, f"memory, batch {n}"):
+        for name in maybe_tqdm(list(samples), progress, f"memory, batch {n}", leave=False):
             probe = probe_memory(bundle_path, name, x, str(subject.device), threads)
             stages[name]["peak_extra_mib"] = probe["extra_bytes"] / 2**20
             stages[name]["memory_kind"] = probe["kind"]

@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.costs import finish
+from bench.common import finish
 from bench.serve import bundle_pngs, free_port
 
 ROOT = Path(__file__).resolve().parents[1]

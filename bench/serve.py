@@ -31,7 +31,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.costs import finish, maybe_tqdm, progress_wanted
+from bench.common import finish
+from models.progress import maybe_tqdm, progress_wanted
 
 DEFAULT_CONCURRENCY = (1, 8, 32)
 # "default" sends no signal_set (the server's default, normally the bundle's); anything else is
@@ -225,7 +226,7 @@ def load_server(
     """Every (signal set, concurrency) level against one server, each after an untimed warm-up."""
     levels = [(s, c) for s in signal_sets for c in concurrency]
     rows = []
-    for signal_set, c in maybe_tqdm(levels, progress, url):
+    for signal_set, c in maybe_tqdm(levels, progress, url, leave=False):
         chosen = None if signal_set == "default" else signal_set
         load_level(url, images, c, 2 * c, signal_set=chosen, max_seconds=max_seconds)  # warm-up
         rows.append(load_level(url, images, c, n_requests, signal_set=chosen, max_seconds=max_seconds))

@@ -7,7 +7,6 @@ so offline and online features are equal by construction (and a test checks it).
 from __future__ import annotations
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from models.data import ImageArrays
@@ -49,17 +48,6 @@ def extract_features(
     out = {key: np.concatenate(values, axis=1 if key == "mutant_labels" else 0) for key, values in parts.items()}
     out["label"] = arrays.labels.astype(np.int64)
     return out
-
-
-def wrong_labels(features: dict[str, np.ndarray]) -> np.ndarray:
-    """1 where the CNN's prediction differs from the true label: the detectors' target."""
-    return (features["prediction"] != features["label"]).astype(np.int64)
-
-
-def lcr_from_mutant_labels(features: dict[str, np.ndarray], mutants: np.ndarray | slice) -> np.ndarray:
-    """LCR recomputed from a subset of the stored per-mutant labels (for the LCR-vs-mutants curve)."""
-    labels = torch.from_numpy(features["mutant_labels"][mutants].astype(np.int64))
-    return (labels != torch.from_numpy(features["prediction"]).view(1, -1)).double().mean(0).numpy()
 
 
 def apply_early_stopping(features: dict[str, np.ndarray], stopping: EarlyStopping | None) -> dict[str, np.ndarray]:

@@ -17,9 +17,8 @@ from tqdm import tqdm
 
 from models.detectors import UNIFIED_KINDS, ConductanceDetector, UnifiedClassifier
 from models.errors import ConfigError
+from models.metrics import auroc, wrong_labels
 from models.signals import CANDIDATE_SETS, OPEN_WORLD_SIGNALS, conductance_inputs, needs_lcr, signal_matrix
-from offline.features import wrong_labels
-from offline.metrics import auroc
 
 log = logging.getLogger("predgate.fit")
 

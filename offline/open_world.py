@@ -39,10 +39,11 @@ from models.feature_scores import ClassMahalanobis, DeepKNN, PenultimateProbe
 from models.fitted_scores import PNormSoftmax, RelativeUncertainty
 from models.gate import load_early_stopping, load_extractor
 from models.input_perturbation import PerturbedDoctor, choose_perturbation
+from models.metrics import wrong_labels
 from models.open_world_evidence import OpenWorldScorers
 from models.operating_points import OperatingPoint, choose_threshold
 from models.signals import CANDIDATE_SETS, OPEN_WORLD_SETS, conductance_inputs, signal_matrix
-from offline.features import apply_early_stopping, extract_features, wrong_labels
+from offline.features import apply_early_stopping, extract_features
 from offline.fit import DetectorFit, fit_detectors
 from offline.open_world_suites import (
     EVAL_KINDS,

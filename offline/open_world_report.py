@@ -27,9 +27,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from models.metrics import aurc, auroc, fpr_at_wrong_recall, paired_bootstrap_auroc
 from models.scores import doctor, msp_score
 from models.signals import CANDIDATE_SETS, OPEN_WORLD_SETS, PAPER_SET
-from offline.metrics import aurc, auroc, fpr_at_wrong_recall, paired_bootstrap_auroc
 from offline.open_world import OpenWorldResult
 
 SHOWN_SETS = (

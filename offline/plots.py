@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from offline.metrics import risk_coverage_curve
+from models.metrics import risk_coverage_curve
 
 
 def _save(fig: plt.Figure, path: Path) -> None:

@@ -12,19 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from models.bundle import Bundle
+from models.costs import signal_set_cost, stage_costs
+from models.gate import load_extractor
+from models.lcr import label_change_rate
+from models.metrics import accuracy_with_fallback, auroc, paired_bootstrap_auroc, summarise, wrong_labels
 from models.operating_points import choose_threshold
 from models.scores import BASELINE_SCORES
 from models.signals import PAPER_SET
 from offline import plots
-from offline.features import lcr_from_mutant_labels, wrong_labels
-from offline.metrics import (
-    accuracy_with_fallback,
-    auroc,
-    paired_bootstrap_auroc,
-    summarise,
-)
 
 REPORT_DIR = "report"
 BASELINES = ("msp", "entropy", "margin", "doctor")
@@ -99,7 +97,8 @@ def lcr_vs_mutants(features: dict[str, np.ndarray], counts: tuple[int, ...] = MU
         values = []
         for _ in range(draws if k < total else 1):
             subset = np.sort(rng.choice(total, size=k, replace=False))
-            values.append(auroc(lcr_from_mutant_labels(features, subset), wrong))
+            mutant_labels = torch.from_numpy(features["mutant_labels"][subset].astype(np.int64))
+            values.append(auroc(label_change_rate(mutant_labels, torch.from_numpy(features["prediction"])).numpy(), wrong))
         out["count"].append(k)
         out["auroc"].append(float(np.mean(values)))
         out["std"].append(float(np.std(values)))
@@ -116,8 +115,6 @@ def evidence_value(
 ) -> list[dict[str, Any]]:
     """Per signal set: val/test AUROC, paired-bootstrap difference to the best softmax baseline on
     test (seed 0), its mean and spread across detector seeds, and the measured cost."""
-    from bench.costs import signal_set_cost
-
     stored = bundle.read_arrays("detectors/scores.npz")
     detectors = bundle.manifest["detectors"]
     baseline_test = np.asarray(BASELINE_SCORES[best_baseline](features["test"]["logits"]), dtype=np.float64)
@@ -156,9 +153,6 @@ def evidence_value(
 
 def measure_costs(bundle: Bundle, features_images: np.ndarray, repeats: int = 5) -> dict[str, float]:
     """Forward-equivalents of each evidence stage at batch 64 on this machine (bench code)."""
-    from bench.costs import stage_costs
-    from models.gate import load_extractor
-
     extractor = load_extractor(bundle)
     x = bundle.normalisation.apply(features_images[:64])
     return stage_costs(extractor, x, repeats=repeats)

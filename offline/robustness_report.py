@@ -34,10 +34,10 @@ import numpy as np
 from models.bundle import Bundle, load_bundle
 from models.data import ImageArrays, load_splits
 from models.gate import Gate, load_early_stopping, load_gate
+from models.metrics import auroc, paired_bootstrap_auroc
 from models.signals import signal_matrix
 from offline.attack import FOLDER, load_adversarial
 from offline.features import apply_early_stopping, extract_features
-from offline.metrics import auroc, paired_bootstrap_auroc
 from offline.stages import load_features
 
 log = logging.getLogger("predgate.robustness")

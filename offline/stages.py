@@ -11,13 +11,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from models.architectures import default_layer
 from models.bundle import Bundle, load_bundle
+from models.conductance import ShortcutConductance, verify_shortcut
 from models.data import DataSource, ImageArrays, SplitSpec, apply_splits, load_splits, make_splits
-from models.errors import BundleError
+from models.detectors import save_state
+from models.errors import BundleError, ConfigError
+from models.gate import CONDUCTANCE_FILE, MUTANTS_FILE, load_extractor
+from models.metrics import wrong_labels
+from models.mutant_search import generate_mutants
+from models.mutation import mutant_weights_hash
+from models.operating_points import choose_threshold
 from models.preprocess import Normalisation
+from models.sequential_lcr import EarlyStopping, sprt_from_data
+from models.signals import PAPER_SET
+from offline.features import apply_early_stopping, extract_features
+from offline.fit import fit_detectors
 from offline.profiles import STAGE_ORDER, BuildProfile, fixed_fields_differ
 from offline.train import TrainConfig, accuracy, build_seeded_model, pick_device, train_model
 
@@ -159,10 +171,6 @@ def conductance_stage(
     """Decide between the exact shortcut and the general form, proving the shortcut on val images."""
     if bundle.stage_done("conductance"):
         return
-    from models.conductance import ShortcutConductance, verify_shortcut
-    from models.errors import ConfigError
-    from models.gate import CONDUCTANCE_FILE
-
     model = bundle.load_model()
     layer = bundle.manifest["conductance"]["layer"]
     samples = bundle.normalisation.apply(arrays["val"].images[:n_check])
@@ -196,10 +204,6 @@ def mutants_stage(
     """Generate mutants until ``n_mutants`` keep >= 90% of the original's val accuracy."""
     if bundle.stage_done("mutants"):
         return
-    from models.gate import MUTANTS_FILE
-    from models.mutant_search import generate_mutants
-    from models.mutation import mutant_weights_hash
-
     model = bundle.load_model()
     val = arrays["val"]
     n = min(len(val), acceptance_images)
@@ -245,9 +249,6 @@ def features_stage(
 ) -> None:
     """Evidence for fit, val and test (resumable per split), then the LCR setting (see
     :func:`lcr_setting_stage`)."""
-    from models.gate import load_extractor
-    from offline.features import extract_features
-
     extractor = None
     for split in ("fit", "val", "test"):
         stage = f"features:{split}"
@@ -272,13 +273,8 @@ def lcr_setting_stage(bundle: Bundle, *, alpha: float | None, chunk_size: int = 
     for the server, and each split's ``lcr`` column becomes the replayed early-stopped LCR, which is
     what the detectors learn from and what the server will compute.
     """
-    from models.gate import MUTANTS_FILE
-
     if bundle.stage_done("features:lcr") or not bundle.has_file(MUTANTS_FILE):
         return
-    from models.sequential_lcr import EarlyStopping, sprt_from_data
-    from offline.features import apply_early_stopping, wrong_labels
-
     features = load_features(bundle)
     stopping = None
     if alpha is not None:
@@ -320,15 +316,6 @@ def detectors_stage(
     conductance with the predicted class (recorded, so the gate builds the same inputs)."""
     if bundle.stage_done("detectors"):
         return
-    import numpy as np
-
-    from models.detectors import save_state
-    from models.errors import ConfigError
-    from models.operating_points import choose_threshold
-    from models.signals import PAPER_SET
-    from offline.features import wrong_labels
-    from offline.fit import fit_detectors
-
     features = load_features(bundle)
     start = time.perf_counter()
     first = fit_detectors(features, seed=0, cond_inputs=cond_inputs, progress=progress)

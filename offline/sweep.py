@@ -28,6 +28,7 @@ from models.bundle import Bundle, load_bundle
 from models.data import load_splits
 from models.errors import ConfigError
 from models.lcr import MutantEnsemble, label_change_rate
+from models.metrics import auroc
 from models.mutant_search import generate_mutants
 from models.mutation import (
     MutationError,
@@ -37,7 +38,6 @@ from models.mutation import (
     plan_mutant,
 )
 from models.scores import msp_score
-from offline.metrics import auroc
 
 SWEEP_FILE = "report/sweep_mutants.json"
 DEFAULT_OPERATORS = ("NAI", "GF", "WS", "NS")

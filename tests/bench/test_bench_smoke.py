@@ -12,7 +12,7 @@ import torch
 
 from bench import gate as bench_gate
 from bench import serve as bench_serve
-from bench.costs import peak_rss_bytes
+from bench.common import peak_rss_bytes
 
 
 def test_gate_benchmark_reports_every_stage(tiny_bundle: Path, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from bench.compare_bundles import compare, main
 from models.bundle import load_bundle
-from offline.features import wrong_labels
+from models.metrics import wrong_labels
 from offline.stages import detectors_stage, lcr_setting_stage
 
 

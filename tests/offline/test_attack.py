@@ -15,8 +15,8 @@ from cli.main import main
 from models.attacks import AttackSpec
 from models.bundle import load_bundle
 from models.data import load_splits
+from models.metrics import auroc
 from offline.attack import chunk_name, load_adversarial, run_attack
-from offline.metrics import auroc
 
 
 @pytest.fixture()

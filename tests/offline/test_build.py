@@ -15,9 +15,9 @@ from models.bundle import load_bundle
 from models.data import load_splits
 from models.errors import BundleError
 from models.gate import load_gate
+from models.metrics import wrong_labels
 from models.scores import BASELINE_SCORES
 from models.signals import conductance_inputs, signal_matrix
-from offline.features import wrong_labels
 
 
 def test_bundle_is_complete(tiny_bundle: Path) -> None:
@@ -200,7 +200,7 @@ def test_conductance_detector_with_the_predicted_class(tiny_bundle: Path, tiny_d
 
 def test_seeds_above_msp_are_counted_against_msp_on_every_detector_seed(tiny_bundle: Path) -> None:
     """A gain over MSP is claimed only when it holds across seeds, so the report counts them itself."""
-    from offline.metrics import paired_bootstrap_auroc
+    from models.metrics import paired_bootstrap_auroc
 
     bundle = load_bundle(tiny_bundle)
     metrics = json.loads((tiny_bundle / "report" / "metrics.json").read_text())

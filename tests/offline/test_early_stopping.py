@@ -13,8 +13,8 @@ from models.bundle import load_bundle
 from models.data import load_splits
 from models.errors import BundleError, ConfigError
 from models.gate import load_gate
+from models.metrics import wrong_labels
 from models.sequential_lcr import SPRT, EarlyStopping, rule_to_dict, simulate_sequential, sprt_from_data
-from offline.features import wrong_labels
 from offline.stages import detectors_stage, lcr_setting_stage, mutants_stage
 
 

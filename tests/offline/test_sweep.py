@@ -172,14 +172,14 @@ def test_sweep_refused_where_the_val_images_differ(
     """Same weights but other val images: the sweep's LCR figures were measured on other inputs."""
     import dataclasses
 
-    import offline.stages
+    import offline.sweep
     from models.errors import ConfigError
     from offline.sweep import copy_sweep
 
     source, _ = swept
     target = tmp_path / "other-val"
     shutil.copytree(tiny_bundle, target)
-    real = offline.stages.load_splits
+    real = offline.sweep.load_splits
 
     def other_val(bundle):
         arrays = real(bundle)
@@ -189,7 +189,7 @@ def test_sweep_refused_where_the_val_images_differ(
             arrays["val"] = dataclasses.replace(arrays["val"], images=images)
         return arrays
 
-    monkeypatch.setattr(offline.stages, "load_splits", other_val)
+    monkeypatch.setattr(offline.sweep, "load_splits", other_val)
     with pytest.raises(ConfigError, match="different val images"):
         copy_sweep(load_bundle(source), load_bundle(target))
     assert not load_bundle(target).has_file(SWEEP_FILE)

@@ -12,8 +12,14 @@ from typing import Any
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from tqdm import tqdm
 
 from models.operating_points import reject
+
+
+def wrong_labels(features: dict[str, np.ndarray]) -> np.ndarray:
+    """1 where the CNN's prediction differs from the true label: the detectors' target."""
+    return (features["prediction"] != features["label"]).astype(np.int64)
 
 
 def _check(scores: np.ndarray, wrong: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -200,8 +206,6 @@ def paired_bootstrap_auroc(
     auroc_a, auroc_b = auroc(scores_a, wrong), auroc(scores_b, wrong)
     chunks: Any = bootstrap_indices(n, n_boot, seed)
     if progress:
-        from tqdm import tqdm
-
         chunks = tqdm(chunks, total=-(-n_boot // 100), desc="bootstrap")
     boot_a, boot_b = [], []
     for idx in chunks:

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from models.operating_points import choose_threshold
-from offline.metrics import (
+from models.metrics import (
     _weighted_auroc,
     accuracy_with_fallback,
     aupr_error,
@@ -22,6 +21,7 @@ from offline.metrics import (
     risk_coverage_curve,
     summarise,
 )
+from models.operating_points import choose_threshold
 
 
 def make_scores(n: int = 400, seed: int = 0, ties: bool = False) -> tuple[np.ndarray, np.ndarray]:

@@ -1,16 +1,14 @@
 """Cost of each piece of evidence in forward-equivalents: time over one plain forward pass of the
-same batch, measured in the same process (the machine is noisy; ratios travel, seconds do not)."""
+same batch, measured in the same process (the machine is noisy; ratios travel, seconds do not).
+
+The report prices each signal set with it (:func:`signal_set_cost`) and the benchmarks time with it."""
 
 from __future__ import annotations
 
 import math
-import resource
 import statistics
-import sys
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
 import torch
 
@@ -69,22 +67,6 @@ def flop_floor(n_mutants: int) -> int:
     return 1 + n_mutants
 
 
-def peak_rss_bytes() -> int:
-    """High-water resident set size of this process's address space so far.
-
-    Linux: ``VmHWM`` of ``/proc/self/status``. Not ``ru_maxrss``: after ``exec`` that starts at the
-    parent's peak (the kernel carries the old address space's peak over), so a child started from a
-    large parent would see no rise at all. Elsewhere ``ru_maxrss`` (macOS reports bytes).
-    """
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
 def sequential_lcr_call(extractor: EvidenceExtractor, x: torch.Tensor) -> Callable[[], object]:
     """The early-stopping LCR of ``x`` as a call to time, given the prediction the gate already has."""
     with torch.no_grad():
@@ -138,31 +120,3 @@ def signal_set_cost(signals: tuple[str, ...] | list[str], costs: dict[str, float
     if "lcr" in signals:
         total += costs.get("lcr_fe", float("nan"))
     return total
-
-
-def maybe_tqdm(items: Sequence[Any], progress: bool, desc: str) -> Any:
-    """``items`` wrapped in a transient progress bar when ``progress``."""
-    if not progress:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, leave=False)
-
-
-def progress_wanted(no_progress_flag: bool) -> bool:
-    """Progress bars unless the flag or ``PREDGATE_NO_PROGRESS`` (set by CI) turns them off."""
-    import os
-
-    return not no_progress_flag and os.environ.get("PREDGATE_NO_PROGRESS", "") not in ("1", "true", "yes")
-
-
-def finish(result: dict, prog: str, argv: list[str] | None, out: str | None, render: Callable[[dict], str]) -> int:
-    """Record the command, write the JSON when asked, print the table: the tail every benchmark shares."""
-    import json
-
-    result["command"] = f"python -m {prog} " + " ".join(sys.argv[1:] if argv is None else argv)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2))
-    print(render(result))
-    return 0
