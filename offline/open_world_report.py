@@ -328,6 +328,22 @@ def render(result: OpenWorldResult, table: dict[str, Any], costs: dict[str, floa
             f"{_diff(a, 'doctor')} | `{b['equal_cost']}` | {_fmt(e['auroc'] if e else None)} | "
             f"{_diff(e, 'msp') if e else '-'} |"
         )
+    shown = [("MSP", None), ("DOCTOR", None), (f"clean/{PAPER_SET}", f"clean/{PAPER_SET}")]
+    if default["chosen"] is not None and default["chosen"] != f"clean/{PAPER_SET}":
+        shown.append((default["chosen"], default["chosen"]))
+    lines += [
+        "",
+        "## AURC and FPR at 95% TPR per regime (lower is better; mean over seeds)",
+        "",
+        "| regime | " + " | ".join(f"{label} AURC | {label} FPR95" for label, _ in shown) + " |",
+        "| --- | " + " | ".join("--- | ---" for _ in shown) + " |",
+    ]
+    for regime, rows in table.items():
+        cells = []
+        for label, key in shown:
+            row = rows["baselines"][label.lower()] if key is None else rows["sets"].get(key)
+            cells += [_fmt(row["aurc"]) if row else "-", _fmt(row["fpr95"], 3) if row else "-"]
+        lines.append(f"| {regime} | " + " | ".join(cells) + " |")
     paper_rows = [(r, rows["sets"].get(f"clean/{PAPER_SET}")) for r, rows in table.items()]
     lines += [
         "",
