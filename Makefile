@@ -44,8 +44,10 @@ serve: setup
 test: setup system-deps
 	$(VENV)/bin/pytest
 
+# ruff (line length from pyproject.toml), then the import contracts of pyproject.toml [tool.importlinter].
 lint: setup
-	$(VENV)/bin/ruff check models offline service bench tests
+	$(VENV)/bin/ruff check models offline service bench cli tests
+	$(VENV)/bin/lint-imports
 
 # Known vulnerabilities in the installed dependencies (PyPI's advisory data). --strict: a package that
 # could not be audited fails the target instead of passing silently.

@@ -169,7 +169,7 @@ def _general_conductance(subject: Subject) -> LayerConductance:
 
 def _naive_conductance(subject: Subject, x: torch.Tensor) -> Callable[[], object]:
     """Captum's 11-point conductance; it needs the target first, hence one extra forward."""
-    from captum.attr import LayerConductance as CaptumLayerConductance
+    from captum.attr import LayerConductance as CaptumLayerConductance  # optional (dev extra): lazily
 
     info = subject.bundle.get("conductance") or {}
     model = subject.extractor.model

@@ -32,6 +32,8 @@ import httpx
 import numpy as np
 
 from bench.common import finish
+from bench.gate import sample_images
+from models.bundle import load_bundle
 from models.progress import maybe_tqdm, progress_wanted
 
 DEFAULT_CONCURRENCY = (1, 8, 32)
@@ -57,9 +59,6 @@ def png_bytes(images: np.ndarray) -> list[bytes]:
 
 def bundle_pngs(bundle_path: str | Path, n: int) -> tuple[list[bytes], str]:
     """PNGs of the bundle's val images (random pixels when its data cannot be reloaded)."""
-    from bench.gate import sample_images
-    from models.bundle import load_bundle
-
     images, source = sample_images(load_bundle(bundle_path), n)
     return png_bytes(images), source
 

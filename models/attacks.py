@@ -75,7 +75,7 @@ class AttackSpec:
 
 def make_attack(spec: AttackSpec, pixel_model: nn.Module, seed: int = 0) -> Any:
     """The torchattacks object for ``spec`` on ``pixel_model`` (eval mode, inputs in [0, 1])."""
-    import torchattacks as ta
+    import torchattacks as ta  # heavy, loaded only by the attack job
 
     pixel_model.eval()
     if spec.name == "fgsm":

@@ -111,7 +111,7 @@ def providers_for(device: str | torch.device) -> list[str]:
     The CPU ``onnxruntime`` wheel has no CUDA provider (``onnxruntime-gpu`` does); asking for CUDA
     without it falls back to the CPU with a warning rather than failing a server start.
     """
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy, loaded only when the ONNX backend is used
 
     if _device_name(device) == "cuda":
         if "CUDAExecutionProvider" in ort.get_available_providers():
@@ -124,7 +124,7 @@ def make_session(
     model_bytes: bytes, *, threads: int | None = None, device: str = "cpu"
 ) -> ort.InferenceSession:
     """An inference session over a serialised graph; ``threads`` sets ORT's intra-op pool (None: ORT's default)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy, loaded only when the ONNX backend is used
 
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be >= 1, got {threads}")

@@ -6,10 +6,11 @@ import time
 from pathlib import Path
 
 from models.bundle import Bundle, load_bundle
+from models.data import DataSource
 from models.errors import BundleError
 from offline.profiles import STAGE_ORDER, BuildProfile
+from offline.report import write_report
 from offline.stages import (
-    DataSource,
     conductance_stage,
     detectors_stage,
     features_stage,
@@ -93,8 +94,6 @@ def build_bundle(
     )
     stage("report")
     if not bundle.stage_done("report"):
-        from offline.report import write_report
-
         write_report(bundle, val_images=arrays["val"].images, n_boot=profile.n_boot, progress=progress)
     _say(f"done in {time.perf_counter() - t0:.0f}s: {bundle.path}")
     return bundle

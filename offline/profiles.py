@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from models.errors import ConfigError
+from models.signals import check_cond_inputs
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,6 @@ class BuildProfile:
     def __post_init__(self) -> None:
         if self.mutant_modules is not None:  # JSON gives lists; keep comparisons with tuples exact
             object.__setattr__(self, "mutant_modules", tuple(self.mutant_modules))
-        from models.signals import check_cond_inputs
-
         check_cond_inputs(self.cond_inputs)
 
     def to_dict(self) -> dict[str, Any]:

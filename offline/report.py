@@ -23,6 +23,7 @@ from models.operating_points import choose_threshold
 from models.scores import BASELINE_SCORES
 from models.signals import PAPER_SET
 from offline import plots
+from offline.sweep import sweep_markdown
 
 REPORT_DIR = "report"
 BASELINES = ("msp", "entropy", "margin", "doctor")
@@ -272,8 +273,6 @@ def write_report(bundle: Bundle, *, val_images: np.ndarray | None = None, n_boot
         plots.plot_auroc_vs_cost([(r["signal_set"], r["cost_fe"], r["test_auroc"]) for r in evidence], out / "auroc_vs_cost.png")
     markdown = render_markdown(bundle, metrics)
     if bundle.has_file(f"{REPORT_DIR}/sweep_mutants.json"):
-        from offline.sweep import sweep_markdown
-
         markdown += "\n" + sweep_markdown(bundle.read_json(f"{REPORT_DIR}/sweep_mutants.json"))
     (out / "report.md").write_text(markdown)
     # The server shows the evidence-value table at /v1/bundle.
