@@ -11,7 +11,18 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from models.errors import BundleError
+from models.errors import BundleError, ConfigError
+
+
+def check_eval(model: nn.Module, what: str) -> None:
+    """Refuse a model with modules in training mode: ``what`` (conductance, mutants, the ONNX export)
+    needs BatchNorm's running statistics and no dropout, which only eval mode gives (batched tricks
+    such as vmap would silently use batch statistics instead)."""
+    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    if training:
+        raise ConfigError(
+            f"{what} needs the model in eval mode; call model.eval() (modules in training mode: {training[:5]})"
+        )
 
 
 class BasicBlock(nn.Module):

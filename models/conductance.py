@@ -30,7 +30,7 @@ from typing import Literal, Self
 import torch
 from torch import Tensor, nn
 
-from models.architectures import resolve_layer
+from models.architectures import check_eval, resolve_layer
 from models.errors import BundleError, ConfigError, InputError
 
 Rule = Literal["left", "right"]
@@ -198,15 +198,6 @@ class _LayerCapture:
         return act
 
 
-def _check_eval(model: nn.Module) -> None:
-    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
-    if training:
-        raise ConfigError(
-            f"conductance needs the model in eval mode (BatchNorm running statistics, no dropout); "
-            f"modules in training mode: {training[:5]}"
-        )
-
-
 def _check_input(x: object) -> Tensor:
     if not isinstance(x, Tensor) or x.ndim != 4 or not x.is_floating_point():
         desc = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -349,7 +340,7 @@ class LayerConductance:
             ``conductance`` is ``N x C_layer``.
         """
         x = _check_input(x)
-        _check_eval(self.model)
+        check_eval(self.model, "conductance")
         if torch.is_inference_mode_enabled():
             raise ConfigError("general-form conductance needs autograd; call it outside inference_mode")
         baseline = _baseline_like(self.baseline, x)
@@ -507,7 +498,7 @@ class ShortcutConductance:
         samples : Tensor or None, ``N x C x H x W``
             Real images to run :meth:`verify` on; raises :class:`ConfigError` if it fails.
         """
-        _check_eval(model)
+        check_eval(model, "conductance")
         module = resolve_layer(model, layer)
         ref = next(iter(model.parameters()), torch.zeros(()))
         shape = tuple(int(v) for v in input_shape)
@@ -575,7 +566,7 @@ class ShortcutConductance:
         chunk_size: int | None = None,
         progress: bool = False,
     ) -> ConductanceResult:
-        _check_eval(self.model)
+        check_eval(self.model, "conductance")
         _baseline_like(self.baseline, x)  # shape check only
         if target is not None:
             target = torch.as_tensor(target)
@@ -664,7 +655,7 @@ class ShortcutConductance:
                 f"conductance shortcut constants were not verified against the general form "
                 f"(max_rel_diff={rel}, tolerance={tol})"
             )
-        _check_eval(model)
+        check_eval(model, "conductance")
         module = resolve_layer(model, layer)
         ref = next(iter(model.parameters()), torch.zeros(()))
         baseline = tensors["baseline"].to(device=ref.device, dtype=ref.dtype)

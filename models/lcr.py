@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from models.architectures import check_eval
 from models.errors import ConfigError, InputError
 from models.mutation import MutantSpec, Patches, mutant_patches, mutant_tensors
 
@@ -36,13 +37,6 @@ STRATEGIES = ("auto", "vmap", "loop")
 AUTO_VMAP_MAX_BATCH = 16
 
 
-def _check_eval(model: nn.Module) -> None:
-    """BatchNorm must use running statistics; vmap would silently use batch statistics instead."""
-    training = [name or "<root>" for name, m in model.named_modules() if m.training]
-    if training:
-        raise ConfigError(f"mutants must run in eval mode; call model.eval() (in train mode: {training[:5]})")
-
-
 def _check_images(x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise InputError(f"expected an N x C x H x W tensor, got {getattr(x, 'shape', type(x))}")
@@ -50,7 +44,7 @@ def _check_images(x: torch.Tensor) -> None:
 
 def predict_model(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Labels ``(N,)`` (CPU int64) of the unmutated model, in image batches of ``batch_size``."""
-    _check_eval(model)
+    check_eval(model, "mutants")
     _check_images(x)
     device = next(model.parameters()).device
     with torch.no_grad():
@@ -75,7 +69,7 @@ class MutantEnsemble:
     def __init__(
         self, model: nn.Module, specs: Sequence[MutantSpec], chunk_size: int = 16, strategy: str = "auto"
     ) -> None:
-        _check_eval(model)
+        check_eval(model, "mutants")
         if strategy not in STRATEGIES:
             raise ConfigError(f"unknown LCR strategy {strategy!r}; valid: {list(STRATEGIES)}")
         if not specs:
@@ -113,7 +107,7 @@ class MutantEnsemble:
     def predict(self, x: torch.Tensor, strategy: str | None = None) -> torch.Tensor:
         """Labels of every mutant: ``x`` is ``N x C x H x W``; returns ``M x N`` (CPU int64)."""
         _check_images(x)
-        _check_eval(self.model)
+        check_eval(self.model, "mutants")
         strategy = strategy or self.strategy
         if strategy not in STRATEGIES:
             raise ConfigError(f"unknown LCR strategy {strategy!r}; valid: {list(STRATEGIES)}")
@@ -170,7 +164,7 @@ def predict_naive(model: nn.Module, specs: Sequence[MutantSpec], x: torch.Tensor
 
     Slow on purpose and independent of the ensemble's patching code; returns ``M x N`` labels.
     """
-    _check_eval(model)
+    check_eval(model, "mutants")
     _check_images(x)
     rows = []
     with torch.no_grad():

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from models.architectures import resolve_layer
+from models.architectures import check_eval, resolve_layer
 from models.conductance import LayerConductance, ShortcutConductance
 from models.errors import ConfigError, InputError
 from models.evidence import EvidenceExtractor
@@ -79,14 +79,6 @@ def _require_onnx() -> None:
             "the ONNX backend exports graphs with torch.onnx, which needs the 'onnx' package; install it "
             "(pip install onnx) or use the torch backend"
         ) from exc
-
-
-def _check_eval(model: nn.Module) -> None:
-    training = [name or "<root>" for name, m in model.named_modules() if m.training]
-    if training:
-        raise ConfigError(
-            f"the ONNX export needs an eval-mode model; call model.eval() (in train mode: {training[:5]})"
-        )
 
 
 def _check_images(x: object) -> torch.Tensor:
@@ -173,7 +165,7 @@ def _example(input_shape: Sequence[int]) -> torch.Tensor:
 
 def _private_copy(model: nn.Module) -> nn.Module:
     """A CPU eval copy, so that later changes to ``model`` cannot leak into graphs exported on demand."""
-    _check_eval(model)
+    check_eval(model, "the ONNX export")
     return copy.deepcopy(model).cpu().eval().requires_grad_(False)
 
 

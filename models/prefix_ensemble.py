@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import fx, nn
 
+from models.architectures import check_eval
 from models.errors import ConfigError, InputError
 from models.mutation import (
     MutantSpec,
@@ -161,11 +162,7 @@ class PrefixSharingEnsemble:
     def __init__(
         self, model: nn.Module, specs: Sequence[MutantSpec], split_module: str | None = None
     ) -> None:
-        training = [name or "<root>" for name, m in model.named_modules() if m.training]
-        if training:
-            raise ConfigError(
-                f"mutants must run in eval mode; call model.eval() (in train mode: {training[:5]})"
-            )
+        check_eval(model, "mutants")
         if not specs:
             raise ConfigError("a mutant ensemble needs at least one mutant")
         touched = sorted({name for spec in specs for name, _ in spec.filters})

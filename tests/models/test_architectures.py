@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.architectures import DEFAULT_LAYERS, ResNet20, build_model, default_layer, resolve_layer
-from models.errors import BundleError
+from models.architectures import (
+    DEFAULT_LAYERS,
+    ResNet20,
+    build_model,
+    check_eval,
+    default_layer,
+    resolve_layer,
+)
+from models.errors import BundleError, ConfigError
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -49,3 +56,10 @@ def test_unknown_names_are_refused() -> None:
         default_layer("no_such_net")
     with pytest.raises(BundleError, match="has no module 'layer9'"):
         resolve_layer(ResNet20(), "layer9")
+
+
+def test_check_eval_names_the_modules_in_training_mode() -> None:
+    model = build_model("resnet20", num_classes=10, in_channels=1)
+    with pytest.raises(ConfigError, match=r"the ONNX export needs the model in eval mode.*'conv1'"):
+        check_eval(model, "the ONNX export")
+    check_eval(model.eval(), "the ONNX export")
