@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from bench.common import finish
 from models.bundle import Bundle, load_bundle
@@ -40,6 +39,7 @@ from models.costs import median_seconds, timed_runs
 from models.data import load_splits
 from models.gate import load_detector, load_mutants
 from models.lcr import MutantEnsemble
+from models.metrics import auroc, wrong_labels
 from models.mutant_search import generate_mutants_in
 from models.prefix_ensemble import PrefixSharingEnsemble
 from models.progress import progress_wanted
@@ -49,10 +49,6 @@ from models.signals import conductance_inputs, needs_lcr, signal_matrix
 MAX_AUROC_LOSS = 0.005
 MAX_FORWARD_EQUIVALENTS = 40.0
 TIMING_BATCH = 64
-
-
-def auroc(scores: np.ndarray, wrong: np.ndarray) -> float:
-    return float(roc_auc_score(wrong.astype(bool), np.asarray(scores, dtype=np.float64)))
 
 
 @dataclass(frozen=True)
@@ -86,7 +82,7 @@ def val_hypotheses(lcr: np.ndarray, wrong: np.ndarray, total: int) -> tuple[floa
 
 def sequential_settings(val: dict[str, np.ndarray]) -> list[Sequential]:
     """Rules to try; ``p0``/``p1`` default to the mean full LCR of correct / wrong val predictions."""
-    wrong = val["prediction"] != val["label"]
+    wrong = wrong_labels(val).astype(bool)
     total = len(val["mutant_labels"])
     p0, p1 = val_hypotheses(val["lcr"], wrong, total)
     # Curtailed at the val threshold that best separates by full LCR (Youden's J).
@@ -164,7 +160,7 @@ def part_a(
     """Full LCR, first-n truncations and sequential settings, from stored labels of val and test."""
     val = features["val"]
     total = len(val["mutant_labels"])
-    wrong = {s: features[s]["prediction"] != features[s]["label"] for s in ("val", "test")}
+    wrong = {s: wrong_labels(features[s]).astype(bool) for s in ("val", "test")}
     ref = {s: auroc(features[s]["lcr"], wrong[s]) for s in ("val", "test")}
     gate_ref = (
         {s: auroc(scorer.score(s, features[s], features[s]["lcr"]), wrong[s]) for s in ("val", "test")}
