@@ -19,6 +19,7 @@ from models.bundle import Bundle, load_bundle
 from models.conductance import ShortcutConductance, verify_shortcut
 from models.data import DataSource, ImageArrays, SplitSpec, apply_splits, load_splits, make_splits
 from models.detectors import save_state
+from models.devices import resolve_device
 from models.errors import BundleError, ConfigError
 from models.gate import CONDUCTANCE_FILE, MUTANTS_FILE, load_extractor
 from models.metrics import wrong_labels
@@ -31,7 +32,7 @@ from models.signals import PAPER_SET
 from offline.features import apply_early_stopping, extract_features
 from offline.fit import fit_detectors
 from offline.profiles import STAGE_ORDER, BuildProfile, fixed_fields_differ
-from offline.train import TrainConfig, accuracy, build_seeded_model, pick_device, train_model
+from offline.train import TrainConfig, accuracy, build_seeded_model, train_model
 
 log = logging.getLogger("predgate.build")
 
@@ -128,7 +129,7 @@ def train_stage(
     normalisation = bundle.normalisation
     flip, padding = AUGMENTATION.get(bundle.manifest["dataset"]["name"], (False, 0))
     config = TrainConfig(epochs=epochs, batch_size=batch_size, flip=flip, crop_padding=padding, seed=seed)
-    torch_device = pick_device(device)
+    torch_device = resolve_device(device)
     info: dict[str, Any] = {"device": str(torch_device)}
     if weights is not None:
         if Path(weights).suffix == ".safetensors":

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from models.architectures import build_model
 from models.data import ImageArrays
+from models.devices import resolve_device
 from models.errors import ConfigError
 from models.preprocess import Normalisation
 from offline.augment import augment_images
@@ -45,12 +46,6 @@ class TrainResult:
     epochs_done: int
     history: list[dict[str, float]] = field(default_factory=list)
     wall_seconds: float = 0.0
-
-
-def pick_device(requested: str = "auto") -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
 
 
 def _make_scheduler(
@@ -98,7 +93,7 @@ def train_model(
     With ``resume`` and an existing checkpoint, model, optimiser, schedule and random state are
     restored and training continues at the next epoch.
     """
-    device = device or pick_device()
+    device = device or resolve_device()
     torch.manual_seed(config.seed)
     model.to(device)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)

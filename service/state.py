@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from models.bundle import Bundle, load_bundle
+from models.devices import resolve_device
 from models.errors import ConfigError
 from models.gate import Gate, GateOutput, load_gate
 from models.image_input import InputContract
@@ -37,14 +38,6 @@ class LoadedService:
     @property
     def bundle_id(self) -> str:
         return str(self.bundle.manifest["bundle_id"])
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but CUDA is not available")
-    return torch.device(name)
 
 
 def load_service(settings: Settings) -> LoadedService:
