@@ -7,7 +7,6 @@ seed), so a report can be regenerated, and tested against sklearn, without rerun
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from models.operating_points import choose_threshold
 from models.scores import BASELINE_SCORES
 from models.signals import PAPER_SET
 from offline import plots
+from offline.markdown import fit_source, fmt, interval, signed_ci
 from offline.sweep import sweep_markdown
 
 REPORT_DIR = "report"
@@ -36,21 +36,6 @@ PAPER_CIFAR10 = {
     "LCR": ("lcr (raw)", 0.887, 0.841, 0.806),
     "NN on both": ("unified NN (cond+lcr)", 0.933, 0.870, 0.861),
 }
-
-
-def _fmt(value: float | None, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{value:.{digits}f}"
-
-
-def _ci(ci: tuple[float, float] | list[float], digits: int = 4) -> str:
-    return f"[{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
-
-
-def _interval(ci: tuple[float, float] | list[float], digits: int = 3) -> str:
-    """A CI of a value that is never negative (an AUROC): no signs."""
-    return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
 def method_scores(bundle: Bundle, features: dict[str, dict[str, np.ndarray]], seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
@@ -196,15 +181,15 @@ def paper_comparison_markdown(rows: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        paper = _fmt(r["paper_val_auroc"], 3) if r["paper_val_auroc"] is not None else "–"
+        paper = fmt(r["paper_val_auroc"], 3) if r["paper_val_auroc"] is not None else "–"
         paper_rec = (
             f"{r['paper_test_recall_correct']:.3f} / {r['paper_test_recall_wrong']:.3f}"
             if r["paper_test_recall_correct"] is not None else "–"
         )
         lines.append(
-            f"| {r['label']} | {paper} | {_fmt(r['val_auroc'], 3)} | {_fmt(r['test_auroc'], 4)} {_interval(r['test_ci'])} | "
-            f"{r['diff_to_msp']:+.4f} {_ci(r['ci_diff_to_msp'])} | {paper_rec} | "
-            f"{_fmt(r['test_recall_correct'], 3)} / {_fmt(r['test_recall_wrong'], 3)} |"
+            f"| {r['label']} | {paper} | {fmt(r['val_auroc'], 3)} | {fmt(r['test_auroc'], 4)} {interval(r['test_ci'])} | "
+            f"{r['diff_to_msp']:+.4f} {signed_ci(r['ci_diff_to_msp'])} | {paper_rec} | "
+            f"{fmt(r['test_recall_correct'], 3)} / {fmt(r['test_recall_wrong'], 3)} |"
         )
     return lines
 
@@ -283,13 +268,6 @@ def write_report(bundle: Bundle, *, val_images: np.ndarray | None = None, n_boot
     return out
 
 
-def _fit_source(manifest: dict[str, Any]) -> str:
-    splits = manifest["splits"]
-    if splits.get("fit_is_cnn_train"):
-        return f"**{splits['sizes']['fit']} of the CNN's own training images** (the paper's setting)"
-    return f"a **held-out fit split** of {splits['sizes']['fit']} images the CNN never saw"
-
-
 def _cond_inputs(detectors: dict[str, Any]) -> str:
     if detectors["conductance"].get("inputs", "conductance") == "conductance+class":
         return "**conductance and the predicted class** (one-hot; `--cond-inputs conductance+class`)"
@@ -305,13 +283,13 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
     lines = [
         f"# predgate evaluation report: {m['dataset']} ({man['architecture']['name']})",
         "",
-        (f"Bundle `{m['bundle_id']}`. CNN accuracy: cnn-train {_fmt(training.get('cnn-train_accuracy'))}, "
-        f"val {_fmt(training.get('val_accuracy'))}, test {_fmt(training.get('test_accuracy'))}. "
+        (f"Bundle `{m['bundle_id']}`. CNN accuracy: cnn-train {fmt(training.get('cnn-train_accuracy'))}, "
+        f"val {fmt(training.get('val_accuracy'))}, test {fmt(training.get('test_accuracy'))}. "
         f"Splits: {', '.join(f'{k} {v}' for k, v in m['splits'].items())}; wrong predictions: "
         f"{', '.join(f'{k} {v}' for k, v in m['errors'].items())}."),
         (f"Conductance: layer `{man['conductance']['layer']}`, mode **{man['conductance']['mode']}** "
         f"(max relative difference to the 11-point form {man['conductance'].get('shortcut_max_rel_diff', float('nan')):.2g}). "
-        f"Detectors trained on {_fit_source(man)} (unified classifiers on out-of-fold conductance scores); "
+        f"Detectors trained on {fit_source(man)} (unified classifiers on out-of-fold conductance scores); "
         f"the conductance detector reads {_cond_inputs(det)}."),
     ]
     if mut:
@@ -345,9 +323,9 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
         "",
         "| score | test AUROC | 95% CI |",
         "|---|---|---|",
-        f"| gate ({m['default_set']}) | {_fmt(boot['auroc_a'])} | {_interval(boot['ci_a'], 4)} |",
-        f"| {m['best_baseline']} | {_fmt(boot['auroc_b'])} | {_interval(boot['ci_b'], 4)} |",
-        f"| difference | {boot['diff']:+.4f} | {_ci(boot['ci_diff'])} |",
+        f"| gate ({m['default_set']}) | {fmt(boot['auroc_a'])} | {interval(boot['ci_a'], 4)} |",
+        f"| {m['best_baseline']} | {fmt(boot['auroc_b'])} | {interval(boot['ci_b'], 4)} |",
+        f"| difference | {boot['diff']:+.4f} | {signed_ci(boot['ci_diff'])} |",
         "",
         verdict,
         "",
@@ -359,9 +337,9 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
     for name, row in m["methods"].items():
         v, t = row["val"], row["test"]
         lines.append(
-            f"| {name} | {_fmt(v['auroc'])} | {_fmt(v['correct_recall'], 3)} | {_fmt(v['wrong_recall'], 3)} | "
-            f"{_fmt(t['auroc'])} | {_fmt(t['correct_recall'], 3)} | {_fmt(t['wrong_recall'], 3)} | "
-            f"{_fmt(t['aupr_error'])} | {_fmt(t['fpr_at_95_wrong_recall'])} | {_fmt(t['aurc'])} |"
+            f"| {name} | {fmt(v['auroc'])} | {fmt(v['correct_recall'], 3)} | {fmt(v['wrong_recall'], 3)} | "
+            f"{fmt(t['auroc'])} | {fmt(t['correct_recall'], 3)} | {fmt(t['wrong_recall'], 3)} | "
+            f"{fmt(t['aupr_error'])} | {fmt(t['fpr_at_95_wrong_recall'])} | {fmt(t['aurc'])} |"
         )
     lines += [
         "",
@@ -385,10 +363,10 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
     for r in m["evidence_value"]:
         name = f"**{r['signal_set']}**" if r is best_val else r["signal_set"]
         lines.append(
-            f"| {name} | {r['kind']} | {_fmt(r['val_auroc'])} | {_fmt(r['test_auroc'])} | {r['diff_to_baseline']:+.4f} | "
-            f"{_ci(r['ci_diff'])} | {r['seed_diff_mean']:+.4f} ± {r['seed_diff_std']:.4f} | {r['seeds_ci_above_0']} | "
-            f"{r['diff_to_msp']:+.4f} {_ci(r['ci_diff_msp'])} | {r['seeds_ci_above_0_msp']} | "
-            f"{_fmt(r['cost_fe'], 1)} |"
+            f"| {name} | {r['kind']} | {fmt(r['val_auroc'])} | {fmt(r['test_auroc'])} | {r['diff_to_baseline']:+.4f} | "
+            f"{signed_ci(r['ci_diff'])} | {r['seed_diff_mean']:+.4f} ± {r['seed_diff_std']:.4f} | {r['seeds_ci_above_0']} | "
+            f"{r['diff_to_msp']:+.4f} {signed_ci(r['ci_diff_msp'])} | {r['seeds_ci_above_0_msp']} | "
+            f"{fmt(r['cost_fe'], 1)} |"
         )
     holds = best_val["ci_diff"][0] > 0
     lines += [
@@ -416,7 +394,7 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
         lines += ["![AUROC vs cost](auroc_vs_cost.png)", ""]
     lines += ["## Accuracy if every rejected input goes to the fallback (test)", "", "| method | accuracy | with fallback | coverage |", "|---|---|---|---|"]
     for r in m["fallback"]:
-        lines.append(f"| {r['method']} | {_fmt(r['accuracy'])} | {_fmt(r['accuracy_with_fallback'])} | {_fmt(r['coverage'], 3)} |")
+        lines.append(f"| {r['method']} | {fmt(r['accuracy'])} | {fmt(r['accuracy_with_fallback'])} | {fmt(r['coverage'], 3)} |")
     lines += [
         "",
         "## Operating points of the default set (chosen on val)",
@@ -427,8 +405,8 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
     info = det["signal_sets"][m["default_set"]]
     for name, p in info["operating_points"].items():
         lines.append(
-            f"| {name} | {p['threshold']:.4g} | {_fmt(p['correct_recall'], 3)} | {_fmt(p['wrong_recall'], 3)} | "
-            f"{_fmt(p['coverage'], 3)} | {_fmt(p['risk'], 4)} |"
+            f"| {name} | {p['threshold']:.4g} | {fmt(p['correct_recall'], 3)} | {fmt(p['wrong_recall'], 3)} | "
+            f"{fmt(p['coverage'], 3)} | {fmt(p['risk'], 4)} |"
         )
     for name, why in info.get("skipped_points", {}).items():
         lines.append(f"| {name} | not stored: {why} | | | | |")

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from models.bundle import load_bundle
-from offline.report import REPORT_DIR, _ci, _fit_source, _fmt, _interval
+from offline.markdown import fit_source, fmt, interval, signed_ci
+from offline.report import REPORT_DIR
 
 
 def _setting(spec: str) -> tuple[str, Path]:
@@ -43,14 +44,14 @@ def describe(name: str, setting: dict[str, Any]) -> str:
     cond = man.get("conductance", {})
     with_class = (man.get("detectors") or {}).get("conductance", {}).get("inputs") == "conductance+class"
     return (
-        f"- **{name}** (`{man['bundle_id']}`): CNN test accuracy {_fmt(training.get('test_accuracy'))} "
-        f"(val {_fmt(training.get('val_accuracy'))}, {man['profile']['epochs']} epochs); "
+        f"- **{name}** (`{man['bundle_id']}`): CNN test accuracy {fmt(training.get('test_accuracy'))} "
+        f"(val {fmt(training.get('val_accuracy'))}, {man['profile']['epochs']} epochs); "
         f"{mut.get('count')} {mut.get('operator')} mutants at rate {mut.get('rate')} "
         f"({', '.join(map(str, mut.get('filters_per_mutant', [])))} filters each"
         f"{', in ' + ', '.join(mut['modules']) if mut.get('modules') else ''}); "
         f"conductance at `{cond.get('layer')}` ({cond.get('mode')} form)"
         f"{', its detector also reads the predicted class' if with_class else ''}; "
-        f"splits {', '.join(f'{k} {v}' for k, v in m['splits'].items())}; detectors trained on {_fit_source(man)}"
+        f"splits {', '.join(f'{k} {v}' for k, v in m['splits'].items())}; detectors trained on {fit_source(man)}"
         f"{'; LCR stops early' if stopping else ''}."
     )
 
@@ -65,7 +66,7 @@ def summary_markdown(settings: dict[str, dict[str, Any]]) -> str:
     for i, ref in enumerate(first):
         row = [
             ref["label"],
-            _fmt(ref["paper_val_auroc"], 3) if ref["paper_val_auroc"] is not None else "–",
+            fmt(ref["paper_val_auroc"], 3) if ref["paper_val_auroc"] is not None else "–",
             f"{ref['paper_test_recall_correct']:.3f} / {ref['paper_test_recall_wrong']:.3f}"
             if ref["paper_test_recall_correct"] is not None else "–",
         ]
@@ -76,9 +77,9 @@ def summary_markdown(settings: dict[str, dict[str, Any]]) -> str:
                 row += ["–"] * 4
                 continue
             row += [
-                _fmt(r["val_auroc"], 3), f"{_fmt(r['test_auroc'])} {_interval(r['test_ci'])}",
-                f"{r['diff_to_msp']:+.4f} {_ci(r['ci_diff_to_msp'])}",
-                f"{_fmt(r['test_recall_correct'], 3)} / {_fmt(r['test_recall_wrong'], 3)}",
+                fmt(r["val_auroc"], 3), f"{fmt(r['test_auroc'])} {interval(r['test_ci'])}",
+                f"{r['diff_to_msp']:+.4f} {signed_ci(r['ci_diff_to_msp'])}",
+                f"{fmt(r['test_recall_correct'], 3)} / {fmt(r['test_recall_wrong'], 3)}",
             ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

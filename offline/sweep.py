@@ -16,7 +16,6 @@ numbers that matter on a small CNN, where a rate is rounded to whole filters), p
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -38,6 +37,7 @@ from models.mutation import (
     plan_mutant,
 )
 from models.scores import msp_score
+from offline.markdown import fmt
 
 SWEEP_FILE = "report/sweep_mutants.json"
 DEFAULT_OPERATORS = ("NAI", "GF", "WS", "NS")
@@ -252,12 +252,6 @@ def copy_sweep(source: Bundle, target: Bundle) -> None:
     target.save()
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{value:.{digits}f}"
-
-
 def _pm(stats: dict[str, float | None] | None) -> str:
     if not stats or stats.get("mean") is None:
         return "–"
@@ -286,7 +280,7 @@ def sweep_markdown(sweep: dict[str, Any]) -> str:
             f"{sweep['min_relative_accuracy']:g} x the original's accuracy on val images {a0}-{a1 - 1} "
             f"(at most {sweep['max_attempts']} candidates); the model has {sweep['total_filters']} conv filters. "
             f"LCR on {where}: {stop - start} images, {sweep['lcr_wrong']} wrong predictions "
-            f"(accuracy {_fmt(sweep['lcr_accuracy'], 4)}). LCR is mean ± std (population) over correct and over "
+            f"(accuracy {fmt(sweep['lcr_accuracy'], 4)}). LCR is mean ± std (population) over correct and over "
             "wrong predictions; AUROC is LCR's for finding wrong predictions."
         ),
         "",
@@ -296,25 +290,25 @@ def sweep_markdown(sweep: dict[str, Any]) -> str:
     for row in sweep["rows"]:
         if row.get("error"):
             lines.append(
-                f"| {row['operator']} | {row['rate']:g} | {_filters(row)} | {_fmt(row.get('acceptance_rate'), 2)} "
-                f"({row.get('kept', 0)}/{row.get('attempts', 0)}) | {_fmt(row.get('kept_accuracy_min'), 4)} | "
+                f"| {row['operator']} | {row['rate']:g} | {_filters(row)} | {fmt(row.get('acceptance_rate'), 2)} "
+                f"({row.get('kept', 0)}/{row.get('attempts', 0)}) | {fmt(row.get('kept_accuracy_min'), 4)} | "
                 "failed | failed | – |"
             )
             continue
         lines.append(
-            f"| {row['operator']} | {row['rate']:g} | {_filters(row)} | {_fmt(row['acceptance_rate'], 2)} | "
-            f"{_fmt(row['kept_accuracy_min'], 4)} | {_pm(row['lcr_correct'])} | {_pm(row['lcr_wrong'])} | "
-            f"{_fmt(row['auroc'])} |"
+            f"| {row['operator']} | {row['rate']:g} | {_filters(row)} | {fmt(row['acceptance_rate'], 2)} | "
+            f"{fmt(row['kept_accuracy_min'], 4)} | {_pm(row['lcr_correct'])} | {_pm(row['lcr_wrong'])} | "
+            f"{fmt(row['auroc'], 3)} |"
         )
     lines.append("")
     scored = [r for r in sweep["rows"] if not r.get("error") and r.get("auroc") is not None]
     if scored:
         best = max(scored, key=lambda r: r["auroc"])
         msp = sweep.get("msp_auroc")
-        reference = f" (max softmax probability on the same images: {_fmt(msp)})" if msp is not None else ""
+        reference = f" (max softmax probability on the same images: {fmt(msp, 3)})" if msp is not None else ""
         lines.append(
             f"Best on val AUROC: **{best['operator']} at rate {best['rate']:g}** ({_filters(best)} filters per "
-            f"mutant), AUROC {_fmt(best['auroc'])}{reference}."
+            f"mutant), AUROC {fmt(best['auroc'], 3)}{reference}."
         )
     else:
         lines.append(
