@@ -169,10 +169,6 @@ class Bundle:
         self._require(name)
         return json.loads((self.path / name).read_text())
 
-    def write_file(self, name: str, data: bytes) -> None:
-        _atomic_write(self.path / name, lambda tmp: tmp.write_bytes(data))
-        self.record_file(name)
-
     def has_file(self, name: str) -> bool:
         return name in self.manifest["files"]
 

@@ -8,7 +8,6 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from models.gate import Gate
 from service.batching import Batcher
 from service.errors import NotReady, Unauthorized
 from service.settings import Settings
@@ -38,13 +37,6 @@ def get_loaded(state: StateDep) -> LoadedService:
 
 
 LoadedDep = Annotated[LoadedService, Depends(get_loaded)]
-
-
-def get_gate(loaded: LoadedDep) -> Gate:
-    return loaded.gate
-
-
-GateDep = Annotated[Gate, Depends(get_gate)]
 
 
 def get_batcher(state: StateDep) -> Batcher:

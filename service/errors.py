@@ -52,10 +52,6 @@ class ServiceError(Exception):
         return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
 
 
-class PayloadTooLarge(ServiceError):
-    status_code, error_type = 413, "payload_too_large"
-
-
 class TooManyImages(ServiceError):
     status_code, error_type = 413, "too_many_images"
 
