@@ -48,7 +48,7 @@ from models.evidence import EvidenceExtractor
 from models.gate import Gate, load_extractor, load_gate
 from models.lcr import MutantEnsemble, predict_naive
 from models.progress import maybe_tqdm, progress_wanted
-from models.signals import needs_conductance, needs_lcr, signal_matrix
+from models.signals import OPEN_WORLD_SIGNALS, PAPER_SET, needs_conductance, needs_lcr, signal_matrix
 
 # Stage names in table order. "gate_full" computes every signal (conductance and LCR) whatever the
 # set needs: it is the gated prediction the FLOP floor is about. The naive reference has no detector
@@ -190,6 +190,8 @@ def _detectors(subject: Subject, x: torch.Tensor) -> Callable[[], object]:
     assert subject.gate is not None
     gate = subject.gate
     chosen = gate.signal_set(None)
+    if any(sig in OPEN_WORLD_SIGNALS for sig in chosen.signals):  # their columns need the probe: time the paper's
+        chosen = gate.signal_set(PAPER_SET)
     evidence = subject.extractor(x, conductance=True, lcr=subject.n_mutants > 0)
     logits = evidence.logits.numpy()
     lcr = evidence.lcr.numpy() if evidence.lcr is not None else None

@@ -119,4 +119,6 @@ def signal_set_cost(signals: tuple[str, ...] | list[str], costs: dict[str, float
     total = costs["conductance_fe"] if "cond" in signals else 1.0
     if "lcr" in signals:
         total += costs.get("lcr_fe", float("nan"))
+    if "doctor_pert" in signals:  # one backward (about two forwards) and a second forward
+        total += 3.0
     return total

@@ -8,6 +8,7 @@ from pathlib import Path
 from models.bundle import Bundle, load_bundle
 from models.data import DataSource
 from models.errors import BundleError
+from offline.open_world import fit_default_set
 from offline.profiles import STAGE_ORDER, BuildProfile
 from offline.report import write_report
 from offline.stages import (
@@ -20,6 +21,10 @@ from offline.stages import (
 )
 
 __all__ = ["STAGE_ORDER", "build_bundle"]
+
+DEFAULT_SET_STAGE = "detectors:default-set"
+"""Marks the open-world default set as fitted; a part of the detectors stage, so ``--redo detectors``
+(or an earlier stage) fits it again."""
 
 
 def _say(message: str) -> None:
@@ -87,11 +92,19 @@ def build_bundle(
         bundle, arrays, early_stopping_alpha=profile.lcr_sprt_alpha, early_stopping_chunk=profile.lcr_chunk,
         progress=progress,
     )
+    chosen = default_set or profile.default_set
+    open_world_default = chosen is not None and "/" in chosen  # VARIANT/SET: an open-world set
     stage(f"detectors: {profile.detector_seeds} seeds")
     detectors_stage(
-        bundle, seeds=profile.detector_seeds, default_set=default_set, cond_inputs=profile.cond_inputs,
-        progress=progress,
+        bundle, seeds=profile.detector_seeds, default_set=None if open_world_default else chosen,
+        cond_inputs=profile.cond_inputs, progress=progress,
     )
+    if open_world_default and not bundle.stage_done(DEFAULT_SET_STAGE):
+        assert chosen is not None
+        stage(f"default set: {chosen} (open-set scorers and its detectors, fitted on this bundle's splits)")
+        served = fit_default_set(bundle, chosen, seed=profile.seed, progress=progress)
+        bundle.mark_stage(DEFAULT_SET_STAGE, set=chosen, served_as=served)
+        _say(f"default signal set: {served}")
     stage("report")
     if not bundle.stage_done("report"):
         write_report(bundle, val_images=arrays["val"].images, n_boot=profile.n_boot, progress=progress)

@@ -97,6 +97,7 @@ def suite_evidence(
     batch_size: int = 256,
     progress: bool = False,
     desc: str = "evidence",
+    with_lcr: bool = True,
 ) -> dict[str, np.ndarray]:
     """Every column the open world needs for raw ``images`` (labels -1 = unknown): the bundle's
     features (as the build stores them, early-stopped LCR included), ``penultimate`` and, given a
@@ -107,7 +108,7 @@ def suite_evidence(
         extractor,
         normalisation,
         arrays,
-        with_lcr=extractor.ensemble is not None,
+        with_lcr=with_lcr and extractor.ensemble is not None,
         batch_size=batch_size,
         progress=progress,
         desc=desc,
@@ -256,6 +257,88 @@ def _cached(bundle: Bundle, name: str, compute: Any) -> dict[str, np.ndarray]:
     return table
 
 
+def split_tables(
+    bundle: Bundle,
+    extractor: EvidenceExtractor,
+    splits: dict[str, ImageArrays],
+    features: dict[str, dict[str, Any]],
+    scorers: OpenWorldScorers,
+    perturbed: PerturbedDoctor,
+    *,
+    batch_size: int = 256,
+) -> dict[str, dict[str, np.ndarray]]:
+    """The stored fit / val / test features plus the open-world columns (penultimate features and the
+    perturbed DOCTOR score, cached in the bundle per perturbation setting; then every scorer's column)."""
+    normalisation = bundle.normalisation
+    tables: dict[str, dict[str, np.ndarray]] = {}
+    for split in ("fit", "val", "test"):
+        imgs = splits[split].images
+
+        def extra(imgs: np.ndarray = imgs) -> dict[str, np.ndarray]:
+            return {
+                "penultimate": penultimate_features(
+                    extractor.model, normalisation, imgs, batch_size=batch_size
+                ),
+                "doctor_pert": np.concatenate(
+                    [
+                        perturbed(normalisation.apply(imgs[s : s + batch_size]))
+                        for s in _batches(len(imgs), batch_size)
+                    ]
+                ),
+            }
+
+        added = _cached(
+            bundle,
+            f"open_world/splits/{split}-{perturbed.eps}-{perturbed.temperature}.npz",
+            extra,
+        )
+        table = {**features[split], **added}
+        table.update(scorers.columns(table["logits"], table["penultimate"], table.get("doctor_pert")))
+        tables[split] = table
+    return tables
+
+
+def exposure_tables(
+    bundle: Bundle,
+    extractor: EvidenceExtractor,
+    splits: dict[str, ImageArrays],
+    tables: dict[str, dict[str, np.ndarray]],
+    scorers: OpenWorldScorers,
+    perturbed: PerturbedDoctor,
+    stopping: Any,
+    *,
+    exposure_images: int,
+    seed: int,
+    batch_size: int = 256,
+    with_lcr: bool = True,
+) -> dict[str, dict[str, np.ndarray]]:
+    """``tables`` with exposure rows appended to fit and val: ``exposure_images`` images of each
+    under the exposure corruptions (never an evaluated kind) plus shuffled outliers. The clean rows
+    come first, so ``table[:len(clean)]`` is the clean split. Evidence cached in the bundle."""
+    exposed = dict(tables)
+    rng = np.random.default_rng((seed, 12))
+    for split in ("fit", "val"):
+        arr = splits[split]
+        idx = np.sort(rng.choice(len(arr), min(exposure_images, len(arr)), replace=False))
+        ex_images, ex_labels = exposure_rows(
+            arr.images[idx],
+            arr.labels[idx],
+            n_outliers=max(1, len(idx) // 5),
+            seed=seed + (1 if split == "val" else 0),
+        )
+        ex = _cached(
+            bundle,
+            f"open_world/exposure/{split}.npz" if with_lcr else f"open_world/exposure/{split}-no-lcr.npz",
+            lambda i=ex_images, lab=ex_labels: suite_evidence(
+                extractor, bundle.normalisation, perturbed, i, lab, stopping, batch_size=batch_size,
+                with_lcr=with_lcr,
+            ),
+        )
+        ex.update(scorers.columns(ex["logits"], ex["penultimate"], ex.get("doctor_pert")))
+        exposed[split] = _concat_tables(tables[split], ex)
+    return exposed
+
+
 def run_open_world(
     bundle: Bundle,
     *,
@@ -295,38 +378,9 @@ def run_open_world(
     scorers = fit_scorers(bundle, extractor, splits, features, seed=seed, progress=progress)
     perturbed = scorers.perturbed_doctor(extractor.model, tuple(normalisation.std))
 
-    def columns(table: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return scorers.columns(table["logits"], table["penultimate"], table.get("doctor_pert"))
-
+    tables = split_tables(bundle, extractor, splits, features, scorers, perturbed, batch_size=batch_size)
     shape = splits["test"].image_shape
     dataset = bundle.manifest["dataset"]["name"]
-
-    # The stored split features gain the new columns (penultimate, perturbed DOCTOR).
-    tables: dict[str, dict[str, np.ndarray]] = {}
-    for split in ("fit", "val", "test"):
-        imgs = splits[split].images
-
-        def extra(imgs: np.ndarray = imgs) -> dict[str, np.ndarray]:
-            return {
-                "penultimate": penultimate_features(
-                    extractor.model, normalisation, imgs, batch_size=batch_size
-                ),
-                "doctor_pert": np.concatenate(
-                    [
-                        perturbed(normalisation.apply(imgs[s : s + batch_size]))
-                        for s in _batches(len(imgs), batch_size)
-                    ]
-                ),
-            }
-
-        added = _cached(
-            bundle,
-            f"open_world/splits/{split}-{perturbed.eps}-{perturbed.temperature}.npz",
-            extra,
-        )
-        table = {**features[split], **added}
-        table.update(columns(table))
-        tables[split] = table
 
     # Suites (clean test images first: the corruptions are of the same images).
     rng = np.random.default_rng((seed, 11))
@@ -353,35 +407,13 @@ def run_open_world(
                 batch_size=batch_size,
             ),
         )
-        table.update(columns(table))
+        table.update(scorers.columns(table["logits"], table["penultimate"], table.get("doctor_pert")))
         suite_tables[suite.name] = table
 
-    # Exposure rows for the exposed variant: fit and val images under exposure kinds + outliers.
-    exposed_tables = dict(tables)
-    for split in ("fit", "val"):
-        arr = splits[split]
-        idx = np.sort(rng.choice(len(arr), min(exposure_images, len(arr)), replace=False))
-        ex_images, ex_labels = exposure_rows(
-            arr.images[idx],
-            arr.labels[idx],
-            n_outliers=max(1, len(idx) // 5),
-            seed=seed + (1 if split == "val" else 0),
-        )
-        ex = _cached(
-            bundle,
-            f"open_world/exposure/{split}.npz",
-            lambda i=ex_images, lab=ex_labels: suite_evidence(
-                extractor,
-                normalisation,
-                perturbed,
-                i,
-                lab,
-                stopping,
-                batch_size=batch_size,
-            ),
-        )
-        ex.update(columns(ex))
-        exposed_tables[split] = _concat_tables(tables[split], ex)
+    exposed_tables = exposure_tables(
+        bundle, extractor, splits, tables, scorers, perturbed, stopping,
+        exposure_images=exposure_images, seed=seed, batch_size=batch_size,
+    )
 
     signal_sets = {**CANDIDATE_SETS, **OPEN_WORLD_SETS}
     if extractor.ensemble is None:
@@ -454,25 +486,43 @@ def served_name(key: str) -> str:
 def adopt(bundle: Bundle, result: OpenWorldResult, keys: list[str], default: str | None = None) -> list[str]:
     """Store the open-world scorers and the seed-0 detectors of ``keys`` (``variant/set``) in the
     bundle as servable signal sets, with operating points chosen on the variant's val rows;
-    ``default`` (one of ``keys``) becomes the bundle's default set. Returns the served names.
-
-    A set that reads ``cond`` is adopted only from the clean variant: the gate serves one
-    conductance detector, the bundle's, and the exposed variant refits its own.
-    """
+    ``default`` (one of ``keys``) becomes the bundle's default set. Returns the served names."""
     if result.fitted_scorers is None:
         raise ConfigError("this result has no fitted scorers to store")
+    clean_fit = result.variants.get("clean", next(iter(result.variants.values()))).fits[0]
+    clean_rows = {split: len(s) for split, s in next(iter(clean_fit.sets.values())).scores.items()}
+    return store_sets(bundle, result.variants, result.fitted_scorers, clean_rows, keys, default)
+
+
+def store_sets(
+    bundle: Bundle,
+    variants: dict[str, VariantFit],
+    scorers: OpenWorldScorers,
+    clean_rows: dict[str, int],
+    keys: list[str],
+    default: str | None = None,
+    chosen_by: str = "open-world report (report/open_world.md)",
+) -> list[str]:
+    """What :func:`adopt` stores, from the fitted variants themselves. ``clean_rows``: per split, how
+    many leading rows are the clean split (the exposed variant's splits end with exposure rows); the
+    stored scores (the drift monitor's reference is val) are those of the clean rows.
+
+    A set that reads ``cond`` is stored only from the clean variant: the gate serves one conductance
+    detector, the bundle's, and the exposed variant refits its own.
+    """
     detectors = dict(bundle.get("detectors") or {})
     if not detectors:
         raise ConfigError("the bundle has no detectors section: build it to the end first")
-    result.fitted_scorers.save(bundle)
+    scorers.save(bundle)
     sets = dict(detectors["signal_sets"])
     stored_scores = bundle.read_arrays(SCORES_FILE) if bundle.has_file(SCORES_FILE) else {}
     names = []
     for key in keys:
-        variant, name = key.split("/", 1)
-        if variant not in result.variants or name not in result.variants[variant].fits[0].sets:
-            raise ConfigError(f"{key!r} was not evaluated; evaluated sets: {sorted(result.val_auroc)}")
-        set_fit = result.variants[variant].fits[0].sets[name]
+        variant, name = key.split("/", 1) if "/" in key else ("", key)
+        if variant not in variants or name not in variants[variant].fits[0].sets:
+            evaluated = sorted(f"{v}/{n}" for v, vf in variants.items() for n in vf.fits[0].sets)
+            raise ConfigError(f"{key!r} was not fitted; fitted sets: {evaluated}")
+        set_fit = variants[variant].fits[0].sets[name]
         if variant != "clean" and "cond" in set_fit.signals:
             raise ConfigError(f"{key!r} reads conductance through its own detector: adopt a clean-variant set")
         serve_as = served_name(key)
@@ -480,13 +530,10 @@ def adopt(bundle: Bundle, result: OpenWorldResult, keys: list[str], default: str
         config, arrays = save_state(set_fit.classifier)
         bundle.write_json(f"{stem}.json", config)
         bundle.write_arrays(f"{stem}.npz", arrays)
-        for split, split_scores in set_fit.scores.items():
-            # The exposed variant's splits end with its exposure rows; the stored scores (the drift
-            # monitor's reference is val) are those of the clean rows, which come first.
-            clean_fit = result.variants.get("clean", result.variants[variant]).fits[0]
-            clean_rows = len(next(iter(clean_fit.sets.values())).scores[split])
-            stored_scores[f"0/{serve_as}/{split}"] = np.asarray(split_scores)[:clean_rows]
-        points = result.variants[variant].points[(0, name)]
+        for fit in variants[variant].fits:  # every seed, as the build stores its own sets
+            for split, split_scores in fit.sets[name].scores.items():
+                stored_scores[f"{fit.seed}/{serve_as}/{split}"] = np.asarray(split_scores)[: clean_rows[split]]
+        points = variants[variant].points[(0, name)]
         sets[serve_as] = {
             "signals": list(set_fit.signals),
             "kind": set_fit.kind,
@@ -505,7 +552,52 @@ def adopt(bundle: Bundle, result: OpenWorldResult, keys: list[str], default: str
         if default not in keys:
             raise ConfigError(f"the default {default!r} must be one of the adopted sets {keys}")
         detectors["default_set"] = served_name(default)
-        detectors["default_chosen_by"] = "open-world report (report/open_world.md)"
+        detectors["default_chosen_by"] = chosen_by
     bundle.set("detectors", detectors)
     bundle.save()
     return names
+
+
+def fit_default_set(
+    bundle: Bundle,
+    key: str,
+    *,
+    exposure_images: int = 1000,
+    seed: int = 0,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> str:
+    """Fit the open-set scorers and the one signal set ``key`` (``variant/set``, e.g. the one an
+    open-world report chose on a reference bundle) on this bundle's own splits, without the
+    evaluation suites, and make it the bundle's default. This is what a build does when its profile
+    names such a default, so that a fresh bundle serves it without an hour of open-world evaluation;
+    the evaluation itself (``predgate open-world``) stays the way to check the choice on this CNN."""
+    variant, name = key.split("/", 1)
+    if variant not in VARIANTS:
+        raise ConfigError(f"default set {key!r}: the variant must be one of {VARIANTS}")
+    every = {**CANDIDATE_SETS, **OPEN_WORLD_SETS}
+    if name not in every:
+        raise ConfigError(f"default set {key!r}: unknown set; known: {sorted(every)}")
+    torch.manual_seed(seed)
+    extractor = load_extractor(bundle)
+    if "lcr" in every[name] and extractor.ensemble is None:
+        raise ConfigError(f"default set {key!r} needs LCR, and this bundle has no mutants")
+    stopping = load_early_stopping(bundle)
+    splits = load_splits(bundle)
+    features = {k: dict(v) for k, v in load_features(bundle).items()}
+    scorers = fit_scorers(bundle, extractor, splits, features, seed=seed, progress=progress)
+    perturbed = scorers.perturbed_doctor(extractor.model, tuple(bundle.normalisation.std))
+    tables = split_tables(bundle, extractor, splits, features, scorers, perturbed, batch_size=batch_size)
+    clean_rows = {split: len(t["label"]) for split, t in tables.items()}
+    if variant == "exposed":
+        tables = exposure_tables(
+            bundle, extractor, splits, tables, scorers, perturbed, stopping,
+            exposure_images=exposure_images, seed=seed, batch_size=batch_size, with_lcr="lcr" in every[name],
+        )
+    cond_inputs = bundle.manifest.get("detectors", {}).get("conductance", {}).get("inputs", "conductance")
+    seeds = len((bundle.get("detectors") or {}).get("seeds") or [0])
+    fitted = fit_variant(variant, tables, seeds=seeds, cond_inputs=cond_inputs, signal_sets={name: every[name]})
+    return store_sets(
+        bundle, {variant: fitted}, scorers, clean_rows, [key], default=key,
+        chosen_by="build profile: the set the open-world report chose on the reference bundle (docs/open-world.md)",
+    )[0]

@@ -36,6 +36,9 @@ class BuildProfile:
     batch_size: int = 128
     n_boot: int = 1000
     detector_seeds: int = 3
+    # The signal set the server uses by default: a build set ("cond+lcr") or an open-world one as
+    # VARIANT/SET ("exposed/feat+softmax", fitted after the detectors); None = the paper's set.
+    default_set: str | None = None
 
     def __post_init__(self) -> None:
         if self.mutant_modules is not None:  # JSON gives lists; keep comparisons with tuples exact
@@ -59,7 +62,7 @@ STAGE_OF_FIELD: dict[str, str] = {
     "epochs": "train", "batch_size": "train",
     "n_mutants": "mutants", "operator": "mutants", "mutation_rate": "mutants", "mutant_modules": "mutants",
     "lcr_sprt_alpha": "features", "lcr_chunk": "features",
-    "detector_seeds": "detectors", "cond_inputs": "detectors",
+    "detector_seeds": "detectors", "cond_inputs": "detectors", "default_set": "detectors",
     "n_boot": "report",
 }
 

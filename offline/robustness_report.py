@@ -35,7 +35,7 @@ from models.bundle import Bundle, load_bundle
 from models.data import ImageArrays, load_splits
 from models.gate import Gate, load_early_stopping, load_gate
 from models.metrics import auroc, paired_bootstrap_auroc
-from models.signals import signal_matrix
+from models.signals import OPEN_WORLD_SIGNALS, signal_matrix
 from offline.attack import FOLDER, load_adversarial
 from offline.features import apply_early_stopping, extract_features
 from offline.stages import load_features
@@ -98,7 +98,12 @@ def evaluate_attack(
         "mean_lcr_successful": float(adv["lcr"][fooled].mean()) if "lcr" in adv and fooled.any() else None,
         "sets": {},
     }
-    scores = {name: (set_scores(gate, name, clean), set_scores(gate, name, adv)) for name in gate.signal_sets}
+    # Sets with open-world signals need penultimate features the stored evidence lacks: not scored here.
+    scores = {
+        name: (set_scores(gate, name, clean), set_scores(gate, name, adv))
+        for name, chosen in gate.signal_sets.items()
+        if not any(sig in OPEN_WORLD_SIGNALS for sig in chosen.signals)
+    }
     wang_target = np.concatenate([np.zeros(int(clean_correct.sum())), np.ones(int(fooled.sum()))]).astype(int)
     mix_wrong = np.concatenate([clean["prediction"] != label, adv["prediction"] != label]).astype(int)
     base_c, base_a = scores[BASELINE]

@@ -221,3 +221,33 @@ def test_seeds_above_msp_are_counted_against_msp_on_every_detector_seed(tiny_bun
         assert row["diff_to_msp"] == pytest.approx(roc_auc_score(wrong, seed0) - roc_auc_score(wrong, msp), abs=1e-12)
         assert row["ci_diff_msp"][0] <= row["diff_to_msp"] <= row["ci_diff_msp"][1]
     assert "seeds with CI > 0 vs MSP" in (tiny_bundle / "report" / "report.md").read_text()
+
+
+def test_profile_default_set_from_the_open_world(tiny_bundle: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
+    """A profile whose default is an open-world set (VARIANT/SET) builds a bundle that serves it: the
+    set is fitted after the detectors, stored for every seed, the report's headline names it, and a
+    rerun of the finished build changes nothing."""
+    from models.data import DataSource
+    from offline.build import DEFAULT_SET_STAGE, build_bundle
+    from offline.profiles import BuildProfile
+    from tests.conftest import TINY_PROFILE
+
+    copy = tmp_path / "ow-default"
+    profile = BuildProfile(**{**TINY_PROFILE, "default_set": "clean/feat+softmax"})
+    source = DataSource("fashion-mnist", str(tiny_data_dir))
+    build_bundle(copy, source, profile, redo="detectors", base=tiny_bundle, progress=False)
+    bundle = load_bundle(copy)
+    detectors = bundle.manifest["detectors"]
+    assert detectors["default_set"] == "feat+softmax"
+    assert bundle.stage_done(DEFAULT_SET_STAGE)
+    assert "Default signal set `feat+softmax`" in (copy / "report" / "report.md").read_text()
+    stored = bundle.read_arrays("detectors/scores.npz")
+    assert all(f"{seed}/feat+softmax/test" in stored for seed in detectors["seeds"])
+    gate = load_gate(bundle)
+    val = load_splits(bundle)["val"].images[:25]
+    out = gate.run(bundle.normalisation.apply(val))
+    assert out.signal_set == "feat+softmax"
+    np.testing.assert_allclose(out.unified_score, stored["0/feat+softmax/val"][:25], rtol=1e-5, atol=1e-6)
+    before = (copy / "manifest.json").read_text()
+    build_bundle(copy, source, profile, base=tiny_bundle, progress=False)
+    assert (copy / "manifest.json").read_text() == before

@@ -17,7 +17,7 @@ from models.errors import ConfigError
 from models.gate import load_gate
 from models.scores import msp_score
 from offline.corruptions import KINDS, corrupt_images, kinds_for
-from offline.open_world import adopt, run_open_world
+from offline.open_world import adopt, fit_default_set, run_open_world
 from offline.open_world_report import regime_table
 from offline.open_world_suites import EVAL_KINDS, EXPOSURE_KINDS, exposure_rows, shuffled_outliers
 from offline.unknown_inputs import unknown_sets
@@ -131,3 +131,27 @@ def test_open_world_cli_writes_the_report(tiny_bundle: Path, tmp_path: Path, cif
     assert load_gate(served).default_set == served.manifest["detectors"]["default_set"]
     for png in ("open_world_shift.png", "open_world_unknown.png", "open_world_suites.png"):
         assert (report / png).stat().st_size > 1000
+
+
+def test_fit_default_set_serves_the_named_set(tiny_bundle: Path, tmp_path: Path) -> None:
+    """What a build does for a profile whose default is an open-world set: no suites, the set fitted
+    on the bundle's own splits (exposure rows without LCR when the set reads none), stored for every
+    detector seed, and the gate's scores on test equal to the stored ones."""
+    path = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, path)
+    served_as = fit_default_set(load_bundle(path), "exposed/feat+softmax", exposure_images=60)
+    assert served_as == "feat+softmax-exposed"
+    served = load_bundle(path)
+    detectors = served.manifest["detectors"]
+    assert detectors["default_set"] == served_as and "build profile" in detectors["default_chosen_by"]
+    assert served.has_file("open_world/exposure/fit-no-lcr.npz")
+    stored = served.read_arrays("detectors/scores.npz")
+    test = load_splits(served)["test"]
+    for seed in detectors["seeds"]:
+        assert stored[f"{seed}/{served_as}/test"].shape == (len(test),)
+    gate = load_gate(served)
+    out = gate.run(served.normalisation.apply(test.images))
+    assert out.signal_set == served_as
+    assert np.allclose(out.unified_score, stored[f"0/{served_as}/test"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="variant"):
+        fit_default_set(served, "weird/softmax")
