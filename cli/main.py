@@ -16,7 +16,7 @@ from models.data import DataSource, load_splits
 from models.errors import PredgateError
 from models.progress import progress_wanted
 from offline import attack as attack_job
-from offline import open_world_job, robustness_report
+from offline import open_world_job, robustness_report, shift_job
 from offline.build import build_bundle
 from offline.profiles import STAGE_ORDER, get_profile
 from offline.report import write_report
@@ -231,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     open_world = sub.add_parser("open-world", help="shifted, unknown and mixed inputs: every signal set vs MSP")
     open_world_job.add_arguments(open_world)
     open_world.set_defaults(func=lambda args: open_world_job.run(args, progress_wanted()))
+
+    shift = sub.add_parser("shift", help="write the open-world suites (corrupted, unknown, mixed images) as npz")
+    shift_job.add_arguments(shift)
+    shift.set_defaults(func=lambda args: shift_job.run(args, progress_wanted()))
 
     attack = sub.add_parser("attack", help="adversarial versions of the test split (torchattacks), into the bundle")
     attack_job.add_arguments(attack)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.bundle import Bundle
+from models.bundle import Bundle, load_features
 from models.data import ImageArrays, load_splits
 from models.detectors import save_state
 from models.drift import SCORES_FILE
@@ -47,13 +47,10 @@ from offline.features import apply_early_stopping, extract_features
 from offline.fit import DetectorFit, fit_detectors
 from offline.open_world_suites import (
     EVAL_KINDS,
-    Suite,
-    corruption_suites,
+    evaluation_suites,
     exposure_rows,
-    mixed_suite,
-    unknown_suites,
 )
-from offline.stages import OPERATING_POINTS, load_features
+from offline.stages import OPERATING_POINTS
 
 log = logging.getLogger("predgate.open_world")
 
@@ -379,17 +376,14 @@ def run_open_world(
     perturbed = scorers.perturbed_doctor(extractor.model, tuple(normalisation.std))
 
     tables = split_tables(bundle, extractor, splits, features, scorers, perturbed, batch_size=batch_size)
-    shape = splits["test"].image_shape
     dataset = bundle.manifest["dataset"]["name"]
 
     # Suites (clean test images first: the corruptions are of the same images).
-    rng = np.random.default_rng((seed, 11))
     test = splits["test"]
-    pick = np.sort(rng.choice(len(test), min(images, len(test)), replace=False))
-    clean = Suite("clean", "clean", "clean", 0, test.images[pick], test.labels[pick])
-    suites = [clean] + corruption_suites(clean.images, clean.labels, kinds, severities, seed)
-    unknowns = unknown_suites(images, shape, dataset, seed, data_roots)
-    suites += unknowns + [mixed_suite(clean, unknowns, seed)]
+    suites = evaluation_suites(
+        test.images, test.labels, images=images, kinds=kinds, severities=severities, dataset=dataset,
+        seed=seed, data_roots=data_roots,
+    )
     log.info("open world: %d suites of up to %d images", len(suites), images)
 
     suite_tables: dict[str, dict[str, np.ndarray]] = {}

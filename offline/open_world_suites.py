@@ -151,3 +151,24 @@ def exposure_rows(
         np.concatenate([out, outliers]),
         np.concatenate([labels, np.full(n_outliers, UNKNOWN_LABEL, dtype=np.int64)]),
     )
+
+
+def evaluation_suites(
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    *,
+    images: int,
+    kinds: tuple[str, ...],
+    severities: tuple[int, ...],
+    dataset: str,
+    seed: int,
+    data_roots: dict[str, str | None] | None = None,
+) -> list[Suite]:
+    """Every suite the open world measures, in order: ``images`` clean test images (seeded pick),
+    the same images under each corruption kind x severity, the unknown sets, and the mixed one."""
+    rng = np.random.default_rng((seed, 11))
+    pick = np.sort(rng.choice(len(test_images), min(images, len(test_images)), replace=False))
+    clean = Suite("clean", "clean", "clean", 0, test_images[pick], test_labels[pick])
+    suites = [clean] + corruption_suites(clean.images, clean.labels, kinds, severities, seed)
+    unknowns = unknown_suites(images, tuple(test_images.shape[1:]), dataset, seed, data_roots)
+    return suites + unknowns + [mixed_suite(clean, unknowns, seed)]

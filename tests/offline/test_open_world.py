@@ -19,7 +19,13 @@ from models.scores import msp_score
 from offline.corruptions import KINDS, corrupt_images, kinds_for
 from offline.open_world import adopt, fit_default_set, run_open_world
 from offline.open_world_report import regime_table
-from offline.open_world_suites import EVAL_KINDS, EXPOSURE_KINDS, exposure_rows, shuffled_outliers
+from offline.open_world_suites import (
+    EVAL_KINDS,
+    EXPOSURE_KINDS,
+    evaluation_suites,
+    exposure_rows,
+    shuffled_outliers,
+)
 from offline.unknown_inputs import unknown_sets
 
 
@@ -155,3 +161,25 @@ def test_fit_default_set_serves_the_named_set(tiny_bundle: Path, tmp_path: Path)
     assert np.allclose(out.unified_score, stored[f"0/{served_as}/test"], rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="variant"):
         fit_default_set(served, "weird/softmax")
+
+
+def test_shift_writes_the_suites_open_world_measures(tiny_bundle: Path, tmp_path: Path, cifar10_npz_dir: Path) -> None:
+    out = tmp_path / "suites"
+    code = main(["shift", "--bundle", str(tiny_bundle), "--images", "12", "--kinds", "contrast", "rotation",
+                 "--severities", "2", "5", "--out", str(out), "--cifar10-root", str(cifar10_npz_dir)])
+    assert code == 0
+    index = json.loads((out / "index.json").read_text())
+    names = [s["suite"] for s in index["suites"]]
+    assert names[:5] == ["clean", "contrast-2", "contrast-5", "rotation-2", "rotation-5"]
+    assert "mixed" in names and "digits" in names
+    bundle = load_bundle(tiny_bundle)
+    test = load_splits(bundle)["test"]
+    expected = evaluation_suites(test.images, test.labels, images=12, kinds=("contrast", "rotation"),
+                                 severities=(2, 5), dataset="fashion-mnist", seed=0,
+                                 data_roots={"cifar10": str(cifar10_npz_dir)})
+    for suite in expected:
+        with np.load(out / f"{suite.name}.npz") as stored:
+            assert np.array_equal(stored["images"], suite.images) and np.array_equal(stored["labels"], suite.labels)
+    clean = np.load(out / "clean.npz")
+    assert not np.array_equal(np.load(out / "contrast-5.npz")["images"], clean["images"])
+    assert (np.load(out / "digits.npz")["labels"] == -1).all()
