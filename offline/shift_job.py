@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cifar10-root", default=None, help="CIFAR-10 npz folder (unknown set of a grey bundle)")
     parser.add_argument("--fashion-mnist-root", default=None, help="Fashion-MNIST folder (unknown set of a colour one)")
     parser.add_argument("--preview", action="store_true", help="also write preview.png (one image per suite)")
+    parser.add_argument(
+        "--held-out-class", default=None, metavar="DIR",
+        help="folder of images of a class the bundle was not trained on (an image-folder bundle's near unknown set)",
+    )
 
 
 def write_suites(
@@ -78,7 +82,9 @@ def write_suites(
 
 
 def run(args: argparse.Namespace, progress: bool) -> None:
-    roots = {"cifar10": args.cifar10_root, "fashion-mnist": args.fashion_mnist_root}
+    roots = {
+        "cifar10": args.cifar10_root, "fashion-mnist": args.fashion_mnist_root, "held-out-class": args.held_out_class,
+    }
     folder = write_suites(
         args.bundle, images=args.images, kinds=tuple(args.kinds), severities=tuple(args.severities),
         seed=args.seed, out=args.out, data_roots=roots, progress=progress,

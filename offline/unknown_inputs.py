@@ -132,6 +132,7 @@ def unknown_sets(
         fashion_root=roots.get("fashion-mnist"),
         cifar_root=roots.get("cifar10"),
     )
+    holdout_folder = holdout_folder or roots.get("held-out-class")
     if holdout_folder is not None:
         out["held-out-class"] = folder_images(holdout_folder, n, shape, seed)
     return out

@@ -16,6 +16,8 @@ Body of every error response: ``{"error": {"type": ..., "message": ...}}``.
 | content type other than JSON or multipart, or JSON in a charset other than UTF-8 | 415 | ``unsupported_media_type`` |
 | missing or wrong bearer token | 401 | ``unauthorized`` |
 | batching queue full / not ready yet / shutting down | 503 + ``Retry-After`` | ``queue_full`` / ``not_ready`` / ``shutting_down`` |
+| a gate batch stuck past the watchdog limit / out of memory on a single image | 503 + ``Retry-After`` | ``batch_stuck`` / ``out_of_memory`` |
+| the request's deadline (``X-Request-Timeout``) passed while queued or computing | 504 | ``deadline_exceeded`` |
 | other HTTP errors (404, 405, ...) | as raised | ``http_error`` |
 | anything unexpected (a bug) | 500 | ``internal_error`` |
 
@@ -77,6 +79,25 @@ class NotReady(ServiceError):
 
 class ShuttingDown(ServiceError):
     status_code, error_type, retry_after = 503, "shutting_down", 5
+
+
+class BatchStuck(ServiceError):
+    """A gate batch has run past the watchdog limit: readiness is off and new work is refused."""
+
+    status_code, error_type, retry_after = 503, "batch_stuck", 5
+
+
+class OutOfMemory(ServiceError):
+    """The gate ran out of memory on a single image (a larger batch is split and retried first)."""
+
+    status_code, error_type, retry_after = 503, "out_of_memory", 5
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's deadline (``X-Request-Timeout``) passed before its answer was ready; images
+    still queued are dropped, never computed. No Retry-After: the client's own budget is spent."""
+
+    status_code, error_type = 504, "deadline_exceeded"
 
 
 def error_response(

@@ -94,6 +94,23 @@ DRIFT_WINDOW = Gauge(
 READY = Gauge(
     "predgate_ready", "1 when the bundle is loaded and warmed up (in any worker), else 0.", multiprocess_mode="livemax"
 )
+DEADLINE_EXPIRED = Counter(
+    "predgate_deadline_expired_total",
+    "Images whose request deadline passed: 'queued' ones were dropped unseen by the gate, 'running' ones "
+    "were in a gate run whose result came too late.",
+    ["where"],
+)
+GATE_FAILURES = Counter(
+    "predgate_gate_failures_total",
+    "Gate runs that raised, by kind (out_of_memory | error); a failed batch of several images is split and "
+    "retried, so one bad image fails alone.",
+    ["kind"],
+)
+BATCH_STUCK = Gauge(
+    "predgate_batch_stuck",
+    "1 while a gate batch has run longer than the watchdog limit (readiness is off meanwhile), else 0.",
+    multiprocess_mode="livemax",
+)
 BUNDLE = Info(
     "predgate_bundle", "The bundle being served and the signal set and operating point it uses by default."
 )

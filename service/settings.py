@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, description="most images the gate runs in one batch")
     max_queue_delay_ms: float = Field(5.0, ge=0, description="longest wait for a batch to fill")
     queue_limit: int = Field(256, ge=1, description="most images waiting; beyond it requests get 503")
+    batch_watchdog_s: float = Field(
+        30.0, gt=0, description="a gate batch running longer than this is stuck: readiness off, new work 503"
+    )
     max_payload_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body (413 beyond)")
     max_images_per_request: int = Field(64, ge=1, description="most images in one /predict/batch call")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image (width x height)")

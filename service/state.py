@@ -10,11 +10,12 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from models.bundle import Bundle, load_bundle
 from models.devices import resolve_device
-from models.errors import ConfigError
+from models.errors import ConfigError, InputError
 from models.gate import Gate, GateOutput, load_gate
 from models.image_input import InputContract
 from service import metrics
@@ -23,6 +24,11 @@ from service.drift import DriftGauges
 from service.settings import Settings
 
 log = logging.getLogger("predgate.service")
+
+NOT_FINITE = (
+    "the model's output for this input is not finite (its values overflow inside the network); "
+    "send a normalised image or tensor"
+)
 
 
 @dataclass
@@ -82,10 +88,21 @@ class ServiceState:
         self.ready = False
 
     def run_batch(self, x: torch.Tensor, key: GroupKey) -> GateOutput:
+        """The gate on one group; an output that is not finite raises :class:`InputError` for the
+        whole batch, which the batcher then splits until the image responsible fails alone (422)."""
         assert self.loaded is not None
-        return self.loaded.gate.run(
-            x, signal_set=key.signal_set, operating_point=key.operating_point, full_evidence=key.full_evidence
-        )
+        try:
+            out = self.loaded.gate.run(
+                x, signal_set=key.signal_set, operating_point=key.operating_point, full_evidence=key.full_evidence
+            )
+        except ValueError as exc:  # scikit-learn refuses NaN / infinite evidence
+            if "NaN" not in str(exc) and "infinity" not in str(exc):
+                raise
+            raise InputError(NOT_FINITE) from exc
+        finite = np.isfinite(out.probabilities).all(axis=1) & np.isfinite(out.unified_score)
+        if not finite.all():
+            raise InputError(NOT_FINITE)
+        return out
 
     async def start(self) -> None:
         if self.loaded is None:
@@ -97,6 +114,7 @@ class ServiceState:
             max_batch_size=self.settings.max_batch_size,
             max_queue_delay_s=self.settings.max_queue_delay_ms / 1000.0,
             queue_limit=self.settings.queue_limit,
+            watchdog_s=self.settings.batch_watchdog_s,
         )
         await self.batcher.start()
         gate = self.loaded.gate
@@ -113,6 +131,18 @@ class ServiceState:
         self.ready = True
         metrics.READY.set(1)
         log.info("predgate ready: bundle %s, signal set %s", self.loaded.bundle_id, chosen.name)
+
+    def not_ready_because(self) -> str | None:
+        """Why readiness is false (None when ready): loading, shutting down, or a stuck gate batch."""
+        if not self.ready or self.loaded is None:
+            return "shutting down" if self.batcher is not None else "bundle loading or warming up"
+        stuck = self.batcher.stuck_for() if self.batcher is not None else None
+        if stuck is not None:
+            return (
+                f"a gate batch has been running for {stuck:.1f} s, over the watchdog limit of "
+                f"{self.settings.batch_watchdog_s:g} s"
+            )
+        return None
 
     async def stop(self) -> None:
         self.ready = False

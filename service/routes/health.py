@@ -20,13 +20,16 @@ async def healthz() -> Health:
     "/readyz",
     response_model=Readiness,
     responses={
-        503: {"model": Readiness, "description": "bundle not loaded or not warmed up, or shutting down"}
+        503: {
+            "model": Readiness,
+            "description": "bundle not loaded or not warmed up, shutting down, or a gate batch stuck past the watchdog",
+        }
     },
-    summary="The bundle is loaded and warmed up",
+    summary="The bundle is loaded and warmed up, and no gate batch is stuck",
 )
 async def readyz(state: StateDep) -> JSONResponse:
-    if state.ready and state.loaded is not None:
+    reason = state.not_ready_because()
+    if reason is None and state.loaded is not None:
         body = Readiness(ready=True, bundle_id=state.loaded.bundle_id, detail="bundle loaded and warmed up")
         return JSONResponse(body.model_dump(), status_code=200)
-    detail = "shutting down" if state.batcher is not None else "bundle loading or warming up"
-    return JSONResponse(Readiness(ready=False, detail=detail).model_dump(), status_code=503)
+    return JSONResponse(Readiness(ready=False, detail=reason or "not ready").model_dump(), status_code=503)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from cli.main import main
@@ -165,8 +166,13 @@ def test_fit_default_set_serves_the_named_set(tiny_bundle: Path, tmp_path: Path)
 
 def test_shift_writes_the_suites_open_world_measures(tiny_bundle: Path, tmp_path: Path, cifar10_npz_dir: Path) -> None:
     out = tmp_path / "suites"
+    held_out = tmp_path / "held-out" / "boots"  # an image folder: one sub-folder per class
+    held_out.mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(np.full((40, 40, 3), 40 * i, dtype=np.uint8)).save(held_out / f"{i}.png")
     code = main(["shift", "--bundle", str(tiny_bundle), "--images", "12", "--kinds", "contrast", "rotation",
-                 "--severities", "2", "5", "--out", str(out), "--cifar10-root", str(cifar10_npz_dir)])
+                 "--severities", "2", "5", "--out", str(out), "--cifar10-root", str(cifar10_npz_dir),
+                 "--held-out-class", str(held_out.parent)])
     assert code == 0
     index = json.loads((out / "index.json").read_text())
     names = [s["suite"] for s in index["suites"]]
@@ -176,10 +182,13 @@ def test_shift_writes_the_suites_open_world_measures(tiny_bundle: Path, tmp_path
     test = load_splits(bundle)["test"]
     expected = evaluation_suites(test.images, test.labels, images=12, kinds=("contrast", "rotation"),
                                  severities=(2, 5), dataset="fashion-mnist", seed=0,
-                                 data_roots={"cifar10": str(cifar10_npz_dir)})
+                                 data_roots={"cifar10": str(cifar10_npz_dir),
+                                             "held-out-class": str(held_out.parent)})
     for suite in expected:
         with np.load(out / f"{suite.name}.npz") as stored:
             assert np.array_equal(stored["images"], suite.images) and np.array_equal(stored["labels"], suite.labels)
     clean = np.load(out / "clean.npz")
     assert not np.array_equal(np.load(out / "contrast-5.npz")["images"], clean["images"])
     assert (np.load(out / "digits.npz")["labels"] == -1).all()
+    held = np.load(out / "held-out-class.npz")
+    assert held["images"].shape == (4, 28, 28, 1) and (held["labels"] == -1).all()

@@ -14,7 +14,7 @@ import torch
 from models.gate import GateOutput
 from models.operating_points import OperatingPoint
 from service.batching import Batcher, GroupKey
-from service.errors import QueueFull, ShuttingDown
+from service.errors import BatchStuck, DeadlineExceeded, OutOfMemory, QueueFull, ShuttingDown
 
 KEY = GroupKey("msp", "equal-recall", False)
 OTHER = GroupKey("cond+lcr", "equal-recall", True)
@@ -192,5 +192,160 @@ def test_a_lone_request_on_an_idle_worker_is_not_held_for_the_delay() -> None:
         rows = await asyncio.gather(*running, *first, *second)
         await batcher.stop()
         assert fn.calls == [(KEY, 1)] * 3 + [(KEY, 2)] and [r.batch_size for r in rows] == [1, 2, 2]
+
+    run(main())
+
+
+# ------------------------------------------------------------------------------------------ faults
+POISON = 0.666
+
+
+class Faulty(Recorder):
+    """Recorder that fails like a real gate can: on a poisoned image (first pixel ``POISON``), or out
+    of memory on batches larger than ``fits`` images."""
+
+    def __init__(self, fits: int | None = None, error: type[BaseException] = ValueError, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.fits, self.error = fits, error
+
+    def __call__(self, x: torch.Tensor, key: GroupKey) -> GateOutput:
+        if self.fits is not None and x.shape[0] > self.fits:
+            self.calls.append((key, x.shape[0]))
+            raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if (x.reshape(x.shape[0], -1)[:, 0] - POISON).abs().min() < 1e-6:
+            self.calls.append((key, x.shape[0]))
+            raise self.error("poisoned image")
+        return super().__call__(x, key)
+
+
+def test_a_poisoned_image_fails_alone_and_its_batch_mates_get_their_rows() -> None:
+    async def main() -> None:
+        fn = Faulty()
+        batcher = Batcher(fn, max_batch_size=8, max_queue_delay_s=0.05, queue_limit=32)
+        await batcher.start()
+        values = [0.1, 0.2, POISON, 0.4, 0.5, 0.6]
+        futures = [batcher.submit(images([v]), KEY)[0] for v in values]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        await batcher.stop()
+        assert isinstance(results[2], ValueError) and str(results[2]) == "poisoned image"
+        rows = [r for i, r in enumerate(results) if i != 2]
+        assert [r.unified_score for r in rows] == pytest.approx([0.1, 0.2, 0.4, 0.5, 0.6])  # type: ignore[union-attr]
+        # one run of 6 fails; halves of 3, then the poisoned half split again, down to the poisoned image
+        assert fn.calls[0] == (KEY, 6) and (KEY, 1) in fn.calls and len(fn.calls) <= 7
+
+    run(main())
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError, MemoryError])
+def test_out_of_memory_splits_the_batch_and_a_single_image_answers_503(error: type[BaseException]) -> None:
+    async def main() -> None:
+        fn = Faulty(fits=2, error=error)
+        batcher = Batcher(fn, max_batch_size=8, max_queue_delay_s=0.05, queue_limit=32)
+        await batcher.start()
+        rows = await batcher.results(batcher.submit(images([0.1 * i for i in range(8)]), KEY))
+        assert [r.unified_score for r in rows] == pytest.approx([0.1 * i for i in range(8)])
+        assert max(r.batch_size for r in rows) == 2 and fn.calls[0] == (KEY, 8)
+        fn.fits = 0  # not even one image fits
+        with pytest.raises(OutOfMemory, match="out of memory") as raised:
+            await batcher.results(batcher.submit(images([0.3]), KEY))
+        assert raised.value.status_code == 503 and raised.value.retry_after
+        fn.fits = None
+        (row,) = await batcher.results(batcher.submit(images([0.2]), KEY))
+        assert row.unified_score == pytest.approx(0.2)
+        await batcher.stop()
+
+    run(main())
+
+
+def test_exceptions_in_the_loop_itself_never_stop_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in the batching code (injected into ``split_rows``) and a BaseException raised by the
+    gate's thread fail their batch's callers; the loop carries on."""
+    from service import batching
+
+    real_split = batching.split_rows
+    calls = {"n": 0}
+
+    def broken_once(*args: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyError("bug in the batching code")
+        return real_split(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(batching, "split_rows", broken_once)
+
+    class Exits(Recorder):
+        def __call__(self, x: torch.Tensor, key: GroupKey) -> GateOutput:
+            if x.reshape(-1)[0] == POISON:
+                raise SystemExit(3)
+            return super().__call__(x, key)
+
+    async def main() -> None:
+        batcher = Batcher(Exits(), max_batch_size=8, max_queue_delay_s=0.01, queue_limit=32)
+        await batcher.start()
+        failed = await asyncio.gather(*batcher.submit(images([0.1, 0.2]), KEY), return_exceptions=True)
+        assert all(isinstance(r, RuntimeError) and "internal error while batching" in str(r) for r in failed)
+        (exited,) = await asyncio.gather(*batcher.submit(images([POISON]), KEY), return_exceptions=True)
+        assert isinstance(exited, RuntimeError) and "SystemExit" in str(exited)
+        assert batcher.running
+        (row,) = await batcher.results(batcher.submit(images([0.7]), KEY))
+        assert row.reject
+        await batcher.stop()
+
+    run(main())
+
+
+def test_an_expired_image_is_dropped_from_the_queue_not_computed() -> None:
+    async def main() -> None:
+        fn = Recorder(delay=0.3)
+        batcher = Batcher(fn, max_batch_size=8, max_queue_delay_s=0.0, queue_limit=32)
+        await batcher.start()
+        busy = batcher.submit(images([0.1]), KEY)
+        await asyncio.sleep(0.05)  # the worker now runs the first image for 0.3 s
+        now = time.monotonic()
+        expired = batcher.submit(images([0.2]), KEY, deadline=now + 0.05)  # expires while queued
+        waiter = batcher.submit(images([0.3, 0.4]), KEY, deadline=now + 0.1)
+        kept = batcher.submit(images([0.5]), KEY, deadline=now + 5)
+        with pytest.raises(DeadlineExceeded, match="2 of 2 image"):
+            await batcher.results(waiter, now + 0.1)  # its caller gives up: both images leave the queue
+        assert batcher.depth == 2  # the expired one (not yet taken) and the kept one
+        rows = await batcher.results(busy + kept)
+        (error,) = await asyncio.gather(*expired, return_exceptions=True)
+        await batcher.stop()
+        assert isinstance(error, DeadlineExceeded) and error.status_code == 504 and "not computed" in str(error)
+        assert [r.unified_score for r in rows] == pytest.approx([0.1, 0.5])
+        assert fn.calls == [(KEY, 1), (KEY, 1)]  # 0.2, 0.3 and 0.4 never reached the gate
+
+    run(main())
+
+
+def test_the_watchdog_flags_a_stuck_batch_until_it_returns() -> None:
+    from service import metrics
+
+    async def main() -> None:
+        release = threading.Event()
+
+        class Stuck(Recorder):
+            def __call__(self, x: torch.Tensor, key: GroupKey) -> GateOutput:
+                release.wait(5)
+                return super().__call__(x, key)
+
+        batcher = Batcher(Stuck(), max_batch_size=8, max_queue_delay_s=0.0, queue_limit=32, watchdog_s=0.2)
+        await batcher.start()
+        first = batcher.submit(images([0.1]), KEY)
+        await asyncio.sleep(0.1)
+        assert batcher.stuck_for() is None  # running, not yet past the limit
+        await asyncio.sleep(0.5)
+        stuck = batcher.stuck_for()
+        assert stuck is not None and stuck > 0.2
+        assert metrics.BATCH_STUCK._value.get() == 1  # the watchdog task noticed
+        with pytest.raises(BatchStuck, match="watchdog"):
+            batcher.submit(images([0.2]), KEY)
+        release.set()
+        (row,) = await batcher.results(first)
+        await asyncio.sleep(0.4)
+        assert batcher.stuck_for() is None and metrics.BATCH_STUCK._value.get() == 0
+        (row,) = await batcher.results(batcher.submit(images([0.3]), KEY))
+        assert row.unified_score == pytest.approx(0.3)
+        await batcher.stop()
 
     run(main())
