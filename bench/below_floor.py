@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from bench.common import finish
-from models.bundle import Bundle, load_bundle
+from models.bundle import SCORES_FILE, Bundle, load_bundle, load_features, scores_key
 from models.costs import median_seconds, timed_runs
 from models.data import load_splits
 from models.gate import load_detector, load_mutants
@@ -110,24 +110,20 @@ class GateScorer:
     """
 
     def __init__(self, bundle: Bundle, signal_set: str | None) -> None:
-        detectors = bundle.get("detectors") or {}
-        sets = detectors.get("signal_sets", {})
-        name = signal_set or detectors.get("default_set")
-        if name not in sets or not needs_lcr(tuple(sets[name]["signals"])):
+        detectors = bundle.detectors
+        sets = detectors.signal_sets if detectors is not None else {}
+        name = signal_set or (detectors.default_set if detectors is not None else None)
+        if name not in sets or not needs_lcr(sets[name].signals):
             name = "cond+lcr" if "cond+lcr" in sets else None
         self.name = name
-        if name is None:
+        if name is None or detectors is None:
             return
-        self.signals = tuple(sets[name]["signals"])
-        self.classifier = load_detector(bundle, sets[name]["stem"])
-        self.cond_detector = (
-            load_detector(bundle, detectors["conductance"]["stem"]) if "cond" in self.signals else None
-        )
-        self.cond_inputs = detectors["conductance"].get("inputs", "conductance")
+        self.signals = sets[name].signals
+        self.classifier = load_detector(bundle, sets[name].stem)
+        self.cond_detector = load_detector(bundle, detectors.conductance.stem) if "cond" in self.signals else None
+        self.cond_inputs = detectors.conductance.inputs
         self.num_classes = int(bundle.manifest["architecture"]["num_classes"])
-        self.stored = (
-            bundle.read_arrays("detectors/scores.npz") if bundle.has_file("detectors/scores.npz") else {}
-        )
+        self.stored = bundle.read_arrays(SCORES_FILE) if bundle.has_file(SCORES_FILE) else {}
         self._cond: dict[tuple[str, int], np.ndarray] = {}
 
     def score(self, split: str, features: dict[str, np.ndarray], lcr: np.ndarray) -> np.ndarray:
@@ -147,7 +143,7 @@ class GateScorer:
 
     def check(self, split: str, features: dict[str, np.ndarray]) -> float | None:
         """Largest difference to the stored scores when fed the stored full LCR (should be ~0)."""
-        stored = self.stored.get(f"0/{self.name}/{split}")
+        stored = self.stored.get(scores_key(0, self.name, split))
         if stored is None:
             return None
         return float(np.abs(self.score(split, features, features["lcr"]) - stored).max())
@@ -528,7 +524,7 @@ def run_benchmark(
 ) -> dict[str, Any]:
     start = time.perf_counter()
     bundle = load_bundle(bundle_path)
-    features = {s: bundle.read_arrays(f"features/{s}.npz") for s in ("val", "test")}
+    features = load_features(bundle, ("val", "test"))
     if "mutant_labels" not in features["val"]:
         raise SystemExit("the bundle's features have no mutant_labels: build it with mutants")
     scorer = GateScorer(bundle, signal_set)

@@ -17,37 +17,51 @@ from typing import Any
 import numpy as np
 
 from bench.common import finish
-from models.bundle import load_bundle
+from models.bundle import (
+    REPORT_METRICS_FILE,
+    SCORES_FILE,
+    Bundle,
+    DetectorsSection,
+    load_bundle,
+    load_features,
+    scores_key,
+)
 from models.metrics import auroc, paired_bootstrap_auroc, wrong_labels
 
 
 def _scores(path: Path) -> tuple[Any, dict[str, np.ndarray], dict[str, Any]]:
     bundle = load_bundle(path)
-    metrics_file = bundle.path / "report" / "metrics.json"
+    metrics_file = bundle.path / REPORT_METRICS_FILE
     if not metrics_file.is_file():
-        raise SystemExit(f"{path}: no report/metrics.json; finish the build first")
-    return bundle, bundle.read_arrays("detectors/scores.npz"), json.loads(metrics_file.read_text())
+        raise SystemExit(f"{path}: no {REPORT_METRICS_FILE}; finish the build first")
+    return bundle, bundle.read_arrays(SCORES_FILE), json.loads(metrics_file.read_text())
+
+
+def _detectors(bundle: Bundle) -> DetectorsSection:
+    if bundle.detectors is None:
+        raise SystemExit(f"{bundle.path}: no detectors section; finish the build first")
+    return bundle.detectors
 
 
 def compare(a: Path, b: Path, n_boot: int = 1000, max_loss: float = 0.005) -> dict[str, Any]:
     bundle_a, scores_a, metrics_a = _scores(a)
     bundle_b, scores_b, metrics_b = _scores(b)
-    feats = {s: bundle_a.read_arrays(f"features/{s}.npz") for s in ("val", "test")}
+    feats = load_features(bundle_a, ("val", "test"))
     for split, f in feats.items():
-        other = bundle_b.read_arrays(f"features/{split}.npz")
+        other = bundle_b.read_features(split)
         if not (np.array_equal(f["label"], other["label"]) and np.array_equal(f["prediction"], other["prediction"])):
             raise SystemExit(f"{a} and {b} differ in {split} labels or predictions: not the same CNN and splits")
     wrong = {s: wrong_labels(f) for s, f in feats.items()}
     cost_a = {r["signal_set"]: r["cost_fe"] for r in metrics_a["evidence_value"]}
     cost_b = {r["signal_set"]: r["cost_fe"] for r in metrics_b["evidence_value"]}
     rows = []
-    sets_b = bundle_b.manifest["detectors"]["signal_sets"]
-    for name in bundle_a.manifest["detectors"]["signal_sets"]:
+    sets_a, sets_b = (_detectors(bundle).signal_sets for bundle in (bundle_a, bundle_b))
+    for name in sets_a:
         if name not in sets_b:
             continue
-        key = f"0/{name}/" + "{}"
-        val_a, val_b = (auroc(s[key.format("val")], wrong["val"]) for s in (scores_a, scores_b))
-        boot = paired_bootstrap_auroc(scores_b[key.format("test")], scores_a[key.format("test")], wrong["test"], n_boot=n_boot)
+        val, test = scores_key(0, name, "val"), scores_key(0, name, "test")
+        val_a, val_b = (auroc(s[val], wrong["val"]) for s in (scores_a, scores_b))
+        boot = paired_bootstrap_auroc(scores_b[test], scores_a[test], wrong["test"], n_boot=n_boot)
         rows.append({
             "signal_set": name, "val_auroc_a": val_a, "val_auroc_b": val_b, "val_loss": val_a - val_b,
             "test_auroc_a": boot["auroc_b"], "test_auroc_b": boot["auroc_a"], "test_diff": boot["diff"],

@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 import uuid
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,53 @@ from models.preprocess import Normalisation
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMAS = frozenset({1})
+
+# Every file name of the bundle is spelt here and nowhere else.
 MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "weights.safetensors"
+CONDUCTANCE_FILE = "conductance.safetensors"  # the proven shortcut's constants
+MUTANTS_FILE = "mutants.json"  # the kept mutant specs
+SCORES_FILE = "detectors/scores.npz"  # every detector's scores per seed, set and split
+CONDUCTANCE_DETECTOR_STEM = "detectors/conductance"
+REPORT_DIR = "report"
+REPORT_METRICS_FILE = f"{REPORT_DIR}/metrics.json"
+SWEEP_FILE = f"{REPORT_DIR}/sweep_mutants.json"
+REPORT_MARKDOWN_FILE = f"{REPORT_DIR}/report.md"
+ROBUSTNESS_FILE = f"{REPORT_DIR}/robustness.json"
+ROBUSTNESS_MARKDOWN_FILE = f"{REPORT_DIR}/robustness.md"
+FEATURE_SPLITS = ("fit", "val", "test")
+ADVERSARIAL_DIR = "adversarial"  # also the manifest section that records each attack
+
+
+def features_file(split: str) -> str:
+    """The evidence table of one split (:data:`FEATURE_SPLITS`)."""
+    return f"features/{split}.npz"
+
+
+def signal_set_stem(name: str) -> str:
+    """Where signal set ``name``'s unified classifier is stored (``<stem>.json`` + ``<stem>.npz``)."""
+    return f"detectors/set-{name}"
+
+
+def adversarial_chunk_prefix(tag: str) -> str:
+    return f"{ADVERSARIAL_DIR}/{tag}/chunk-"
+
+
+def adversarial_chunk_file(tag: str, chunk: int) -> str:
+    """One resumable chunk of attack ``tag``'s adversarial images."""
+    return f"{adversarial_chunk_prefix(tag)}{chunk:05d}.npz"
+
+
+def adversarial_evidence_file(tag: str) -> str:
+    """The gate's evidence of attack ``tag``'s images, cached by the robustness report."""
+    return f"{ADVERSARIAL_DIR}/{tag}/evidence.npz"
+
+
+def scores_key(seed: int, method: str, split: str) -> str:
+    """The key of ``method``'s scores (a signal set, ``conductance-detector``, ``SET@kind``) in
+    :data:`SCORES_FILE`."""
+    return f"{seed}/{method}/{split}"
+
 REQUIRED_KEYS = (
     "schema_version",
     "package_version",
@@ -176,6 +222,27 @@ class Bundle:
         if name not in self.manifest["files"]:
             raise BundleError(f"bundle {self.path} has no file {name!r} in its manifest")
 
+    # ----------------------------------------------------------------- stored evidence and detectors
+    def write_features(self, split: str, columns: dict[str, np.ndarray]) -> None:
+        self.write_arrays(features_file(split), columns)
+
+    def read_features(self, split: str) -> dict[str, np.ndarray]:
+        return self.read_arrays(features_file(split))
+
+    def write_detector_state(self, stem: str, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """A fitted detector as stored: its config (``<stem>.json``) and arrays (``<stem>.npz``)."""
+        self.write_json(f"{stem}.json", config)
+        self.write_arrays(f"{stem}.npz", arrays)
+
+    def read_detector_state(self, stem: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return self.read_json(f"{stem}.json"), self.read_arrays(f"{stem}.npz")
+
+    @property
+    def detectors(self) -> DetectorsSection | None:
+        """The manifest's ``detectors`` section, typed (None before the detectors stage ran)."""
+        raw = self.manifest.get("detectors")
+        return DetectorsSection.from_dict(raw) if raw else None
+
     # ----------------------------------------------------------------- sections
     def set(self, key: str, value: Any) -> None:
         """Set a manifest section (``mutants``, ``detectors``, ...); persisted by ``save()``."""
@@ -225,6 +292,113 @@ class Bundle:
         except RuntimeError as exc:
             raise BundleError(f"{WEIGHTS_NAME} does not fit architecture {arch['name']!r}: {exc}") from exc
         return model.to(device).eval()
+
+
+def load_features(bundle: Bundle, splits: tuple[str, ...] = FEATURE_SPLITS) -> dict[str, dict[str, np.ndarray]]:
+    """The stored evidence tables of ``splits``."""
+    return {split: bundle.read_features(split) for split in splits}
+
+
+# ------------------------------------------------------------------------ the detectors section
+DEFAULT_COND_INPUTS = "conductance"  # what bundles made before the option read: the paper's inputs
+DEFAULT_OPERATING_POINT = "equal-recall"
+
+
+@dataclass(frozen=True)
+class ConductanceDetectorInfo:
+    """``detectors.conductance``: where the conductance detector is stored and what it reads."""
+
+    stem: str = CONDUCTANCE_DETECTOR_STEM
+    inputs: str = DEFAULT_COND_INPUTS
+    best_val_auroc: float | None = None
+    best_epoch: int | None = None
+    trained_on: str = "fit"
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ConductanceDetectorInfo:
+        return cls(**{k: raw[k] for k in _field_names(cls) if k in raw})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class SignalSetInfo:
+    """One entry of ``detectors.signal_sets``: a verdict recipe as stored. ``operating_points`` maps
+    each point's name to its stored form; ``details`` keeps every other key (``val_auroc_by_kind``,
+    ``skipped_points``, ``source``, ...) as written."""
+
+    name: str
+    signals: tuple[str, ...]
+    stem: str
+    operating_points: dict[str, dict[str, Any]] = field(default_factory=dict)
+    default_point: str = DEFAULT_OPERATING_POINT
+    kind: str | None = None
+    val_auroc: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    _KEYS = ("signals", "stem", "operating_points", "default_point", "kind", "val_auroc")
+
+    @classmethod
+    def from_dict(cls, name: str, raw: dict[str, Any]) -> SignalSetInfo:
+        known = {k: raw[k] for k in cls._KEYS if k in raw}
+        known["signals"] = tuple(raw["signals"])
+        known.setdefault("stem", signal_set_stem(name))
+        return cls(name=name, **known, details={k: v for k, v in raw.items() if k not in cls._KEYS})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self._KEYS if getattr(self, k) is not None}
+        out["signals"] = list(self.signals)
+        return {**out, **self.details}
+
+
+@dataclass(frozen=True)
+class DetectorsSection:
+    """The manifest's ``detectors`` section: the conductance detector, the signal sets, the set the
+    server uses by default and the detector seeds; ``details`` keeps the other keys (``seconds``,
+    the report's ``evidence_value``)."""
+
+    conductance: ConductanceDetectorInfo
+    signal_sets: dict[str, SignalSetInfo]
+    default_set: str
+    seeds: tuple[int, ...] = (0,)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    _KEYS = ("conductance", "signal_sets", "default_set", "seeds")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> DetectorsSection:
+        try:
+            return cls(
+                conductance=ConductanceDetectorInfo.from_dict(raw.get("conductance") or {}),
+                signal_sets={n: SignalSetInfo.from_dict(n, s) for n, s in raw["signal_sets"].items()},
+                default_set=str(raw["default_set"]),
+                seeds=tuple(int(s) for s in raw.get("seeds") or (0,)),
+                details={k: v for k, v in raw.items() if k not in cls._KEYS},
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"manifest detectors section: missing or malformed {exc}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "conductance": self.conductance.to_dict(),
+            "signal_sets": {name: info.to_dict() for name, info in self.signal_sets.items()},
+            "default_set": self.default_set,
+            "seeds": list(self.seeds),
+            **self.details,
+        }
+
+    def signal_set(self, name: str | None) -> SignalSetInfo:
+        """The set ``name`` (the default set for None)."""
+        name = name or self.default_set
+        try:
+            return self.signal_sets[name]
+        except KeyError:
+            raise BundleError(f"no signal set {name!r} in the bundle; stored: {sorted(self.signal_sets)}") from None
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
 
 
 def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:

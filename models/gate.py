@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.bundle import Bundle
+from models.bundle import CONDUCTANCE_FILE, MUTANTS_FILE, Bundle
 from models.conductance import LayerConductance, ShortcutConductance
 from models.detectors import ConductanceDetector, UnifiedClassifier, load_state
 from models.errors import BundleError, ConfigError
@@ -35,9 +35,6 @@ from models.signals import (
     needs_lcr,
     signal_matrix,
 )
-
-CONDUCTANCE_FILE = "conductance.safetensors"
-MUTANTS_FILE = "mutants.json"
 
 
 @dataclass
@@ -215,7 +212,7 @@ def load_early_stopping(bundle: Bundle) -> EarlyStopping | None:
 
 
 def load_detector(bundle: Bundle, stem: str) -> Any:
-    return load_state(bundle.read_json(f"{stem}.json"), bundle.read_arrays(f"{stem}.npz"))
+    return load_state(*bundle.read_detector_state(stem))
 
 
 BACKENDS = ("torch", "onnx")
@@ -262,13 +259,12 @@ def load_gate(
     ``backend`` (``"torch"`` or ``"onnx"``) and ``threads`` as in :func:`load_extractor`."""
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; valid: {list(BACKENDS)}")
-    detectors = bundle.get("detectors")
-    if not detectors:
+    detectors = bundle.detectors
+    if detectors is None:
         raise BundleError("bundle has no detectors section: build it to the end (predgate build)")
     extractor = load_extractor(bundle, device, backend=backend, threads=threads)
-    cond_info = detectors["conductance"]
-    cond_detector = load_detector(bundle, cond_info["stem"])
-    cond_inputs = cond_info.get("inputs", "conductance")  # bundles made before the option: the paper's
+    cond_detector = load_detector(bundle, detectors.conductance.stem)
+    cond_inputs = detectors.conductance.inputs
     try:
         check_cond_inputs(cond_inputs)
     except ConfigError as exc:
@@ -280,14 +276,14 @@ def load_gate(
             f"conductance followed by a {num_classes}-class one-hot"
         )
     sets: dict[str, SignalSet] = {}
-    for name, info in detectors["signal_sets"].items():
-        points = {k: OperatingPoint.from_dict(v) for k, v in info["operating_points"].items()}
+    for name, info in detectors.signal_sets.items():
+        points = {k: OperatingPoint.from_dict(v) for k, v in info.operating_points.items()}
         sets[name] = SignalSet(
             name=name,
-            signals=check_signals(tuple(info["signals"])),
-            classifier=load_detector(bundle, info["stem"]),
+            signals=check_signals(info.signals),
+            classifier=load_detector(bundle, info.stem),
             operating_points=points,
-            default_point=info["default_point"],
+            default_point=info.default_point,
         )
     open_world = None
     if any(sig in OPEN_WORLD_SIGNALS for s in sets.values() for sig in s.signals):
@@ -296,6 +292,6 @@ def load_gate(
         model = extractor.model if backend == "torch" else bundle.load_model(device)
         open_world = OpenWorldProbe(OpenWorldScorers.load(bundle), model, tuple(bundle.normalisation.std))
     return Gate(
-        extractor, cond_detector, sets, default_set or detectors["default_set"], cond_inputs, num_classes,
+        extractor, cond_detector, sets, default_set or detectors.default_set, cond_inputs, num_classes,
         open_world,
     )

@@ -24,16 +24,17 @@ import torch
 from tqdm import tqdm
 
 from models.attacks import ATTACKS, AttackSpec, attack_batch, predict_pixels, to_pixels, to_uint8
-from models.bundle import Bundle, load_bundle
+from models.bundle import (
+    ADVERSARIAL_DIR,
+    Bundle,
+    adversarial_chunk_file,
+    adversarial_chunk_prefix,
+    load_bundle,
+)
 from models.data import load_splits
 from models.errors import ConfigError
 
 log = logging.getLogger("predgate.attack")
-FOLDER = "adversarial"
-
-
-def chunk_name(tag: str, chunk: int) -> str:
-    return f"{FOLDER}/{tag}/chunk-{chunk:05d}.npz"
 
 
 def run_attack(
@@ -51,11 +52,11 @@ def run_attack(
     n = len(test) if images is None else min(int(images), len(test))
     if n < 1 or chunk_size < 1:
         raise ConfigError(f"need at least one image and chunk size >= 1, got {n} and {chunk_size}")
-    record = (bundle.get(FOLDER) or {}).get(spec.tag)
+    record = (bundle.get(ADVERSARIAL_DIR) or {}).get(spec.tag)
     settings = {"spec": spec.to_dict(), "seed": seed, "chunk_size": chunk_size}
     if record is not None and record["settings"] != settings:
         raise ConfigError(
-            f"{FOLDER}/{spec.tag} was made with {record['settings']}, not {settings}: "
+            f"{ADVERSARIAL_DIR}/{spec.tag} was made with {record['settings']}, not {settings}: "
             "rerun with the same settings or remove its files"
         )
     model = bundle.load_model(device).eval()
@@ -63,7 +64,7 @@ def run_attack(
     chunks = range(-(-n // chunk_size))
     seconds = float(record["seconds"]) if record else 0.0
     for chunk in tqdm(chunks, desc=f"attack {spec.tag}", disable=not progress, unit="chunk"):
-        name = chunk_name(spec.tag, chunk)
+        name = adversarial_chunk_file(spec.tag, chunk)
         if bundle.has_file(name) and (bundle.path / name).exists():
             continue
         idx = np.arange(chunk * chunk_size, min((chunk + 1) * chunk_size, len(test)))
@@ -81,7 +82,7 @@ def run_attack(
                 "adv_prediction": predict_pixels(model, norm, to_pixels(rounded)),
             },
         )
-        bundle.set(FOLDER, {**(bundle.get(FOLDER) or {}), spec.tag: {"settings": settings, "seconds": seconds}})
+        bundle.set(ADVERSARIAL_DIR, {**(bundle.get(ADVERSARIAL_DIR) or {}), spec.tag: {"settings": settings, "seconds": seconds}})
         bundle.save()
     table = load_adversarial(bundle, spec.tag, n)
     correct = table["clean_prediction"] == test.labels[table["index"]]
@@ -95,16 +96,16 @@ def run_attack(
         "seconds": seconds,
         "seconds_per_image": seconds / max(len(table["index"]), 1),
     }
-    bundle.set(FOLDER, {**(bundle.get(FOLDER) or {}), spec.tag: summary})
+    bundle.set(ADVERSARIAL_DIR, {**(bundle.get(ADVERSARIAL_DIR) or {}), spec.tag: summary})
     bundle.save()
     return summary
 
 
 def load_adversarial(bundle: Bundle, tag: str, images: int | None = None) -> dict[str, np.ndarray]:
     """The stored chunks of ``tag`` concatenated (first ``images`` rows)."""
-    names = sorted(k for k in bundle.manifest["files"] if k.startswith(f"{FOLDER}/{tag}/chunk-"))
+    names = sorted(k for k in bundle.manifest["files"] if k.startswith(adversarial_chunk_prefix(tag)))
     if not names:
-        raise ConfigError(f"bundle has no adversarial images under {FOLDER}/{tag}: run predgate attack first")
+        raise ConfigError(f"bundle has no adversarial images under {ADVERSARIAL_DIR}/{tag}: run predgate attack first")
     parts = [bundle.read_arrays(k) for k in names]
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     if images is not None:
@@ -140,5 +141,5 @@ def run(args: argparse.Namespace, progress: bool) -> None:
     print(
         f"{spec.tag}: {summary['images']} images, success rate {summary['success_rate']:.4f} "
         f"(of {summary['clean_correct']} correctly classified), adversarial accuracy {summary['adv_accuracy']:.4f}, "
-        f"{summary['seconds_per_image'] * 1000:.1f} ms/image -> {args.bundle / FOLDER / spec.tag}"
+        f"{summary['seconds_per_image'] * 1000:.1f} ms/image -> {args.bundle / ADVERSARIAL_DIR / spec.tag}"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from models.bundle import Bundle, load_bundle
+from models.bundle import MANIFEST_NAME, Bundle, load_bundle
 from models.data import DataSource
 from models.errors import BundleError
 from offline.open_world import fit_default_set
@@ -54,7 +54,7 @@ def build_bundle(
     if base is not None:
         # Only ids are read here: copy_to verifies the base's files, and prepare opens ``out``.
         base_bundle = load_bundle(base, verify=False)
-        if not (Path(out) / "manifest.json").exists():
+        if not (Path(out) / MANIFEST_NAME).exists():
             _say(f"copying {base} to {out}")
             base_bundle.copy_to(out)
         elif load_bundle(out, verify=False).manifest.get("derived_from") != base_bundle.manifest["bundle_id"]:

@@ -7,14 +7,26 @@ seed), so a report can be regenerated, and tested against sklearn, without rerun
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from models.bundle import Bundle
+from models.bundle import (
+    REPORT_DIR,
+    REPORT_MARKDOWN_FILE,
+    REPORT_METRICS_FILE,
+    SCORES_FILE,
+    SWEEP_FILE,
+    Bundle,
+    DetectorsSection,
+    load_features,
+    scores_key,
+)
 from models.costs import signal_set_cost, stage_costs
+from models.errors import BundleError
 from models.gate import load_extractor
 from models.lcr import label_change_rate
 from models.metrics import accuracy_with_fallback, auroc, paired_bootstrap_auroc, summarise, wrong_labels
@@ -25,7 +37,6 @@ from offline import plots
 from offline.markdown import fit_source, fmt, interval, signed_ci
 from offline.sweep import sweep_markdown
 
-REPORT_DIR = "report"
 BASELINES = ("msp", "entropy", "margin", "doctor")
 BASELINE_LABELS = {"msp": "MSP", "entropy": "entropy", "margin": "margin", "doctor": "DOCTOR"}
 MUTANT_COUNTS = (1, 5, 10, 20, 50, 100)
@@ -41,8 +52,8 @@ PAPER_CIFAR10 = {
 def method_scores(bundle: Bundle, features: dict[str, dict[str, np.ndarray]], seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     """Scores per method per split: baselines from logits, raw LCR, conductance detector, each
     signal set's chosen classifier, and each unified kind of the paper's set."""
-    stored = bundle.read_arrays("detectors/scores.npz")
-    sets = bundle.manifest["detectors"]["signal_sets"]
+    stored = bundle.read_arrays(SCORES_FILE)
+    sets = _detectors(bundle).signal_sets
     out: dict[str, dict[str, np.ndarray]] = {}
     for name in BASELINES:
         out[name] = {s: np.asarray(BASELINE_SCORES[name](features[s]["logits"]), dtype=np.float64) for s in features}
@@ -50,12 +61,13 @@ def method_scores(bundle: Bundle, features: dict[str, dict[str, np.ndarray]], se
         out["lcr (raw)"] = {s: features[s]["lcr"].astype(np.float64) for s in features}
     if (bundle.get("lcr") or {}).get("early_stopping"):  # what stopping early costs in detection
         out["lcr (all mutants)"] = {s: features[s]["lcr_full"].astype(np.float64) for s in features}
-    out["conductance"] = {s: stored[f"{seed}/conductance-detector/{s}"] for s in features}
+    out["conductance"] = {s: stored[scores_key(seed, "conductance-detector", s)] for s in features}
     for name in sets:
-        out[f"set {name}"] = {s: stored[f"{seed}/{name}/{s}"] for s in features}
+        out[f"set {name}"] = {s: stored[scores_key(seed, name, s)] for s in features}
     if PAPER_SET in sets:
-        for kind in sets[PAPER_SET]["val_auroc_by_kind"]:
-            out[f"unified {kind.upper()} (cond+lcr)"] = {s: stored[f"{seed}/{PAPER_SET}@{kind}/{s}"] for s in features}
+        for kind in sets[PAPER_SET].details["val_auroc_by_kind"]:
+            unified = {s: stored[scores_key(seed, f"{PAPER_SET}@{kind}", s)] for s in features}
+            out[f"unified {kind.upper()} (cond+lcr)"] = unified
     return out
 
 
@@ -101,27 +113,27 @@ def evidence_value(
 ) -> list[dict[str, Any]]:
     """Per signal set: val/test AUROC, paired-bootstrap difference to the best softmax baseline on
     test (seed 0), its mean and spread across detector seeds, and the measured cost."""
-    stored = bundle.read_arrays("detectors/scores.npz")
-    detectors = bundle.manifest["detectors"]
+    stored = bundle.read_arrays(SCORES_FILE)
+    detectors = _detectors(bundle)
     baseline_test = np.asarray(BASELINE_SCORES[best_baseline](features["test"]["logits"]), dtype=np.float64)
     msp_test = np.asarray(BASELINE_SCORES["msp"](features["test"]["logits"]), dtype=np.float64)
     rows = []
-    for name, info in detectors["signal_sets"].items():
+    for name, info in detectors.signal_sets.items():
         # A gain must hold across seeds: each seed's own paired CI, against the best baseline and
         # against MSP (the baseline every figure is set beside); seed 0 gives the headline figures.
         vs_best, vs_msp = {}, {}
-        for seed in detectors["seeds"]:
-            scores = stored[f"{seed}/{name}/test"]
+        for seed in detectors.seeds:
+            scores = stored[scores_key(seed, name, "test")]
             vs_best[seed] = paired_bootstrap_auroc(scores, baseline_test, wrong["test"], n_boot=n_boot, seed=seed)
             vs_msp[seed] = paired_bootstrap_auroc(scores, msp_test, wrong["test"], n_boot=n_boot, seed=seed)
         per_seed = [b["diff"] for b in vs_best.values()]
-        n_seeds = len(detectors["seeds"])
+        n_seeds = len(detectors.seeds)
         rows.append(
             {
                 "signal_set": name,
-                "signals": info["signals"],
-                "kind": info["kind"],
-                "val_auroc": auroc(stored[f"0/{name}/val"], wrong["val"]),
+                "signals": list(info.signals),
+                "kind": info.kind,
+                "val_auroc": auroc(stored[scores_key(0, name, "val")], wrong["val"]),
                 "test_auroc": vs_best[0]["auroc_a"],
                 "diff_to_baseline": vs_best[0]["diff"],
                 "ci_diff": list(vs_best[0]["ci_diff"]),
@@ -131,7 +143,7 @@ def evidence_value(
                 "seed_diff_std": float(np.std(per_seed)),
                 "seeds_ci_above_0": f"{sum(b['ci_diff'][0] > 0 for b in vs_best.values())}/{n_seeds}",
                 "seeds_ci_above_0_msp": f"{sum(b['ci_diff'][0] > 0 for b in vs_msp.values())}/{n_seeds}",
-                "cost_fe": signal_set_cost(info["signals"], costs) if costs else None,
+                "cost_fe": signal_set_cost(info.signals, costs) if costs else None,
             }
         )
     return rows
@@ -198,13 +210,13 @@ def write_report(bundle: Bundle, *, val_images: np.ndarray | None = None, n_boot
     """Compute every figure, write ``report/metrics.json``, ``report/report.md`` and the PNGs."""
     out = bundle.path / REPORT_DIR
     out.mkdir(exist_ok=True)
-    features = {s: bundle.read_arrays(f"features/{s}.npz") for s in ("fit", "val", "test")}
+    features = load_features(bundle)
     wrong = {s: wrong_labels(f) for s, f in features.items()}
     scores = method_scores(bundle, features)
     table = method_table(scores, wrong)
     best_baseline = max(BASELINES, key=lambda b: table[b]["val"]["auroc"])
-    detectors = bundle.manifest["detectors"]
-    default_set = detectors["default_set"]
+    detectors = _detectors(bundle)
+    default_set = detectors.default_set
     gate_name = f"set {default_set}"
     boot = paired_bootstrap_auroc(scores[gate_name]["test"], scores[best_baseline]["test"], wrong["test"], n_boot=n_boot, seed=0)
     costs = measure_costs(bundle, val_images) if val_images is not None else None
@@ -213,7 +225,7 @@ def write_report(bundle: Bundle, *, val_images: np.ndarray | None = None, n_boot
     paper_rows = paper_comparison(scores, table, wrong["test"], gate_name, n_boot)
 
     # The gate's verdicts on test at its stored default operating point.
-    point = detectors["signal_sets"][default_set]["operating_points"]["equal-recall"]
+    point = detectors.signal_sets[default_set].operating_points["equal-recall"]
     rejected = scores[gate_name]["test"] > point["threshold"]
     fallback_rows = []
     for name in (gate_name, best_baseline, "conductance", "lcr (raw)"):
@@ -245,7 +257,7 @@ def write_report(bundle: Bundle, *, val_images: np.ndarray | None = None, n_boot
         "confusion_test": confusion.tolist(),
         "fallback": [dict(zip(("method", "accuracy", "accuracy_with_fallback", "coverage"), r, strict=True)) for r in fallback_rows],
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    (bundle.path / REPORT_METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=float))
 
     roc_curves = {n: scores[n]["test"] for n in (gate_name, "conductance", "lcr (raw)", best_baseline) if n in scores}
     plots.plot_roc(roc_curves, wrong["test"], out / "roc.png", "ROC on test: detecting wrong predictions")
@@ -257,19 +269,26 @@ def write_report(bundle: Bundle, *, val_images: np.ndarray | None = None, n_boot
     if costs:
         plots.plot_auroc_vs_cost([(r["signal_set"], r["cost_fe"], r["test_auroc"]) for r in evidence], out / "auroc_vs_cost.png")
     markdown = render_markdown(bundle, metrics)
-    if bundle.has_file(f"{REPORT_DIR}/sweep_mutants.json"):
-        markdown += "\n" + sweep_markdown(bundle.read_json(f"{REPORT_DIR}/sweep_mutants.json"))
-    (out / "report.md").write_text(markdown)
+    if bundle.has_file(SWEEP_FILE):
+        markdown += "\n" + sweep_markdown(bundle.read_json(SWEEP_FILE))
+    (bundle.path / REPORT_MARKDOWN_FILE).write_text(markdown)
     # The server shows the evidence-value table at /v1/bundle.
-    detectors["evidence_value"] = evidence
+    bundle.set("detectors", replace(detectors, details={**detectors.details, "evidence_value": evidence}).to_dict())
     for path in sorted(out.iterdir()):
         bundle.record_file(f"{REPORT_DIR}/{path.name}")
     bundle.mark_stage("report")
     return out
 
 
-def _cond_inputs(detectors: dict[str, Any]) -> str:
-    if detectors["conductance"].get("inputs", "conductance") == "conductance+class":
+def _detectors(bundle: Bundle) -> DetectorsSection:
+    detectors = bundle.detectors
+    if detectors is None:
+        raise BundleError("bundle has no detectors section: the report needs the detectors stage")
+    return detectors
+
+
+def _cond_inputs(detectors: DetectorsSection) -> str:
+    if detectors.conductance.inputs == "conductance+class":
         return "**conductance and the predicted class** (one-hot; `--cond-inputs conductance+class`)"
     return "conductance alone (the paper's inputs)"
 
@@ -278,7 +297,7 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
     man = bundle.manifest
     training = man.get("training", {})
     mut = man.get("mutants", {})
-    det = man["detectors"]
+    det = _detectors(bundle)
     boot = m["gate_vs_best_baseline"]
     lines = [
         f"# predgate evaluation report: {m['dataset']} ({man['architecture']['name']})",
@@ -353,7 +372,7 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
         "## Evidence value: what each signal set is worth and costs",
         "",
         (f"Difference = test AUROC minus `{m['best_baseline']}`'s, paired bootstrap 95% CI (seed 0); "
-        f"mean and std over {len(det['seeds'])} detector seeds; cost in forward-equivalents per image at batch 64, "
+        f"mean and std over {len(det.seeds)} detector seeds; cost in forward-equivalents per image at batch 64, "
         "measured on this machine in the same process."),
         "",
         "| signal set | kind | val AUROC | test AUROC | diff | 95% CI | seeds: mean ± std | seeds with CI > 0 | diff to MSP [95% CI] | seeds with CI > 0 vs MSP | cost (fwd-eq) |",
@@ -402,12 +421,12 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
         "| point | threshold | val recall correct | val recall wrong | val coverage | val risk |",
         "|---|---|---|---|---|---|",
     ]
-    info = det["signal_sets"][m["default_set"]]
-    for name, p in info["operating_points"].items():
+    info = det.signal_sets[m["default_set"]]
+    for name, p in info.operating_points.items():
         lines.append(
             f"| {name} | {p['threshold']:.4g} | {fmt(p['correct_recall'], 3)} | {fmt(p['wrong_recall'], 3)} | "
             f"{fmt(p['coverage'], 3)} | {fmt(p['risk'], 4)} |"
         )
-    for name, why in info.get("skipped_points", {}).items():
+    for name, why in info.details.get("skipped_points", {}).items():
         lines.append(f"| {name} | not stored: {why} | | | | |")
     return "\n".join(lines) + "\n"

@@ -31,14 +31,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from models.bundle import Bundle, load_bundle
+from models.bundle import (
+    ADVERSARIAL_DIR,
+    REPORT_DIR,
+    ROBUSTNESS_FILE,
+    ROBUSTNESS_MARKDOWN_FILE,
+    Bundle,
+    adversarial_evidence_file,
+    load_bundle,
+    load_features,
+)
 from models.data import ImageArrays, load_splits
 from models.gate import Gate, load_early_stopping, load_gate
 from models.metrics import auroc, paired_bootstrap_auroc
 from models.signals import OPEN_WORLD_SIGNALS, signal_matrix
-from offline.attack import FOLDER, load_adversarial
+from offline.attack import load_adversarial
 from offline.features import apply_early_stopping, extract_features
-from offline.stages import load_features
 
 log = logging.getLogger("predgate.robustness")
 
@@ -53,7 +61,7 @@ BASELINE = "msp"
 def evidence_of(bundle: Bundle, gate: Gate, tag: str, images: int | None, progress: bool) -> dict[str, np.ndarray]:
     """The gate's evidence of ``tag``'s rounded adversarial images (cached in the bundle)."""
     adv = load_adversarial(bundle, tag, images)
-    name = f"{FOLDER}/{tag}/evidence.npz"
+    name = adversarial_evidence_file(tag)
     if bundle.has_file(name) and (bundle.path / name).exists():
         cached = bundle.read_arrays(name)
         if len(cached["index"]) == len(adv["index"]) and np.array_equal(cached["index"], adv["index"]):
@@ -246,24 +254,24 @@ def robustness_report(
     gate = load_gate(bundle)
     stopping = load_early_stopping(bundle)
     test = apply_early_stopping(load_features(bundle)["test"], stopping) if stopping else load_features(bundle)["test"]
-    stored = sorted(bundle.get(FOLDER) or {})
+    stored = sorted(bundle.get(ADVERSARIAL_DIR) or {})
     tags = tags or stored
     result: dict[str, Any] = {"bundle_id": bundle.manifest.get("bundle_id", bundle.path.name), "n_boot": n_boot,
                               "attacks": {}}
     for tag in tags:
-        n = (bundle.get(FOLDER) or {}).get(tag, {}).get("images")
+        n = (bundle.get(ADVERSARIAL_DIR) or {}).get(tag, {}).get("images")
         adv = evidence_of(bundle, gate, tag, n, progress)
         if stopping is not None and "mutant_labels" in adv:
             adv = apply_early_stopping(adv, stopping)
         clean = _take(test, adv["index"])
         r = evaluate_attack(gate, clean, adv, n_boot=n_boot)
         r["raw_lcr_auroc"] = wang_check(clean, adv)
-        r["attack"] = (bundle.get(FOLDER) or {}).get(tag, {}).get("settings")
+        r["attack"] = (bundle.get(ADVERSARIAL_DIR) or {}).get(tag, {}).get("settings")
         result["attacks"][tag] = r
-    out = bundle.path / "report"
+    out = bundle.path / REPORT_DIR
     out.mkdir(exist_ok=True)
-    (out / "robustness.json").write_text(json.dumps(result, indent=2))
-    write_markdown(result, out / "robustness.md")
+    (bundle.path / ROBUSTNESS_FILE).write_text(json.dumps(result, indent=2))
+    write_markdown(result, bundle.path / ROBUSTNESS_MARKDOWN_FILE)
     write_plot(result, out / "robustness.png")
     return result
 
@@ -276,4 +284,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, progress: bool) -> None:
     robustness_report(load_bundle(args.bundle), tags=args.tags, n_boot=args.n_boot, progress=progress)
-    print(f"robustness report written to {args.bundle / 'report' / 'robustness.md'}")
+    print(f"robustness report written to {args.bundle / ROBUSTNESS_MARKDOWN_FILE}")

@@ -15,13 +15,27 @@ import numpy as np
 import torch
 
 from models.architectures import default_layer
-from models.bundle import Bundle, load_bundle
+from models.bundle import (
+    CONDUCTANCE_FILE,
+    FEATURE_SPLITS,
+    MANIFEST_NAME,
+    MUTANTS_FILE,
+    SCORES_FILE,
+    Bundle,
+    ConductanceDetectorInfo,
+    DetectorsSection,
+    SignalSetInfo,
+    load_bundle,
+    load_features,
+    scores_key,
+    signal_set_stem,
+)
 from models.conductance import ShortcutConductance, verify_shortcut
 from models.data import DataSource, ImageArrays, SplitSpec, apply_splits, load_splits, make_splits
 from models.detectors import save_state
 from models.devices import resolve_device
 from models.errors import BundleError, ConfigError
-from models.gate import CONDUCTANCE_FILE, MUTANTS_FILE, load_extractor
+from models.gate import load_extractor
 from models.metrics import wrong_labels
 from models.mutant_search import generate_mutants
 from models.mutation import mutant_weights_hash
@@ -54,7 +68,7 @@ def prepare(
 
     Reopening needs the profile it was started with, except for the fields of the ``redo`` stage
     and later ones, which are recomputed: the new profile is then recorded."""
-    manifest_path = Path(out) / "manifest.json"
+    manifest_path = Path(out) / MANIFEST_NAME
     if manifest_path.exists() and not overwrite:
         bundle = load_bundle(out)
         # Fields added to profiles after the bundle was started count at their defaults.
@@ -251,7 +265,7 @@ def features_stage(
     """Evidence for fit, val and test (resumable per split), then the LCR setting (see
     :func:`lcr_setting_stage`)."""
     extractor = None
-    for split in ("fit", "val", "test"):
+    for split in FEATURE_SPLITS:
         stage = f"features:{split}"
         if bundle.stage_done(stage):
             continue
@@ -261,7 +275,7 @@ def features_stage(
             extractor, bundle.normalisation, arrays[split], with_lcr=extractor.ensemble is not None,
             batch_size=batch_size, progress=progress, desc=f"features {split}",
         )
-        bundle.write_arrays(f"features/{split}.npz", feats)
+        bundle.write_features(split, feats)
         bundle.mark_stage(stage, images=len(arrays[split]), seconds=time.perf_counter() - start)
     lcr_setting_stage(bundle, alpha=early_stopping_alpha, chunk_size=early_stopping_chunk)
 
@@ -285,7 +299,7 @@ def lcr_setting_stage(bundle: Bundle, *, alpha: float | None, chunk_size: int = 
     used = {}
     for split, columns in features.items():
         updated = apply_early_stopping(columns, stopping)
-        bundle.write_arrays(f"features/{split}.npz", updated)
+        bundle.write_features(split, updated)
         used[split] = float(updated["mutants_used"].mean())
     bundle.set("lcr", {
         "early_stopping": stopping.to_dict() if stopping is not None else None,
@@ -293,10 +307,6 @@ def lcr_setting_stage(bundle: Bundle, *, alpha: float | None, chunk_size: int = 
         "hypotheses_from": "fit" if stopping is not None else None,
     })
     bundle.mark_stage("features:lcr")
-
-
-def load_features(bundle: Bundle) -> dict[str, dict[str, Any]]:
-    return {split: bundle.read_arrays(f"features/{split}.npz") for split in ("fit", "val", "test")}
 
 
 # ------------------------------------------------------------------------------ detectors
@@ -328,59 +338,51 @@ def detectors_stage(
         )
     wrong_val = wrong_labels(features["val"])
 
-    def save(stem: str, detector: Any) -> None:
-        config, arrays = save_state(detector)
-        bundle.write_json(f"{stem}.json", config)
-        bundle.write_arrays(f"{stem}.npz", arrays)
-
-    save("detectors/conductance", first.cond_detector)
-    sets: dict[str, Any] = {}
+    cond_info = ConductanceDetectorInfo(
+        best_val_auroc=first.cond_detector.best_val_auroc_,
+        best_epoch=first.cond_detector.best_epoch_,
+        trained_on="fit",
+        inputs=cond_inputs,
+    )
+    bundle.write_detector_state(cond_info.stem, *save_state(first.cond_detector))
+    sets: dict[str, SignalSetInfo] = {}
     for name, set_fit in first.sets.items():
-        stem = f"detectors/set-{name}"
-        save(stem, set_fit.classifier)
+        stem = signal_set_stem(name)
+        bundle.write_detector_state(stem, *save_state(set_fit.classifier))
         points, skipped = {}, {}
         for spec in OPERATING_POINTS:
             try:
                 points[spec] = choose_threshold(set_fit.scores["val"], wrong_val, spec).to_dict()
             except ConfigError as exc:
                 skipped[spec] = str(exc)
-        sets[name] = {
-            "signals": list(set_fit.signals),
-            "kind": set_fit.kind,
-            "val_auroc_by_kind": set_fit.val_auroc_by_kind,
-            "val_auroc": set_fit.val_auroc_by_kind[set_fit.kind],
-            "stem": stem,
-            "operating_points": points,
-            "skipped_points": skipped,
-            "default_point": "equal-recall",
-        }
+        sets[name] = SignalSetInfo(
+            name=name,
+            signals=tuple(set_fit.signals),
+            stem=stem,
+            operating_points=points,
+            kind=set_fit.kind,
+            val_auroc=set_fit.val_auroc_by_kind[set_fit.kind],
+            details={"val_auroc_by_kind": set_fit.val_auroc_by_kind, "skipped_points": skipped},
+        )
     scores: dict[str, np.ndarray] = {}
     for fit in fits:
-        for split in ("fit", "val", "test"):
-            scores[f"{fit.seed}/conductance-detector/{split}"] = fit.cond_scores[split]
+        for split in FEATURE_SPLITS:
+            scores[scores_key(fit.seed, "conductance-detector", split)] = fit.cond_scores[split]
             for name, set_fit in fit.sets.items():
-                scores[f"{fit.seed}/{name}/{split}"] = set_fit.scores[split]
+                scores[scores_key(fit.seed, name, split)] = set_fit.scores[split]
                 for kind, by_split in set_fit.scores_by_kind.items():
-                    scores[f"{fit.seed}/{name}@{kind}/{split}"] = by_split[split]
-    bundle.write_arrays("detectors/scores.npz", scores)
+                    scores[scores_key(fit.seed, f"{name}@{kind}", split)] = by_split[split]
+    bundle.write_arrays(SCORES_FILE, scores)
     if default_set is None:
         default_set = PAPER_SET if PAPER_SET in sets else "cond"
     if default_set not in sets:
         raise ConfigError(f"default signal set {default_set!r} was not fitted; fitted: {sorted(sets)}")
-    bundle.set(
-        "detectors",
-        {
-            "conductance": {
-                "stem": "detectors/conductance",
-                "best_val_auroc": first.cond_detector.best_val_auroc_,
-                "best_epoch": first.cond_detector.best_epoch_,
-                "trained_on": "fit",
-                "inputs": cond_inputs,
-            },
-            "signal_sets": sets,
-            "default_set": default_set,
-            "seeds": [fit.seed for fit in fits],
-            "seconds": time.perf_counter() - start,
-        },
+    section = DetectorsSection(
+        conductance=cond_info,
+        signal_sets=sets,
+        default_set=default_set,
+        seeds=tuple(fit.seed for fit in fits),
+        details={"seconds": time.perf_counter() - start},
     )
+    bundle.set("detectors", section.to_dict())
     bundle.mark_stage("detectors")

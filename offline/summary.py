@@ -13,9 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from models.bundle import load_bundle
+from models.bundle import REPORT_METRICS_FILE, load_bundle
 from offline.markdown import fit_source, fmt, interval, signed_ci
-from offline.report import REPORT_DIR
 
 
 def _setting(spec: str) -> tuple[str, Path]:
@@ -28,13 +27,13 @@ def _setting(spec: str) -> tuple[str, Path]:
 def load_setting(path: Path) -> dict[str, Any]:
     """The bundle's manifest facts and its report's metrics (the report must have been written)."""
     bundle = load_bundle(path)
-    metrics_file = bundle.path / REPORT_DIR / "metrics.json"
+    metrics_file = bundle.path / REPORT_METRICS_FILE
     if not metrics_file.is_file():
-        raise SystemExit(f"{path}: no {REPORT_DIR}/metrics.json; finish the build first (predgate build)")
+        raise SystemExit(f"{path}: no {REPORT_METRICS_FILE}; finish the build first (predgate build)")
     metrics = json.loads(metrics_file.read_text())
     if "paper_comparison" not in metrics:
         raise SystemExit(f"{path}: the report predates the paper comparison; rewrite it (predgate report --bundle {path})")
-    return {"manifest": bundle.manifest, "metrics": metrics}
+    return {"manifest": bundle.manifest, "detectors": bundle.detectors, "metrics": metrics}
 
 
 def describe(name: str, setting: dict[str, Any]) -> str:
@@ -42,7 +41,8 @@ def describe(name: str, setting: dict[str, Any]) -> str:
     training, mut = man.get("training", {}), man.get("mutants", {})
     stopping = (man.get("lcr") or {}).get("early_stopping")
     cond = man.get("conductance", {})
-    with_class = (man.get("detectors") or {}).get("conductance", {}).get("inputs") == "conductance+class"
+    detectors = setting["detectors"]
+    with_class = detectors is not None and detectors.conductance.inputs == "conductance+class"
     return (
         f"- **{name}** (`{man['bundle_id']}`): CNN test accuracy {fmt(training.get('test_accuracy'))} "
         f"(val {fmt(training.get('val_accuracy'))}, {man['profile']['epochs']} epochs); "

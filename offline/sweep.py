@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.bundle import Bundle, load_bundle
+from models.bundle import SWEEP_FILE, WEIGHTS_NAME, Bundle, load_bundle
 from models.data import load_splits
 from models.errors import ConfigError
 from models.lcr import MutantEnsemble, label_change_rate
@@ -39,7 +39,6 @@ from models.mutation import (
 from models.scores import msp_score
 from offline.markdown import fmt
 
-SWEEP_FILE = "report/sweep_mutants.json"
 DEFAULT_OPERATORS = ("NAI", "GF", "WS", "NS")
 PAPER_RATE = 0.001  # NAI 0.1% on CIFAR-10 ResNet20 (Wu et al., Table 3)
 FILTER_TARGETS = (1, 4, 16)  # filters per mutant the default rates aim at
@@ -242,7 +241,7 @@ def copy_sweep(source: Bundle, target: Bundle) -> None:
     both hold the same weights and the same val images, which the sweep was measured on."""
     if not source.has_file(SWEEP_FILE):
         raise ConfigError(f"{source.path} has no {SWEEP_FILE}: run the sweep there first")
-    weights = [b.manifest["files"].get("weights.safetensors", {}).get("sha256") for b in (source, target)]
+    weights = [b.manifest["files"].get(WEIGHTS_NAME, {}).get("sha256") for b in (source, target)]
     if weights[0] is None or weights[0] != weights[1]:
         raise ConfigError(f"{source.path} and {target.path} hold different CNN weights: the sweep does not apply")
     vals = [load_splits(b)["val"] for b in (source, target)]

@@ -58,7 +58,7 @@ def load_service(settings: Settings) -> LoadedService:
         input policy the bundle's input shape does not allow.
     """
     bundle = load_bundle(settings.bundle)
-    sets = (bundle.get("detectors") or {}).get("signal_sets") or {}
+    sets = bundle.detectors.signal_sets if bundle.detectors is not None else {}
     if settings.signal_set is not None and sets and settings.signal_set not in sets:
         raise ConfigError(f"signal_set {settings.signal_set!r} is not in the bundle; stored: {sorted(sets)}")
     device = resolve_device(settings.device)

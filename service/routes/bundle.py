@@ -36,21 +36,22 @@ def _scalars(section: Any) -> dict[str, Any] | None:
 )
 async def bundle_summary(loaded: LoadedDep, settings: SettingsDep) -> BundleSummary:
     manifest = loaded.bundle.manifest
-    detectors = manifest.get("detectors") or {}
+    detectors = loaded.bundle.detectors
+    assert detectors is not None  # a gate loads only from a bundle with detectors
     serving = loaded.gate.signal_set(None)
     sets = []
-    for name, info in (detectors.get("signal_sets") or {}).items():
+    for name, info in detectors.signal_sets.items():
         details = {
-            k: v for k, v in info.items() if k not in ("signals", "operating_points", "default_point", "stem")
+            k: v for k, v in info.to_dict().items() if k not in ("signals", "operating_points", "default_point", "stem")
         }
         sets.append(
             SignalSetSummary(
                 name=name,
-                signals=list(info.get("signals", [])),
-                is_default=name == detectors.get("default_set"),
+                signals=list(info.signals),
+                is_default=name == detectors.default_set,
                 serving=name == serving.name,
-                default_point=str(info.get("default_point")),
-                operating_points=_finite(info.get("operating_points", {})),
+                default_point=info.default_point,
+                operating_points=_finite(info.operating_points),
                 details=_finite(details),
             )
         )
@@ -58,7 +59,7 @@ async def bundle_summary(loaded: LoadedDep, settings: SettingsDep) -> BundleSumm
     training_summary = None
     if isinstance(training, dict):
         training_summary = _finite({k: v for k, v in training.items() if "accuracy" in k or k == "device"})
-    evidence = detectors.get("evidence_value", manifest.get("evidence_value"))
+    evidence = detectors.details.get("evidence_value", manifest.get("evidence_value"))
     return BundleSummary(
         bundle_id=loaded.bundle_id,
         dataset=_scalars(manifest.get("dataset")) or {},
@@ -68,7 +69,7 @@ async def bundle_summary(loaded: LoadedDep, settings: SettingsDep) -> BundleSumm
         conductance={**(_scalars(manifest.get("conductance")) or {}), "detector_inputs": loaded.gate.cond_inputs},
         training=training_summary,
         mutants=_scalars(manifest.get("mutants")),
-        default_set=str(detectors.get("default_set")),
+        default_set=detectors.default_set,
         serving={
             "signal_set": serving.name,
             "operating_point": serving.point(settings.operating_point).name,

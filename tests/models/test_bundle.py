@@ -10,7 +10,17 @@ import pytest
 import torch
 
 from models.architectures import build_model
-from models.bundle import MANIFEST_NAME, WEIGHTS_NAME, Bundle, load_bundle
+from models.bundle import (
+    FEATURE_SPLITS,
+    MANIFEST_NAME,
+    WEIGHTS_NAME,
+    Bundle,
+    DetectorsSection,
+    features_file,
+    load_bundle,
+    load_features,
+    signal_set_stem,
+)
 from models.errors import BundleError
 from models.preprocess import Normalisation
 
@@ -136,3 +146,54 @@ def test_copy_gets_its_own_id_and_refuses_a_changed_source(tmp_path: Path) -> No
     assert not (tmp_path / "second").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert json.loads((tmp_path / "variant" / "manifest.json").read_text())["derived_from"]
+
+
+def test_detectors_section_reads_with_its_defaults_and_writes_back_what_it_read_with_them() -> None:
+    raw = {
+        "conductance": {"stem": "detectors/conductance", "best_val_auroc": 0.9, "trained_on": "fit"},
+        "signal_sets": {
+            "cond+lcr": {
+                "signals": ["cond", "lcr"], "stem": "detectors/set-cond+lcr", "kind": "nn", "val_auroc": 0.93,
+                "operating_points": {"equal-recall": {"threshold": 0.5}}, "default_point": "equal-recall",
+                "val_auroc_by_kind": {"nn": 0.93}, "skipped_points": {},
+            },
+            "msp": {"signals": ["msp"], "stem": "detectors/set-msp", "operating_points": {}},
+        },
+        "default_set": "cond+lcr",
+        "seeds": [0, 1],
+        "seconds": 3.5,
+    }
+    section = DetectorsSection.from_dict(raw)
+    assert section.conductance.inputs == "conductance"  # bundles made before the option: the paper's
+    assert section.signal_sets["cond+lcr"].signals == ("cond", "lcr")
+    assert section.signal_sets["cond+lcr"].details == {"val_auroc_by_kind": {"nn": 0.93}, "skipped_points": {}}
+    assert section.signal_sets["msp"].default_point == "equal-recall" and section.signal_sets["msp"].kind is None
+    assert section.signal_set(None).name == "cond+lcr" and section.seeds == (0, 1)
+    # written back as read, with the defaults spelt out
+    assert section.to_dict() == {
+        **raw,
+        "conductance": {**raw["conductance"], "inputs": "conductance"},
+        "signal_sets": {**raw["signal_sets"], "msp": {**raw["signal_sets"]["msp"], "default_point": "equal-recall"}},
+    }
+    with pytest.raises(BundleError, match="detectors section"):
+        DetectorsSection.from_dict({"signal_sets": {}})
+    with pytest.raises(BundleError, match="no signal set 'nope'"):
+        section.signal_set("nope")
+
+
+def test_bundle_file_names_and_stored_tables(tmp_path: Path) -> None:
+    bundle = Bundle.create(
+        tmp_path / "b", dataset={"name": "x"}, class_names=["a", "b"], input_shape=(1, 4, 4),
+        normalisation=Normalisation((0.5,), (0.25,)), architecture={"name": "resnet20", "num_classes": 2, "in_channels": 1},
+    )
+    assert bundle.detectors is None
+    columns = {"label": np.array([0, 1]), "prediction": np.array([0, 0])}
+    for split in FEATURE_SPLITS:
+        bundle.write_features(split, columns)
+    assert features_file("val") in bundle.manifest["files"]
+    loaded = load_features(bundle)
+    assert list(loaded) == list(FEATURE_SPLITS)
+    np.testing.assert_array_equal(loaded["test"]["prediction"], columns["prediction"])
+    bundle.write_detector_state(signal_set_stem("msp"), {"kind": "x"}, {"w": np.ones(2)})
+    config, arrays = bundle.read_detector_state(signal_set_stem("msp"))
+    assert config == {"kind": "x"} and arrays["w"].tolist() == [1.0, 1.0]

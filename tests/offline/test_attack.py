@@ -13,10 +13,10 @@ import torchattacks
 
 from cli.main import main
 from models.attacks import AttackSpec
-from models.bundle import load_bundle
+from models.bundle import adversarial_chunk_file, load_bundle
 from models.data import load_splits
 from models.metrics import auroc
-from offline.attack import chunk_name, load_adversarial, run_attack
+from offline.attack import load_adversarial, run_attack
 
 
 @pytest.fixture()
@@ -56,8 +56,8 @@ def test_resume_gives_the_same_images(bundle_copy: Path) -> None:
     full = load_adversarial(bundle, spec.tag)
     # drop the second chunk: the rerun recomputes only it, with the same seed, so the same images
     # (an interrupted run: that chunk was never written nor recorded)
-    (bundle.path / chunk_name(spec.tag, 1)).unlink()
-    del bundle.manifest["files"][chunk_name(spec.tag, 1)]
+    (bundle.path / adversarial_chunk_file(spec.tag, 1)).unlink()
+    del bundle.manifest["files"][adversarial_chunk_file(spec.tag, 1)]
     bundle.save()
     again = run_attack(load_bundle(bundle_copy), spec, images=40, chunk_size=20, seed=5, progress=False)
     redone = load_adversarial(load_bundle(bundle_copy), spec.tag)

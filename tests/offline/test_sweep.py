@@ -11,11 +11,11 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from models.bundle import load_bundle
+from models.bundle import SWEEP_FILE, load_bundle
 from models.data import load_splits
 from models.lcr import label_change_rate, predict_naive
 from models.mutation import MutantSet, count_filters, filters_for_rate, plan_mutant
-from offline.sweep import SWEEP_FILE, default_rates, main, run_sweep, sweep_markdown
+from offline.sweep import default_rates, main, run_sweep, sweep_markdown
 
 OPERATORS = ("NAI", "GF")
 RATES = (0.001, 0.005)
