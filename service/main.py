@@ -18,6 +18,7 @@ from service.errors import install_handlers
 from service.guards import install_guards
 from service.inflight import InFlightMiddleware
 from service.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from service.openapi import install_openapi
 from service.routes import bundle, health, predict
 from service.settings import Settings, get_settings
 from service.state import LoadedService, ServiceState
@@ -51,6 +52,7 @@ def create_app(settings: Settings, *, loaded: LoadedService | None = None) -> Fa
 
     app = FastAPI(title="predgate", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.predgate = state
+    install_openapi(app, state)  # the document states the bundle's names and tensor shape once loaded
     install_handlers(app)
     app.include_router(health.router)
     app.include_router(bundle.router)

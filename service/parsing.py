@@ -8,6 +8,7 @@ The content type decides the form: ``application/json`` (base64 images or tensor
 from __future__ import annotations
 
 import json
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
-from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
 
 from models.errors import InputError
 from models.image_input import decode_base64_image, decode_image, tensor_from_json
@@ -150,11 +151,24 @@ def _decode_base64s(texts: list[str], loaded: LoadedService, names: list[str]) -
     return _images_to_tensor(images, loaded)
 
 
+MAX_TENSOR_ABS = 1e6
+"""Largest magnitude of a tensor value. Normalised images lie within a few units of 0; values near the
+float32 limit overflow inside the network (NaN scores, refused by the detectors) instead of meaning
+anything, so they are refused here with a message that says why."""
+
+
 def _tensors(values: list[Any], loaded: LoadedService, names: list[str]) -> torch.Tensor:
     parts = []
     for value, name in zip(values, names, strict=True):
         try:
-            parts.append(tensor_from_json(value, loaded.bundle.input_shape))
+            tensor = tensor_from_json(value, loaded.bundle.input_shape)
+            largest = float(tensor.abs().max())
+            if largest > MAX_TENSOR_ABS:
+                raise InputError(
+                    f"tensor holds a value of magnitude {largest:.3g}, beyond the limit of {MAX_TENSOR_ABS:g} "
+                    "(values are normalised with the bundle's mean and std, so they lie within a few units of 0)"
+                )
+            parts.append(tensor)
         except InputError as exc:
             raise InputError(f"{name}: {exc}" if name.endswith("]") else str(exc)) from None
     return torch.cat(parts)
@@ -169,14 +183,33 @@ async def _read_uploads(uploads: list[Any], field: str) -> list[bytes]:
     return blobs
 
 
+class _MultiPartParser(MultiPartParser):
+    """Starlette's parser, except that a part declaring a non-text ``Content-Type`` (``image/png``) is
+    read as a file even without a ``filename``: RFC 7578 makes the filename optional ("SHOULD"), and
+    such a part would otherwise be decoded as text and its bytes lost."""
+
+    def on_headers_finished(self) -> None:
+        part = self._current_part
+        if part.content_disposition is not None:
+            _, options = parse_options_header(part.content_disposition)
+            content_type = dict(part.item_headers).get(b"content-type", b"").split(b";")[0].strip().lower()
+            if b"filename" not in options and content_type and not content_type.startswith(b"text/"):
+                part.content_disposition += b'; filename=""'
+        super().on_headers_finished()
+
+
 async def _read_form(request: Request, max_files: int) -> FormData:
     """Parse a multipart body; past ``max_files`` files it is :class:`TooManyImages` (413)."""
     try:
-        return await request.form(max_files=max_files + 1, max_fields=len(_OPTION_FIELDS) + 4)
-    except HTTPException as exc:
-        if "too many files" in str(exc.detail).lower():
+        async with aclosing(request.stream()) as stream:
+            parser = _MultiPartParser(
+                request.headers, stream, max_files=max_files + 1, max_fields=len(_OPTION_FIELDS) + 4
+            )
+            return await parser.parse()
+    except MultiPartException as exc:
+        if "too many files" in exc.message.lower():
             raise TooManyImages(f"more than {max_files} file(s) in one request, the limit") from None
-        raise InputError(f"unreadable multipart body: {exc.detail}") from None
+        raise InputError(f"unreadable multipart body: {exc.message}") from None
 
 
 async def parse_single(request: Request, loaded: LoadedService) -> ParsedRequest:

@@ -26,8 +26,21 @@ class PredictOptions(BaseModel):
     top_k: int | None = Field(None, ge=1, le=1000, description="how many top classes to list (default 3)")
 
 
+def _exactly_one(first: str, first_type: str, second: str, second_type: str) -> dict[str, Any]:
+    """JSON Schema for "exactly one of the two fields holds a value" (the other absent or null), so the
+    OpenAPI document states what the model validator enforces."""
+    return {
+        "oneOf": [
+            {"required": [first], "properties": {first: {"type": first_type}, second: {"type": "null"}}},
+            {"required": [second], "properties": {second: {"type": second_type}, first: {"type": "null"}}},
+        ]
+    }
+
+
 class PredictJSON(PredictOptions):
     """``POST /predict`` as JSON: exactly one of ``image`` (base64 PNG/JPEG) or ``tensor``."""
+
+    model_config = ConfigDict(json_schema_extra=_exactly_one("image", "string", "tensor", "array"))
 
     image: str | None = Field(None, description="base64 PNG or JPEG (a data: URL prefix is allowed)")
     tensor: list[Any] | None = Field(
@@ -44,6 +57,8 @@ class PredictJSON(PredictOptions):
 
 class BatchJSON(PredictOptions):
     """``POST /predict/batch`` as JSON: exactly one of ``images`` or ``tensors``."""
+
+    model_config = ConfigDict(json_schema_extra=_exactly_one("images", "array", "tensors", "array"))
 
     images: list[str] | None = Field(None, description="base64 PNG or JPEG images")
     tensors: list[Any] | None = Field(None, description="C x H x W normalised tensors")
@@ -89,6 +104,9 @@ class Prediction(BaseModel):
         description="queue, forward or forward+conductance, lcr, detectors (gate stages: the whole batch), total"
     )
     batch_size: int = Field(description="images in the gate run that answered this one")
+    request_id: str = Field(
+        description="the request this answers: its X-Request-ID (the client's plain token, else a fresh id)"
+    )
     conductance: list[float] | None = Field(
         None, description="conductance per channel (full_evidence / return_conductance)"
     )

@@ -6,7 +6,6 @@ names answer 422 before anything is queued), hand the images to the batcher and 
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Annotated, Any
 
@@ -35,20 +34,51 @@ router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
+        400: "X-Request-Timeout is not a positive number of seconds",
         401: "missing or wrong bearer token (when the server has an API key)",
+        408: "the body did not arrive within the body timeout",
         413: "body or image count over the limit",
         415: "unsupported content type",
         422: "unreadable input or unknown signal set / operating point",
-        503: "queue full, not ready or shutting down (see Retry-After)",
+        503: (
+            "queue full, not ready, shutting down, a gate batch stuck past the watchdog, or out of memory on a "
+            "single image (see Retry-After)"
+        ),
+        504: "the request's deadline (X-Request-Timeout) passed first; images still queued were not computed",
     }.items()
 }
 
+IMAGE_MEDIA_TYPES = "image/png, image/jpeg"
+REQUEST_HEADERS: list[dict[str, Any]] = [
+    {
+        "name": "X-Request-ID",
+        "in": "header",
+        "required": False,
+        "description": "echoed in the X-Request-ID response header and the body's request_id when it is a plain "
+        "token (letters, digits, '._:-', at most 128), else replaced by a fresh id",
+        "schema": {"type": "string"},
+    },
+    {
+        "name": "X-Request-Timeout",
+        "in": "header",
+        "required": False,
+        "description": "seconds this request may take (default: the server's request_timeout_s, at most 3600); "
+        "when it passes the answer is 504 deadline_exceeded and images still queued are not computed; "
+        "400 when it is not a positive number",
+        "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 1.7976931348623157e308},
+    },
+]
+
 
 def _body_doc(json_model: type[PredictOptions], file_field: str, many: bool) -> dict[str, Any]:
+    """The request body as the parser reads it (the served document adds the bundle's tensor shape and
+    names, and the image encodings: :mod:`service.openapi`)."""
     file_schema: dict[str, Any] = {"type": "string", "format": "binary"}
     if many:
-        file_schema = {"type": "array", "items": file_schema}
+        file_schema = {"type": "array", "items": file_schema, "minItems": 1}
+    raw_image = {"schema": {"type": "string", "format": "binary"}}
     return {
+        "parameters": REQUEST_HEADERS,
         "requestBody": {
             "required": True,
             "content": {
@@ -57,20 +87,21 @@ def _body_doc(json_model: type[PredictOptions], file_field: str, many: bool) -> 
                     "schema": {
                         "type": "object",
                         "required": [file_field],
+                        "additionalProperties": False,
                         "properties": {
                             file_field: file_schema,
                             "signal_set": {"type": "string"},
                             "operating_point": {"type": "string"},
                             "full_evidence": {"type": "boolean"},
                             "return_conductance": {"type": "boolean"},
-                            "top_k": {"type": "integer"},
+                            "top_k": {"type": "integer", "minimum": 1, "maximum": 1000},
                         },
-                    }
+                    },
+                    "encoding": {file_field: {"contentType": IMAGE_MEDIA_TYPES}},
                 },
-                **({} if many else {"image/png": {"schema": {"type": "string", "format": "binary"}}}),
-                **({} if many else {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}),
+                **({} if many else {"image/png": raw_image, "image/jpeg": raw_image}),
             },
-        }
+        },
     }
 
 
@@ -111,7 +142,9 @@ def resolve_key(loaded: LoadedService, settings: Settings, options: PredictOptio
     return GroupKey(chosen.name, point.name, full)
 
 
-def _record(row: Row, loaded: LoadedService, options: PredictOptions, total_s: float) -> Prediction:
+def _record(
+    row: Row, loaded: LoadedService, options: PredictOptions, total_s: float, request_id: str
+) -> Prediction:
     names = loaded.bundle.class_names
     probs = row.probabilities
     k = min(options.top_k or 3, len(probs))
@@ -138,6 +171,7 @@ def _record(row: Row, loaded: LoadedService, options: PredictOptions, total_s: f
         bundle_id=loaded.bundle_id,
         timings_ms={stage: 1000.0 * seconds for stage, seconds in timings.items()},
         batch_size=row.batch_size,
+        request_id=request_id,
         conductance=[float(v) for v in row.conductance]
         if want_vector and row.conductance is not None
         else None,
@@ -161,16 +195,19 @@ async def _answer(
     settings: Settings,
     batcher: Any,
     started: float,
+    request: Request,
 ) -> list[Prediction]:
     options = _merge(query, parsed.options)
     key = resolve_key(loaded, settings, options)
     x: torch.Tensor = parsed.x
-    rows = await asyncio.gather(*batcher.submit(x, key))
+    context = request.scope.get("state", {})  # request id and deadline, set by RequestContextMiddleware
+    deadline = context.get("deadline")
+    rows = await batcher.results(batcher.submit(x, key, deadline=deadline), deadline)
     total = time.perf_counter() - started
     records = []
     for row in rows:
         _observe(row, loaded.bundle.class_names[row.prediction], total)
-        records.append(_record(row, loaded, options, total))
+        records.append(_record(row, loaded, options, total, str(context.get("request_id", ""))))
     loaded.drift.observe(
         key.signal_set, np.array([row.unified_score for row in rows]), np.array([row.reject for row in rows])
     )
@@ -191,7 +228,7 @@ async def predict(
     normalised tensor (JSON ``tensor``); options as query parameters or body fields."""
     started = time.perf_counter()
     parsed = await parse_single(request, loaded)
-    return (await _answer(parsed, query, loaded, settings, batcher, started))[0]
+    return (await _answer(parsed, query, loaded, settings, batcher, started, request))[0]
 
 
 @router.post(
@@ -208,4 +245,4 @@ async def predict_batch(
     ``files``."""
     started = time.perf_counter()
     parsed = await parse_batch(request, loaded, settings.max_images_per_request)
-    return await _answer(parsed, query, loaded, settings, batcher, started)
+    return await _answer(parsed, query, loaded, settings, batcher, started, request)
