@@ -140,12 +140,12 @@ def _refine_branches(schema: dict[str, Any], properties: dict[str, Any]) -> None
 
 
 def bundle_names(state: ServiceState) -> dict[str, list[str]] | None:
-    """The signal set names of the loaded gate and every operating point name they hold."""
+    """The signal set names the loaded gate serves and every operating point name they hold."""
     if state.loaded is None:
         return None
-    sets = (state.loaded.bundle.get("detectors") or {}).get("signal_sets") or {}
-    points = sorted({str(p) for info in sets.values() for p in (info.get("operating_points") or {})})
-    return {"signal_set": sorted(str(name) for name in sets), "operating_point": points}
+    sets = state.loaded.gate.signal_sets
+    points = sorted({name for chosen in sets.values() for name in chosen.operating_points})
+    return {"signal_set": sorted(sets), "operating_point": points}
 
 
 def install_openapi(app: FastAPI, state: ServiceState) -> None:
