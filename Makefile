@@ -11,7 +11,7 @@ PORT ?= 8000
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data system-deps bundle run serve test lint audit hostile clean-venv
+.PHONY: setup data system-deps bundle run serve test lint audit hostile load clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,3 +61,9 @@ audit: setup
 # The hostile-input suite against a server already running on PORT (loopback only).
 hostile: setup
 	$(PY) -m bench.hostile --url http://127.0.0.1:$(PORT) --json reports/hostile.json
+
+# 64 closed-loop clients for 60 s against a server already running on PORT (docs/reliability.md: start
+# it with PREDGATE_QUEUE_LIMIT=16 to see the queue shed); every answer checked against its request id.
+load: setup
+	$(PY) -m bench.load --url http://127.0.0.1:$(PORT) --concurrency 64 --seconds 60 --deadline-every 10 \
+		--deadline-s 0.25 --json reports/load.json
