@@ -118,7 +118,7 @@ def unknown_sets(
     """Every unknown set for a bundle of ``dataset`` and image ``shape`` (``H, W, C``), ``n`` each.
 
     The other data set is left out, with a note in the returned dict's absence, when its files are
-    not on this machine; :func:`other_dataset` raises a :class:`~offline.data.DataError` then.
+    not on this machine; :func:`other_dataset` raises a :class:`~models.data.DataError` then.
     """
     if n < 1:
         raise ConfigError(f"need at least 1 image per unknown set, got {n}")
