@@ -46,6 +46,8 @@ class SignalSet:
     classifier: UnifiedClassifier
     operating_points: dict[str, OperatingPoint]
     default_point: str
+    # The set's own conductance detector (one fitted with exposure rows); None = the gate's.
+    cond_detector: ConductanceDetector | None = None
 
     def point(self, name: str | None) -> OperatingPoint:
         name = name or self.default_point
@@ -102,13 +104,18 @@ class Gate:
         if needing and open_world is None:
             raise BundleError(f"signal sets {needing} need the open-world scorers, which the gate was not given")
 
-    def cond_score(self, conductance: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+    def cond_score(
+        self, conductance: np.ndarray, prediction: np.ndarray, signal_set: str | None = None
+    ) -> np.ndarray:
         """The conductance detector's score of ``N x C`` conductance for the CNN's ``prediction``,
-        from the inputs the detector was fitted on (the one place that builds them online)."""
-        if self.cond_detector is None:
+        from the inputs the detector was fitted on (the one place that builds them online). A set
+        with its own conductance detector (``signal_set``, None = the default set) is scored by it."""
+        own = self.signal_set(signal_set).cond_detector
+        detector = own if own is not None else self.cond_detector
+        if detector is None:
             raise ConfigError("this gate has no conductance detector")
         x = conductance_inputs(conductance, prediction, self.cond_inputs, self.num_classes)
-        return self.cond_detector.decision_function(x)
+        return detector.decision_function(x)
 
     def signal_set(self, name: str | None) -> SignalSet:
         name = name or self.default_set
@@ -139,8 +146,11 @@ class Gate:
         seconds = dict(evidence.seconds)
         start = time.perf_counter()
         cond_score = None
-        if evidence.conductance is not None and self.cond_detector is not None:
-            cond_score = self.cond_score(evidence.conductance.double().numpy(), evidence.prediction.numpy())
+        has_detector = self.cond_detector is not None or chosen.cond_detector is not None
+        if evidence.conductance is not None and has_detector:
+            cond_score = self.cond_score(
+                evidence.conductance.double().numpy(), evidence.prediction.numpy(), chosen.name
+            )
         logits = evidence.logits.numpy()
         lcr = evidence.lcr.numpy() if evidence.lcr is not None else None
         extra = None
@@ -284,6 +294,9 @@ def load_gate(
             classifier=load_detector(bundle, info.stem),
             operating_points=points,
             default_point=info.default_point,
+            cond_detector=load_detector(bundle, info.details["cond_detector_stem"])
+            if info.details.get("cond_detector_stem")
+            else None,
         )
     open_world = None
     if any(sig in OPEN_WORLD_SIGNALS for s in sets.values() for sig in s.signals):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.bundle import Bundle, load_features
+from models.bundle import CONDUCTANCE_DETECTOR_STEM, Bundle, load_features
 from models.data import ImageArrays, load_splits
 from models.detectors import save_state
 from models.drift import SCORES_FILE
@@ -501,8 +501,8 @@ def store_sets(
     many leading rows are the clean split (the exposed variant's splits end with exposure rows); the
     stored scores (the drift monitor's reference is val) are those of the clean rows.
 
-    A set that reads ``cond`` is stored only from the clean variant: the gate serves one conductance
-    detector, the bundle's, and the exposed variant refits its own.
+    A set of the exposed variant that reads ``cond`` is stored with that variant's own conductance
+    detector (``detectors/conductance-exposed``), which the gate then uses for it.
     """
     detectors = dict(bundle.get("detectors") or {})
     if not detectors:
@@ -517,9 +517,13 @@ def store_sets(
             evaluated = sorted(f"{v}/{n}" for v, vf in variants.items() for n in vf.fits[0].sets)
             raise ConfigError(f"{key!r} was not fitted; fitted sets: {evaluated}")
         set_fit = variants[variant].fits[0].sets[name]
-        if variant != "clean" and "cond" in set_fit.signals:
-            raise ConfigError(f"{key!r} reads conductance through its own detector: adopt a clean-variant set")
         serve_as = served_name(key)
+        own_cond: dict[str, str] = {}
+        if variant != "clean" and "cond" in set_fit.signals:
+            # The variant refitted the conductance detector on its rows: the set is served with it.
+            own_cond["cond_detector_stem"] = f"{CONDUCTANCE_DETECTOR_STEM}-{variant}"
+            config, arrays = save_state(variants[variant].fits[0].cond_detector)
+            bundle.write_detector_state(own_cond["cond_detector_stem"], config, arrays)
         stem = f"detectors/set-{serve_as}"
         config, arrays = save_state(set_fit.classifier)
         bundle.write_json(f"{stem}.json", config)
@@ -538,6 +542,7 @@ def store_sets(
             "skipped_points": {p: "infeasible on val" for p in OPERATING_POINTS if p not in points},
             "default_point": "equal-recall",
             "source": f"open-world ({variant} variant)",
+            **own_cond,
         }
         names.append(serve_as)
     bundle.write_arrays(SCORES_FILE, stored_scores)

@@ -211,7 +211,7 @@ def best_sets(table: dict[str, Any], costs: dict[str, float], cheap: float) -> d
 
 def choose_default(table: dict[str, Any], costs: dict[str, float], budget: float) -> dict[str, Any]:
     """The set (and variant) with the best mean AUROC over the regimes clean, shift (mean over
-    severities), unknown (far and near) and mixed, among servable sets costing at most ``budget``."""
+    severities), unknown (far and near) and mixed, among sets costing at most ``budget``."""
     groups = {
         "clean": ["clean"],
         "shift": [r for r in table if r.startswith("shift-")],
@@ -219,14 +219,11 @@ def choose_default(table: dict[str, Any], costs: dict[str, float], budget: float
         "mixed": ["mixed"] if "mixed" in table else [],
     }
     keys = set.intersection(*(set(table[r]["sets"]) for g in groups.values() for r in g))
-    every = {**CANDIDATE_SETS, **OPEN_WORLD_SETS}
     scored = {}
     for key in keys:
-        variant, name = key.split("/", 1)
+        name = key.split("/", 1)[1]
         if costs.get(name, 1e9) > budget:
             continue
-        if variant != "clean" and "cond" in every.get(name, ()):
-            continue  # not servable: the gate has one conductance detector, the clean one
         means = [np.mean([table[r]["sets"][key]["auroc"] for r in g]) for g in groups.values() if g]
         scored[key] = float(np.mean(means))
     ranked = sorted(scored, key=lambda k: -scored[k])

@@ -111,8 +111,15 @@ def test_open_world_on_the_tiny_bundle(tiny_bundle: Path, tmp_path: Path, cifar1
         out = gate.run(x, signal_set=name)
         assert np.allclose(out.unified_score, again.scores["clean"][key], rtol=1e-5, atol=1e-6), name
     assert gate.run(x).signal_set == "feat+softmax-exposed"
-    with pytest.raises(ConfigError, match="clean-variant"):
-        adopt(served, again, ["exposed/cond+lcr"])
+    # an exposed set that reads conductance is served with the exposed variant's conductance detector
+    assert adopt(load_bundle(path), again, ["exposed/cond+feat+softmax"]) == ["cond+feat+softmax-exposed"]
+    served = load_bundle(path)
+    info = served.manifest["detectors"]["signal_sets"]["cond+feat+softmax-exposed"]
+    assert info["cond_detector_stem"] == "detectors/conductance-exposed"
+    gate = load_gate(served)
+    own = gate.run(x, signal_set="cond+feat+softmax-exposed")
+    assert np.allclose(own.unified_score, again.scores["clean"][("exposed", 0, "cond+feat+softmax")], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(own.cond_score, gate.run(x, signal_set="cond+lcr").cond_score)
     # other settings on the same bundle are refused, naming what to do
     with pytest.raises(Exception, match="same settings"):
         run_open_world(load_bundle(path), images=31, progress=False)
@@ -146,11 +153,12 @@ def test_fit_default_set_serves_the_named_set(tiny_bundle: Path, tmp_path: Path)
     detector seed, and the gate's scores on test equal to the stored ones."""
     path = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, path)
-    served_as = fit_default_set(load_bundle(path), "exposed/feat+softmax", exposure_images=60)
-    assert served_as == "feat+softmax-exposed"
+    served_as = fit_default_set(load_bundle(path), "exposed/cond+feat+softmax", exposure_images=60)
+    assert served_as == "cond+feat+softmax-exposed"
     served = load_bundle(path)
     detectors = served.manifest["detectors"]
     assert detectors["default_set"] == served_as and "build profile" in detectors["default_chosen_by"]
+    assert detectors["signal_sets"][served_as]["cond_detector_stem"] == "detectors/conductance-exposed"
     assert served.has_file("open_world/exposure/fit-no-lcr.npz")
     stored = served.read_arrays("detectors/scores.npz")
     test = load_splits(served)["test"]
