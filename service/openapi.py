@@ -7,8 +7,8 @@ requests the server must refuse. Once the bundle is loaded the document states:
 - the signal set and operating point names (query, JSON and multipart) as enums;
 - a tensor as ``C x H x W`` (or ``1 x C x H x W``) nested arrays of the bundle's input shape, with
   values within ``MAX_TENSOR_ABS`` (the server refuses anything else);
-- base64 images as strings of format ``base64-image`` (``contentEncoding: base64``, PNG or JPEG),
-  multipart files as PNG or JPEG parts;
+- base64 images as ``contentEncoding: base64`` strings (of a PNG or JPEG file), multipart files as
+  PNG or JPEG parts;
 - batch lists holding 1 to ``max_images_per_request`` entries (413 beyond);
 - ``X-Request-ID`` on every response, ``Retry-After`` on the predict routes' 503.
 
@@ -26,9 +26,6 @@ from fastapi import FastAPI
 from service.parsing import MAX_TENSOR_ABS
 from service.settings import Settings
 from service.state import ServiceState
-
-IMAGE_FORMAT = "base64-image"
-"""``format`` of a base64 PNG or JPEG string (OpenAPI formats are open; this one names the encoding)."""
 
 _REQUEST_ID_HEADER = {
     "description": "the request this answers: the client's X-Request-ID when it is a plain token, else a fresh id",
@@ -54,7 +51,6 @@ def tensor_schema(shape: tuple[int, int, int] | None) -> dict[str, Any]:
 def image_string_schema() -> dict[str, Any]:
     return {
         "type": "string",
-        "format": IMAGE_FORMAT,
         "contentEncoding": "base64",
         "description": "base64 of a PNG or JPEG file (a data: URL prefix is allowed)",
     }

@@ -115,7 +115,8 @@ def _options_from_form(form: Any) -> PredictOptions:
     repeated = sorted(key for key in _OPTION_FIELDS if len(form.getlist(key)) > 1)
     if repeated:
         raise InputError(f"form fields {repeated} given more than once; send each option once")
-    fields = {key: form.get(key) for key in _OPTION_FIELDS if form.get(key) not in (None, "")}
+    # an empty field is refused like any other bad value, not read as "use the default"
+    fields = {key: form.get(key) for key in _OPTION_FIELDS if form.get(key) is not None}
     texts = [key for key, value in fields.items() if not isinstance(value, str)]
     if texts:
         raise InputError(f"form fields {texts} must be text values, got file uploads")

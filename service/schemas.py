@@ -13,9 +13,11 @@ class PredictOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     signal_set: str | None = Field(
-        None, description="signal set that makes the verdict (default: the server's)"
+        None, min_length=1, description="signal set that makes the verdict (default: the server's)"
     )
-    operating_point: str | None = Field(None, description="operating point of that set (default: the set's)")
+    operating_point: str | None = Field(
+        None, min_length=1, description="operating point of that set (default: the set's)"
+    )
     full_evidence: bool | None = Field(
         None,
         description="compute and return the conductance vector and LCR whatever the signal set (costs more)",

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from fastapi import APIRouter, Depends, Query, Request
 
+from models.errors import ConfigError
 from service import metrics
 from service.batching import GroupKey, Row
 from service.deps import BatcherDep, LoadedDep, SettingsDep, require_api_key
@@ -106,8 +107,8 @@ def _body_doc(json_model: type[PredictOptions], file_field: str, many: bool) -> 
 
 
 def query_options(
-    signal_set: Annotated[str | None, Query(description="signal set that makes the verdict")] = None,
-    operating_point: Annotated[str | None, Query(description="operating point of that set")] = None,
+    signal_set: Annotated[str | None, Query(min_length=1, description="signal set that makes the verdict")] = None,
+    operating_point: Annotated[str | None, Query(min_length=1, description="operating point of that set")] = None,
     full_evidence: Annotated[
         bool | None, Query(description="conductance vector and LCR whatever the set")
     ] = None,
@@ -131,6 +132,17 @@ def _merge(query: PredictOptions, body: PredictOptions) -> PredictOptions:
     data = query.model_dump()
     data.update({k: v for k, v in body.model_dump().items() if v is not None})
     return PredictOptions(**data)
+
+
+def _check_names(loaded: LoadedService, options: PredictOptions) -> None:
+    """Every name given must exist, even one a body value overrides (an unknown ``?operating_point=``
+    would otherwise pass unseen): ConfigError (422) naming what is stored."""
+    if options.signal_set is not None:
+        loaded.gate.signal_set(options.signal_set)
+    if options.operating_point is not None:
+        points = {name for chosen in loaded.gate.signal_sets.values() for name in chosen.operating_points}
+        if options.operating_point not in points:
+            raise ConfigError(f"unknown operating point {options.operating_point!r}; stored: {sorted(points)}")
 
 
 def resolve_key(loaded: LoadedService, settings: Settings, options: PredictOptions) -> GroupKey:
@@ -197,6 +209,8 @@ async def _answer(
     started: float,
     request: Request,
 ) -> list[Prediction]:
+    _check_names(loaded, query)
+    _check_names(loaded, parsed.options)
     options = _merge(query, parsed.options)
     key = resolve_key(loaded, settings, options)
     x: torch.Tensor = parsed.x

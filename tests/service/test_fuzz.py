@@ -3,9 +3,11 @@ bundle (in process, through its ASGI interface, lifespan included).
 
 Every operation gets positive cases (schema-valid: they must be accepted, and the answer must match
 the documented schema) and negative ones (schema-invalid: they must be refused with a 4xx), with all of
-schemathesis's checks. Valid images come from strategies registered for the document's own
-encodings (``format: base64-image`` strings, ``image/png`` and ``image/jpeg`` parts and bodies), so
-positive cases reach the gate and their 200 answers are checked against ``Prediction``.
+schemathesis's checks. Valid images come from strategies registered for the document's media types
+(``image/png`` and ``image/jpeg`` multipart parts and raw bodies); a JSON schema cannot say "base64 of
+a decodable PNG" (the document says ``contentEncoding: base64`` and the description says PNG or JPEG),
+so in positive JSON cases the test puts real base64 images where the fuzzer drew base64 text. Positive
+cases thus reach the gate and their 200 answers are checked against ``Prediction``.
 
 The one 5xx a correct server sends here is the documented 504 ``deadline_exceeded``: the fuzzer draws
 ``X-Request-Timeout`` values down to 1e-300 s. It is allowed by the checks and then checked on its
@@ -35,7 +37,6 @@ from schemathesis import GenerationMode
 
 from models.bundle import Bundle
 from service.main import create_app
-from service.openapi import IMAGE_FORMAT
 from tests.service.conftest import make_settings, png_bytes
 
 API_KEY = "fuzz-key"
@@ -79,14 +80,24 @@ def base64_images(draw: st.DrawFn) -> str:
     return prefix + base64.b64encode(draw(image_files())).decode()
 
 
-schemathesis.openapi.format(IMAGE_FORMAT, base64_images())
 schemathesis.openapi.media_type("image/png", image_files("PNG"))
 schemathesis.openapi.media_type("image/jpeg", image_files("JPEG"))
 
 
+def with_real_images(case: Any, data: st.DataObject) -> None:
+    """Positive JSON cases: the drawn base64 text of ``image`` / ``images`` becomes base64 PNG/JPEG."""
+    body = case.body
+    if not isinstance(body, dict):
+        return
+    if isinstance(body.get("image"), str):
+        body["image"] = data.draw(base64_images())
+    if isinstance(body.get("images"), list):
+        body["images"] = [data.draw(base64_images()) for _ in body["images"]]
+
+
 def fuzz_operation(operation: Any, mode: GenerationMode, app: Any, seen: collections.Counter[Any],
                    server_errors: list[dict[str, Any]]) -> None:
-    @given(case=operation.as_strategy(generation_mode=mode))
+    @given(case=operation.as_strategy(generation_mode=mode), data=st.data())
     @settings(
         max_examples=PER_OPERATION_AND_MODE,
         deadline=None,
@@ -94,7 +105,9 @@ def fuzz_operation(operation: Any, mode: GenerationMode, app: Any, seen: collect
         derandomize=os.environ.get("PREDGATE_FUZZ_RANDOM") != "1",
         suppress_health_check=list(HealthCheck),
     )
-    def run(case: Any) -> None:
+    def run(case: Any, data: st.DataObject) -> None:
+        if mode is GenerationMode.POSITIVE:
+            with_real_images(case, data)
         response = case.call_and_validate(app=app)
         seen[operation.label, mode.value, case.media_type or "-", response.status_code] += 1
         if response.status_code >= 500:
@@ -201,3 +214,37 @@ def test_tensor_values_that_overflow_the_network_are_refused(served: TestClient,
     response = served.post("/predict", json={"tensor": tensor.tolist()})
     assert response.status_code == 422
     assert "beyond the limit" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("where", "field"),
+    [("form", "operating_point"), ("form", "top_k"), ("form", "full_evidence"), ("query", "signal_set"), ("json", "signal_set")],
+)
+def test_an_empty_option_is_refused_not_read_as_the_default(
+    served: TestClient, sample_images: np.ndarray, where: str, field: str
+) -> None:
+    """Found by the fuzzer: ``operating_point=""`` (form, query or JSON) was read as "the default",
+    while the document lists the names it takes."""
+    png = png_bytes(sample_images[0])
+    if where == "json":
+        response = served.post("/predict", json={"image": base64.b64encode(png).decode(), field: ""})
+    else:
+        response = served.post(
+            "/predict",
+            files={"file": ("a.png", png, "image/png")},
+            data={field: ""} if where == "form" else None,
+            params={field: ""} if where == "query" else None,
+        )
+    assert response.status_code == 422 and field in response.json()["error"]["message"], response.text
+
+
+def test_an_unknown_name_in_the_query_is_refused_even_when_the_body_overrides_it(
+    served: TestClient, sample_images: np.ndarray
+) -> None:
+    """Found by the fuzzer: an unknown ``?operating_point=`` was ignored because the form's value won."""
+    response = served.post(
+        "/predict?operating_point=nonsense",
+        files={"file": ("a.png", png_bytes(sample_images[0]), "image/png")},
+        data={"operating_point": "equal-recall"},
+    )
+    assert response.status_code == 422 and "unknown operating point 'nonsense'" in response.text
