@@ -25,7 +25,7 @@ from safetensors.torch import save_file as _save_safetensors
 from torch import nn
 
 from models import __version__
-from models.architectures import build_model
+from models.architectures import ModelSpec
 from models.errors import BundleError
 from models.preprocess import Normalisation
 
@@ -46,6 +46,7 @@ REPORT_MARKDOWN_FILE = f"{REPORT_DIR}/report.md"
 ROBUSTNESS_FILE = f"{REPORT_DIR}/robustness.json"
 ROBUSTNESS_MARKDOWN_FILE = f"{REPORT_DIR}/robustness.md"
 FEATURE_SPLITS = ("fit", "val", "test")
+CNN_TRAIN_INDICES_FILE = "splits/cnn-train-indices.npz"  # --exclude-indices: the images the CNN was trained on
 ADVERSARIAL_DIR = "adversarial"  # also the manifest section that records each attack
 
 
@@ -282,21 +283,86 @@ class Bundle:
     def save_model(self, model: nn.Module) -> None:
         self.write_tensors(WEIGHTS_NAME, model.state_dict())
 
+    @property
+    def model_spec(self) -> ModelSpec:
+        """The manifest's ``architecture`` section: what rebuilds the module."""
+        return ModelSpec.from_dict(self.manifest["architecture"])
+
+    @property
+    def preprocessing(self) -> PreprocessingSection | None:
+        """The manifest's ``preprocessing`` section (None in bundles made before it existed, whose
+        model reads the data set's own images)."""
+        raw = self.manifest.get("preprocessing")
+        return PreprocessingSection.from_dict(raw) if raw else None
+
     def load_model(self, device: str | torch.device = "cpu") -> nn.Module:
         """Rebuild the architecture and load the weights; the model is returned in eval mode."""
-        arch = self.manifest["architecture"]
-        model = build_model(arch["name"], int(arch["num_classes"]), int(arch["in_channels"]))
+        spec = self.model_spec
+        model = spec.build()
         state = self.read_tensors(WEIGHTS_NAME)
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
-            raise BundleError(f"{WEIGHTS_NAME} does not fit architecture {arch['name']!r}: {exc}") from exc
+            first = str(exc).strip().splitlines()
+            raise BundleError(
+                f"{WEIGHTS_NAME} does not fit architecture {spec.name!r}: {' '.join(first[:3])}"
+            ) from exc
         return model.to(device).eval()
 
 
 def load_features(bundle: Bundle, splits: tuple[str, ...] = FEATURE_SPLITS) -> dict[str, dict[str, np.ndarray]]:
     """The stored evidence tables of ``splits``."""
     return {split: bundle.read_features(split) for split in splits}
+
+
+# ------------------------------------------------------------------------ the preprocessing section
+@dataclass(frozen=True)
+class PreprocessingSection:
+    """``preprocessing``: how the data set's images become the model's input, the same offline and
+    online. Each image is converted to ``channels`` (PIL ``convert``: grey repeated into RGB, RGB to
+    luma) and scaled to ``input_size`` (:func:`models.preprocess.resize_and_crop`), exactly as the
+    server decodes an upload; then normalised with ``mean`` / ``std`` (the manifest's
+    ``normalisation``). ``data_shape`` is the data set's own ``H, W, C``; ``sources`` says where each
+    value came from (a flag, the timm config, the cnn-train statistics, the data)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_size: tuple[int, int]
+    channels: int
+    data_shape: tuple[int, int, int]
+    sources: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def converts(self) -> bool:
+        """Whether images are converted at all (another size or channel count than the data's)."""
+        h, w, c = self.data_shape
+        return (h, w) != tuple(self.input_size) or c != self.channels
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.channels, int(self.input_size[0]), int(self.input_size[1])
+
+    @property
+    def normalisation(self) -> Normalisation:
+        return Normalisation(tuple(self.mean), tuple(self.std))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mean": list(self.mean), "std": list(self.std), "input_size": list(self.input_size),
+            "channels": self.channels, "data_shape": list(self.data_shape), "sources": dict(self.sources),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PreprocessingSection:
+        try:
+            return cls(
+                mean=tuple(float(v) for v in raw["mean"]), std=tuple(float(v) for v in raw["std"]),
+                input_size=(int(raw["input_size"][0]), int(raw["input_size"][1])), channels=int(raw["channels"]),
+                data_shape=tuple(int(v) for v in raw["data_shape"]),  # type: ignore[arg-type]
+                sources=dict(raw.get("sources") or {}),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise BundleError(f"manifest preprocessing section: missing or malformed {exc}") from exc
 
 
 # ------------------------------------------------------------------------ the detectors section

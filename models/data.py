@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import zlib
 from collections.abc import Sequence
@@ -20,9 +21,9 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from torchvision.datasets import CIFAR10
 
-from models.bundle import Bundle
+from models.bundle import CNN_TRAIN_INDICES_FILE, Bundle
 from models.errors import PredgateError
-from models.preprocess import resize_and_crop
+from models.preprocess import conform_images, resize_and_crop
 from models.progress import maybe_tqdm
 
 FASHION_MNIST_CLASSES = [
@@ -486,6 +487,7 @@ class Splits:
     spec: SplitSpec
     train_pool_size: int
     test_pool_size: int
+    cnn_train_named: np.ndarray | None = None  # the train-pool images the CNN was trained on, if named
 
     def sizes(self) -> dict[str, int]:
         return {name: len(idx) for name, idx in self.indices.items()}
@@ -516,11 +518,13 @@ class Splits:
             "train_pool_size": self.train_pool_size,
             "test_pool_size": self.test_pool_size,
             "sha256": self.digest(),
+            **({"cnn_train_indices": named_indices_record(self.cnn_train_named)} if self.cnn_train_named is not None else {}),
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Splits:
-        """Recompute the splits a manifest describes and check they are the same indices."""
+    def from_dict(cls, data: dict[str, Any], cnn_train_named: np.ndarray | None = None) -> Splits:
+        """Recompute the splits a manifest describes and check they are the same indices
+        (``cnn_train_named``: the named cnn-train images, when the manifest records them)."""
         req = data["requested"]
         spec = SplitSpec(
             req["cnn-train"],
@@ -531,7 +535,16 @@ class Splits:
             bool(data["fit_is_cnn_train"]),
             data["val_from"],
         )
-        splits = make_splits(int(data["train_pool_size"]), int(data["test_pool_size"]), spec)
+        recorded = data.get("cnn_train_indices")
+        if recorded is not None:
+            if cnn_train_named is None:
+                raise DataError("the splits were drawn around named cnn-train images, which were not given")
+            if named_indices_record(cnn_train_named)["sha256"] != recorded["sha256"]:
+                raise DataError("the named cnn-train images do not match the ones the splits were drawn around")
+        splits = make_splits(
+            int(data["train_pool_size"]), int(data["test_pool_size"]), spec,
+            cnn_train_named if recorded is not None else None,
+        )
         if splits.digest() != data["sha256"]:
             raise DataError("recorded splits do not match the ones recomputed from their seed")
         return splits
@@ -559,16 +572,58 @@ def _carve(pool_size: int, requests: list[tuple[str, int | None]], pool: str) ->
     return slices
 
 
-def make_splits(train_pool_size: int, test_pool_size: int, spec: SplitSpec) -> Splits:
+def named_indices_record(indices: np.ndarray) -> dict[str, Any]:
+    """What a manifest records of named images: their count and a sha256 of the sorted indices."""
+    idx = np.ascontiguousarray(np.sort(np.asarray(indices, dtype=np.int64)), dtype="<i8")
+    return {"count": len(idx), "sha256": hashlib.sha256(idx.tobytes()).hexdigest()}
+
+
+def read_index_file(path: str | Path, pool_size: int) -> np.ndarray:
+    """Indices into a data set's training files, one image each, from ``path``: ``.npy`` (no
+    pickle), ``.json`` (a list) or text (integers separated by whitespace or commas). Sorted and
+    unique; each must lie in ``[0, pool_size)``."""
+    path = Path(path)
+    try:
+        if path.suffix == ".npy":
+            values = np.load(path, allow_pickle=False)
+        elif path.suffix == ".json":
+            values = np.asarray(json.loads(path.read_text()))
+        else:
+            text = path.read_text().replace(",", " ").split()
+            values = np.asarray([int(v) for v in text], dtype=np.int64)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{path}: not a list of image indices ({exc})") from exc
+    values = np.asarray(values)
+    if values.ndim != 1 or values.size == 0 or not np.issubdtype(values.dtype, np.integer):
+        raise DataError(f"{path}: needs a non-empty list of integer image indices, got {values.dtype} {values.shape}")
+    if values.min() < 0 or values.max() >= pool_size:
+        raise DataError(
+            f"{path}: indices span [{values.min()}, {values.max()}], the training files hold {pool_size} images (0-based)"
+        )
+    return np.unique(values.astype(np.int64))
+
+
+def make_splits(
+    train_pool_size: int, test_pool_size: int, spec: SplitSpec, cnn_train_named: np.ndarray | None = None
+) -> Splits:
     """Cut the train and test pools into cnn-train, fit, val and test.
 
     cnn-train, fit and (with ``val_from="train"``) val are consecutive slices of one seeded
     permutation of the train pool, so they are disjoint; test (and val with ``val_from="test"``)
     are slices of a second, independent permutation of the test pool. Growing a later split never
     moves an earlier one, and the same seed gives the same indices.
+
+    ``cnn_train_named`` (train-pool indices: the images the CNN was trained on, ``--exclude-indices``):
+    cnn-train is drawn from them alone (``spec.cnn_train`` of them, or all) and fit and val from the
+    rest of the train pool, so no image the CNN learnt from reaches the detectors' splits (unless
+    ``fit_is_cnn_train`` asks for exactly that).
     """
     if spec.val_from not in ("train", "test"):
         raise ValueError(f"val_from must be 'train' or 'test', got {spec.val_from!r}")
+    if cnn_train_named is not None:
+        return _splits_around(train_pool_size, test_pool_size, spec, np.unique(np.asarray(cnn_train_named, np.int64)))
     train_requests: list[tuple[str, int | None]] = [("cnn-train", spec.cnn_train)]
     if not spec.fit_is_cnn_train:
         train_requests.append(("fit", spec.fit))
@@ -599,6 +654,45 @@ def make_splits(train_pool_size: int, test_pool_size: int, spec: SplitSpec) -> S
         pools["fit"] = "train"
     ordered = {name: indices[name] for name in SPLIT_NAMES}
     return Splits(ordered, {name: pools[name] for name in SPLIT_NAMES}, spec, train_pool_size, test_pool_size)
+
+
+def _splits_around(train_pool_size: int, test_pool_size: int, spec: SplitSpec, named: np.ndarray) -> Splits:
+    """:func:`make_splits` with cnn-train drawn from ``named`` and fit / val from the rest."""
+    if named.size and (named[0] < 0 or named[-1] >= train_pool_size):
+        raise ValueError(f"named cnn-train indices must lie in [0, {train_pool_size})")
+    rest = np.setdiff1d(np.arange(train_pool_size, dtype=np.int64), named)
+    named_perm = named[np.random.default_rng([spec.seed, 0]).permutation(len(named))]
+    rest_perm = rest[np.random.default_rng([spec.seed, 3]).permutation(len(rest))]
+    if spec.cnn_train is not None and spec.cnn_train > len(named):
+        raise ValueError(f"cnn-train={spec.cnn_train} but only {len(named)} images are named as the CNN's training images")
+    indices = {"cnn-train": named_perm[: spec.cnn_train].copy()}
+    pools = {"cnn-train": "train"}
+    rest_requests: list[tuple[str, int | None]] = [] if spec.fit_is_cnn_train else [("fit", spec.fit)]
+    test_requests: list[tuple[str, int | None]] = [("test", spec.test)]
+    if spec.val_from == "train":
+        rest_requests.append(("val", spec.val))
+    else:
+        test_requests.insert(0, ("val", spec.val))
+    try:
+        rest_slices = _carve(len(rest), rest_requests, "train")
+    except ValueError as exc:
+        raise ValueError(
+            f"after leaving out the {len(named)} images the CNN was trained on, {exc}: ask for smaller splits"
+        ) from exc
+    test_slices = _carve(test_pool_size, test_requests, "test")
+    test_perm = np.random.default_rng([spec.seed, 1]).permutation(test_pool_size)
+    for name, (start, stop) in rest_slices.items():
+        indices[name], pools[name] = rest_perm[start:stop].astype(np.int64), "train"
+    for name, (start, stop) in test_slices.items():
+        indices[name], pools[name] = test_perm[start:stop].astype(np.int64), "test"
+    if spec.fit_is_cnn_train:
+        if spec.fit is not None and not 0 < spec.fit <= len(indices["cnn-train"]):
+            raise ValueError(f"fit_is_cnn_train: fit={spec.fit} must be a subset size of cnn-train ({len(indices['cnn-train'])})")
+        indices["fit"], pools["fit"] = indices["cnn-train"][: spec.fit].copy(), "train"
+    ordered = {name: indices[name] for name in SPLIT_NAMES}
+    return Splits(
+        ordered, {name: pools[name] for name in SPLIT_NAMES}, spec, train_pool_size, test_pool_size, named
+    )
 
 
 def apply_splits(train_pool: ImageArrays, test_pool: ImageArrays, splits: Splits) -> dict[str, ImageArrays]:
@@ -636,9 +730,24 @@ class DataSource:
         return load_dataset(self.name, self.root, **kwargs)
 
 
+def conform_splits(arrays: dict[str, ImageArrays], size: int | None, channels: int) -> dict[str, ImageArrays]:
+    """Every split's images as the model takes them (:func:`models.preprocess.conform_images`)."""
+    return {
+        name: ImageArrays(conform_images(a.images, size, channels), a.labels, a.class_names) for name, a in arrays.items()
+    }
+
+
 def load_splits(bundle: Bundle) -> dict[str, ImageArrays]:
-    """Reload the four splits a bundle was built on (checked against the recorded digest)."""
+    """Reload the four splits a bundle was built on (checked against the recorded digest), with
+    their images converted to the model's input (the manifest's ``preprocessing``)."""
     source = DataSource(**bundle.manifest["dataset"]["source"])
     train_pool, test_pool = source.load()
-    splits = Splits.from_dict(bundle.manifest["splits"])
-    return apply_splits(train_pool, test_pool, splits)
+    named = None
+    if bundle.manifest["splits"].get("cnn_train_indices") is not None:
+        named = bundle.read_arrays(CNN_TRAIN_INDICES_FILE)["indices"]
+    splits = Splits.from_dict(bundle.manifest["splits"], named)
+    arrays = apply_splits(train_pool, test_pool, splits)
+    pre = bundle.preprocessing
+    if pre is not None and pre.converts:
+        arrays = conform_splits(arrays, int(pre.input_size[0]), pre.channels)
+    return arrays

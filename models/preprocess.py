@@ -57,3 +57,28 @@ def resize_and_crop(image: Any, image_size: int) -> Any:
         image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
     top, left = round((new_h - image_size) / 2.0), round((new_w - image_size) / 2.0)
     return image.crop((left, top, left + image_size, top + image_size))
+
+
+def conform_images(images: np.ndarray, size: int | None, channels: int) -> np.ndarray:
+    """``N x H x W x C`` uint8 images as a model of ``channels`` channels and ``size`` x ``size``
+    pixels takes them, converted image by image exactly as :func:`models.image_input.decode_image`
+    converts an upload: PIL ``convert`` to ``L`` / ``RGB`` (grey repeated into RGB, RGB to ITU-R 601-2
+    luma), then :func:`resize_and_crop`. Returns ``images`` itself when nothing changes."""
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    if c == channels and (size is None or (h, w) == (size, size)):
+        return images
+    if channels not in (1, 3) or c not in (1, 3):
+        raise ValueError(f"images can be converted between 1 and 3 channels, not {c} -> {channels}")
+    out_h, out_w = (h, w) if size is None else (size, size)
+    out = np.empty((n, out_h, out_w, channels), dtype=np.uint8)
+    mode = "L" if channels == 1 else "RGB"
+    for i in range(n):
+        image = Image.fromarray(np.ascontiguousarray(images[i, :, :, 0] if c == 1 else images[i]))
+        if image.mode != mode:
+            image = image.convert(mode)
+        if size is not None and image.size != (size, size):
+            image = resize_and_crop(image, size)
+        out[i] = np.asarray(image, dtype=np.uint8).reshape(out_h, out_w, channels)
+    return out

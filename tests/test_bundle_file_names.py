@@ -23,7 +23,9 @@ NOT_BUNDLE_FILES = {
     ("models/data.py", "train_part0.npz"): "the CIFAR-10 data set's own files",
     ("models/data.py", "train_part1.npz"): "the CIFAR-10 data set's own files",
     ("models/data.py", "test.npz"): "the CIFAR-10 data set's own files",
-    ("offline/stages.py", ".safetensors"): "the suffix of a weights file given to import (--weights)",
+    ("offline/import_weights.py", ".safetensors"): "the suffix of a weights file given to import (--weights)",
+    ("offline/import_weights.py", ".json"): "a file inside a torch.export archive (--weights)",
+    ("models/data.py", ".json"): "the suffix of an index file given with --exclude-indices",
     ("bench/hostile.py", "reports/hostile.json"): "the hostile benchmark's output in the repository",
 }
 # Modules of the open-world work still in progress when the names moved; their names move to
