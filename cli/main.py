@@ -7,20 +7,21 @@ import contracts in pyproject.toml allow nothing else to import both ``offline``
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
 from models.bundle import load_bundle
 from models.data import DataSource, load_splits
-from models.errors import PredgateError
+from models.errors import ConfigError, PredgateError
 from models.progress import progress_wanted
 from offline import attack as attack_job
 from offline import open_world_job, robustness_report, shift_job
 from offline.build import build_bundle
 from offline.profiles import STAGE_ORDER, get_profile
 from offline.report import write_report
-from offline.stages import features_stage, mutants_stage, prepare, train_stage
+from offline.stages import ModelRequest, accuracy_check, features_stage, mutants_stage, prepare, train_stage
 from offline.sweep import copy_sweep
 from offline.sweep import main as sweep_main
 from service.server import serve
@@ -30,12 +31,62 @@ from service.settings import Settings
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "cifar10", "imagefolder"])
     parser.add_argument("--data-root", default=None, help="data directory (default: the data set's standard place)")
-    parser.add_argument("--image-size", type=int, default=None, help="imagefolder: side of the square input")
-    parser.add_argument("--channels", type=int, default=3, choices=[1, 3], help="imagefolder: 3 (RGB) or 1 (grey)")
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="imagefolder: side of the square images decoded (default: --input-size)"
+    )
     parser.add_argument("--profile", default="quick", help="quick (default) or full; flags below override it")
-    parser.add_argument("--arch", default="resnet20", help="resnet20 or a torchvision model name")
-    parser.add_argument("--layer", default=None, help="conductance layer (default: the architecture's last stage)")
-    parser.add_argument("--epochs", type=int, default=None)
+    model = parser.add_argument_group("the model (README: Bring your own model)")
+    model.add_argument(
+        "--arch", default="resnet20",
+        help="resnet20, a torchvision model name, timm:NAME (a timm model, no download) or package.module:Class "
+        "(a class or function of your own, found on --code-path or installed)",
+    )
+    model.add_argument("--arch-kwargs", default=None, metavar="JSON", help="keyword arguments of --arch, as a JSON object")
+    model.add_argument("--code-path", default=None, metavar="DIR", help="folder to import --arch package.module from")
+    model.add_argument(
+        "--weights", type=Path, default=None,
+        help="import instead of training: safetensors, a state_dict (torch.save(model.state_dict())), a TorchScript "
+        "file or a torch.export program (.pt2); loaded into --arch",
+    )
+    model.add_argument("--layer", default=None, help="conductance layer (default: the architecture's last feature map)")
+    model.add_argument(
+        "--mean", type=float, nargs="+", default=None,
+        help="the model's normalisation mean in [0, 1] pixel units, one value or one per channel "
+        "(default: timm's config for imported timm weights, else the cnn-train statistics)",
+    )
+    model.add_argument("--std", type=float, nargs="+", default=None, help="the model's normalisation std (as --mean)")
+    model.add_argument(
+        "--input-size", type=int, default=None,
+        help="side of the square input the model takes: images are scaled and centre-cropped as the server does",
+    )
+    model.add_argument(
+        "--channels", type=int, default=None, choices=[1, 3],
+        help="channels the model takes: grey is repeated into RGB, RGB turned to luma, as the server does "
+        "(imagefolder: also how images are decoded; default 3 there, the data's elsewhere)",
+    )
+    model.add_argument(
+        "--exclude-indices", "--cnn-train-indices", dest="exclude_indices", type=Path, default=None, metavar="FILE",
+        help="indices (into the training files) of the images the model was trained on: cnn-train is drawn from "
+        "them, fit and val from the rest (text, .json or .npy)",
+    )
+    model.add_argument(
+        "--expected-accuracy", type=float, default=None,
+        help="accuracy the model's provenance claims: the build warns when val accuracy is far below it",
+    )
+    model.add_argument(
+        "--allow-low-accuracy", action="store_true",
+        help="build on even when the CNN is near chance (the build stops there by default)",
+    )
+    training = parser.add_argument_group("training (defaults: the profile's)")
+    training.add_argument("--epochs", type=int, default=None)
+    training.add_argument("--optimizer", default=None, choices=["sgd", "adam", "adamw"], help="sgd (Nesterov, default)")
+    training.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.1 SGD, 1e-3 Adam/AdamW)")
+    training.add_argument("--batch-size", type=int, default=None)
+    training.add_argument("--weight-decay", type=float, default=None)
+    training.add_argument(
+        "--augment", default=None, choices=["on", "off"],
+        help="flips and 4-pixel crops on or off (default: on for natural images, off for Fashion-MNIST)",
+    )
     parser.add_argument("--cnn-train", type=int, default=None, help="cnn-train split size")
     parser.add_argument("--fit", type=int, default=None, help="fit split size (detector training)")
     parser.add_argument("--val", type=int, default=None, help="val split size")
@@ -61,10 +112,8 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         "--cond-inputs", default=None, choices=["conductance", "conductance+class"],
         help="what the conductance detector reads: conductance alone (the paper's, default) or with the predicted class",
     )
-    parser.add_argument(
-        "--weights", type=Path, default=None,
-        help="state-dict file (.pt, or .safetensors such as another bundle's weights): import instead of training",
-    )
+    parser.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples of the report")
+    parser.add_argument("--detector-seeds", type=int, default=None, help="seeds the detectors are fitted with")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--out", type=Path, required=True, help="bundle directory (e.g. bundles/NAME)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
@@ -78,32 +127,57 @@ def _profile_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         fit_is_cnn_train=args.fit_from_cnn_train,
         mutant_modules=tuple(args.mutant_modules) if args.mutant_modules else None,
         lcr_sprt_alpha=args.lcr_sprt, lcr_chunk=args.lcr_chunk, cond_inputs=args.cond_inputs,
+        optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
+        augment=None if args.augment is None else args.augment == "on", n_boot=args.n_boot,
+        detector_seeds=args.detector_seeds,
     )
 
 
 def _source_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    return DataSource(args.dataset, args.data_root, args.image_size, args.channels if args.dataset == "imagefolder" else None)
+    if args.dataset != "imagefolder":
+        return DataSource(args.dataset, args.data_root)
+    return DataSource(args.dataset, args.data_root, args.image_size or args.input_size, args.channels or 3)
+
+
+def _model_from(args: argparse.Namespace) -> ModelRequest:
+    kwargs = {}
+    if args.arch_kwargs:
+        try:
+            kwargs = json.loads(args.arch_kwargs)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--arch-kwargs is not JSON: {exc}") from exc
+        if not isinstance(kwargs, dict):
+            raise ConfigError(f"--arch-kwargs must be a JSON object, got {type(kwargs).__name__}")
+    return ModelRequest(
+        arch=args.arch, arch_kwargs=kwargs, code_path=args.code_path, layer=args.layer, weights=args.weights,
+        mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None,
+        input_size=args.input_size, channels=args.channels, exclude_indices=args.exclude_indices,
+        expected_accuracy=args.expected_accuracy, allow_low_accuracy=args.allow_low_accuracy,
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     profile = _profile_from(args)
-    bundle, arrays = prepare(args.out, _source_from(args), profile, arch=args.arch, layer=args.layer, overwrite=args.overwrite)
+    request = _model_from(args)
+    bundle, arrays = prepare(args.out, _source_from(args), profile, overwrite=args.overwrite, model=request)
     train_stage(
         bundle, arrays, epochs=profile.epochs, seed=profile.seed, batch_size=profile.batch_size, weights=args.weights,
-        device=args.device, progress=progress_wanted(),
+        device=args.device, progress=progress_wanted(), profile=profile,
     )
     info = bundle.manifest["training"]
     print(
         f"trained {args.arch} on {args.dataset}: cnn-train acc {info['cnn-train_accuracy']:.4f}, "
         f"val acc {info['val_accuracy']:.4f}, test acc {info['test_accuracy']:.4f} -> {bundle.path}"
     )
+    check = accuracy_check(bundle, arrays, expected=request.expected_accuracy, allow_low=True)
+    for message in check.messages:
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def cmd_build(args: argparse.Namespace) -> None:
     build_bundle(
-        args.out, _source_from(args), _profile_from(args), arch=args.arch, layer=args.layer,
-        weights=args.weights, device=args.device, default_set=args.default_set, overwrite=args.overwrite,
-        redo=args.redo, base=args.base, progress=progress_wanted(),
+        args.out, _source_from(args), _profile_from(args), device=args.device, default_set=args.default_set,
+        overwrite=args.overwrite, redo=args.redo, base=args.base, progress=progress_wanted(), model=_model_from(args),
     )
 
 

@@ -12,6 +12,8 @@ from offline.open_world import fit_default_set
 from offline.profiles import STAGE_ORDER, BuildProfile
 from offline.report import write_report
 from offline.stages import (
+    ModelRequest,
+    accuracy_check,
     conductance_stage,
     detectors_stage,
     features_stage,
@@ -45,11 +47,15 @@ def build_bundle(
     redo: str | None = None,
     base: Path | None = None,
     progress: bool = True,
+    model: ModelRequest | None = None,
 ) -> Bundle:
     """Run the stages that are not done yet (and ``redo`` with every later one); returns the bundle.
 
     ``base``: start ``out`` as a copy of that bundle (its own id; see :meth:`Bundle.copy_to`), so a
-    variant recomputes only the ``redo`` stage and the ones after it."""
+    variant recomputes only the ``redo`` stage and the ones after it. ``model``: the model and its
+    preprocessing (:class:`ModelRequest`); it replaces ``arch``, ``layer`` and ``weights`` when given.
+    Between training and the mutants the CNN's accuracy is checked (:func:`accuracy_check`)."""
+    request = model or ModelRequest(arch=arch, layer=layer, weights=weights)
     t0 = time.perf_counter()
     if base is not None:
         # Only ids are read here: copy_to verifies the base's files, and prepare opens ``out``.
@@ -65,7 +71,16 @@ def build_bundle(
         return time.perf_counter()
 
     stage("prepare: data and splits")
-    bundle, arrays = prepare(out, source, profile, arch=arch, layer=layer, overwrite=overwrite, redo=redo)
+    bundle, arrays = prepare(out, source, profile, overwrite=overwrite, redo=redo, model=request)
+    pre = bundle.preprocessing
+    if pre is not None:
+        _say(
+            f"model: {bundle.model_spec.name} on {'x'.join(map(str, pre.input_shape))} inputs (size from "
+            f"{pre.sources.get('input_size')}, channels from {pre.sources.get('channels')}), mean "
+            f"{[round(v, 4) for v in pre.mean]} std {[round(v, 4) for v in pre.std]} (from {pre.sources.get('mean')}); "
+            f"conductance layer {bundle.manifest['conductance']['layer']!r}"
+            + (f" ({bundle.manifest['conductance']['layer_chosen_by']})" if "layer_chosen_by" in bundle.manifest["conductance"] else "")
+        )
     if redo is not None:
         later = STAGE_ORDER[STAGE_ORDER.index(redo) :]
         for name in list(bundle.manifest["stages"]):
@@ -73,10 +88,17 @@ def build_bundle(
                 del bundle.manifest["stages"][name]
         bundle.save()
     _say("splits: " + ", ".join(f"{k} {len(v)}" for k, v in arrays.items()))
-    stage(f"train: {profile.epochs} epochs" if weights is None else f"train: importing {weights}")
-    train_stage(bundle, arrays, epochs=profile.epochs, seed=profile.seed, batch_size=profile.batch_size, weights=weights, device=device, progress=progress)
+    weights = request.weights
+    stage(f"train: {profile.epochs} epochs ({profile.optimizer})" if weights is None else f"train: importing {weights}")
+    train_stage(
+        bundle, arrays, epochs=profile.epochs, seed=profile.seed, batch_size=profile.batch_size, weights=weights,
+        device=device, progress=progress, profile=profile,
+    )
     info = bundle.manifest["training"]
     _say(f"CNN accuracy: val {info['val_accuracy']:.4f}, test {info['test_accuracy']:.4f}")
+    check = accuracy_check(bundle, arrays, expected=request.expected_accuracy, allow_low=request.allow_low_accuracy)
+    for message in check.messages:
+        _say(f"WARNING: {message}")
     stage("conductance: shortcut proof")
     conductance_stage(bundle, arrays)
     _say(f"conductance mode: {bundle.manifest['conductance']['mode']}")

@@ -24,8 +24,20 @@ def interval(ci: tuple[float, float] | list[float], digits: int = 3) -> str:
 
 
 def fit_source(manifest: dict[str, Any]) -> str:
-    """What the bundle's detectors were trained on, as a phrase."""
+    """What the bundle's detectors were trained on, as a phrase. With imported weights the fit split
+    is held out from the CNN's training images only if a ``--exclude-indices`` file named them."""
     splits = manifest["splits"]
     if splits.get("fit_is_cnn_train"):
         return f"**{splits['sizes']['fit']} of the CNN's own training images** (the paper's setting)"
+    named = splits.get("cnn_train_indices")
+    if named:
+        return (
+            f"a **held-out fit split** of {splits['sizes']['fit']} images the CNN never saw (the {named['count']} "
+            f"images it was trained on, named by {named.get('given_as') or 'the index file'}, were left out)"
+        )
+    if (manifest.get("training") or {}).get("imported_weights"):
+        return (
+            f"a fit split of {splits['sizes']['fit']} images that **may overlap the CNN's training data** (the "
+            "weights were imported and no --exclude-indices file named the images they were trained on)"
+        )
     return f"a **held-out fit split** of {splits['sizes']['fit']} images the CNN never saw"

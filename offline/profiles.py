@@ -34,6 +34,13 @@ class BuildProfile:
     val_from: str = "train"
     seed: int = 0
     batch_size: int = 128
+    # Training: optimiser ("sgd" with Nesterov, "adam", "adamw"), peak learning rate of the one-cycle
+    # schedule (None: 0.1 for SGD, 1e-3 for Adam / AdamW), weight decay, and augmentation (None: the
+    # data set's recipe, flips and crops for natural images; False: none; True: flips and crops).
+    optimizer: str = "sgd"
+    lr: float | None = None
+    weight_decay: float = 5e-4
+    augment: bool | None = None
     n_boot: int = 1000
     detector_seeds: int = 3
     # The signal set the server uses by default: a build set ("cond+lcr") or an open-world one as
@@ -44,6 +51,8 @@ class BuildProfile:
         if self.mutant_modules is not None:  # JSON gives lists; keep comparisons with tuples exact
             object.__setattr__(self, "mutant_modules", tuple(self.mutant_modules))
         check_cond_inputs(self.cond_inputs)
+        if self.optimizer not in ("sgd", "adam", "adamw"):
+            raise ConfigError(f"unknown optimiser {self.optimizer!r}; choose sgd, adam or adamw")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,7 +68,8 @@ STAGE_ORDER = ("prepare", "train", "conductance", "mutants", "features", "detect
 STAGE_OF_FIELD: dict[str, str] = {
     "cnn_train": "prepare", "fit": "prepare", "val": "prepare", "test": "prepare", "seed": "prepare",
     "fit_is_cnn_train": "prepare", "val_from": "prepare",
-    "epochs": "train", "batch_size": "train",
+    "epochs": "train", "batch_size": "train", "optimizer": "train", "lr": "train", "weight_decay": "train",
+    "augment": "train",
     "n_mutants": "mutants", "operator": "mutants", "mutation_rate": "mutants", "mutant_modules": "mutants",
     "lcr_sprt_alpha": "features", "lcr_chunk": "features",
     "detector_seeds": "detectors", "cond_inputs": "detectors", "default_set": "detectors",

@@ -1,4 +1,4 @@
-"""Train the CNN that the gate protects: SGD + Nesterov, one-cycle or cosine, resumable.
+"""Train the CNN that the gate protects: SGD + Nesterov (or Adam / AdamW), one-cycle or cosine, resumable.
 
 Checkpoints are written after every epoch so a long CIFAR-10 run on a CPU can be stopped and
 continued with ``--resume`` without changing the result it converges to.
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models.architectures import build_model
+from models.architectures import ModelSpec
 from models.data import ImageArrays
 from models.devices import resolve_device
 from models.errors import ConfigError
@@ -36,9 +36,28 @@ class TrainConfig:
     flip: bool = False
     crop_padding: int = 0
     seed: int = 0
+    optimizer: str = "sgd"  # or "adam", "adamw"
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}
+"""Peak learning rate of the one-cycle schedule per optimiser when none is given."""
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=config.max_lr, momentum=config.momentum, weight_decay=config.weight_decay,
+            nesterov=True,
+        )
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.max_lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=config.max_lr, weight_decay=config.weight_decay)
+    raise ConfigError(f"unknown optimiser {config.optimizer!r}; choose one of {list(OPTIMIZERS)}")
 
 
 @dataclass
@@ -100,19 +119,14 @@ def train_model(
     raw_images = torch.from_numpy(train.images)
     y_train = torch.from_numpy(train.labels)
     x_val = normalisation.apply(val.images) if val is not None else None
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=config.max_lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        nesterov=True,
-    )
+    optimizer = make_optimizer(model, config)
     scheduler = _make_scheduler(optimizer, config, steps_per_epoch)
     generator = torch.Generator().manual_seed(config.seed)
     result = TrainResult(epochs_done=0)
     if resume and checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if state["config"] != config.to_dict():
+        # a checkpoint made before a field existed holds that field's default
+        if {**TrainConfig().to_dict(), **state["config"]} != config.to_dict():
             raise ConfigError(
                 f"checkpoint {checkpoint} was made with {state['config']}, not {config.to_dict()}; "
                 "resume with the same settings or start afresh"
@@ -178,12 +192,16 @@ def train_model(
     return result
 
 
-def build_seeded_model(arch: str, num_classes: int, in_channels: int, seed: int) -> nn.Module:
-    """A freshly initialised model whose initial weights depend on ``seed`` alone.
+def build_seeded_model(
+    arch: str | ModelSpec, num_classes: int = 10, in_channels: int = 3, seed: int = 0
+) -> nn.Module:
+    """A freshly initialised model whose initial weights depend on ``seed`` alone (``arch``: a
+    :class:`ModelSpec`, or an architecture name with ``num_classes`` and ``in_channels``).
 
     torch seeds its global generator from the OS at start-up, so a model built without a seed gets
     different initial weights in every process, and ``predgate train`` with the same seed would not
     give the same CNN twice. The caller's global random state is left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_model(arch, num_classes, in_channels)
+        spec = arch if isinstance(arch, ModelSpec) else ModelSpec(arch, num_classes, in_channels)
+        return spec.build()
