@@ -18,7 +18,8 @@ body's ``request_id``) must name the request that was sent. Answers are classifi
 With ``--sigterm-after S --server-pid PID`` the server gets SIGTERM S seconds in: requests in flight
 at that moment must still be answered (graceful drain), and requests sent afterwards either get an
 answer or find the server gone (connection refused or closed before any answer: ``refused``, not
-lost; the worker then stops). ``/metrics`` is sampled for the queue depth throughout. Exit status 1
+lost; the worker then stops). A request that could not even connect never left the client, so after
+SIGTERM it is refused however early it was started. ``/metrics`` is sampled for the queue depth throughout. Exit status 1
 when anything was lost or unexpected. Loopback only unless ``--allow-remote``.
 """
 
@@ -54,6 +55,7 @@ class Outcome:
     seconds: float
     started: float  # on the run's clock
     detail: str | None = None
+    reached: bool = True  # False: no connection could be made, the request never left the client
 
 
 @dataclass
@@ -124,10 +126,16 @@ async def worker(
         try:
             response = await client.post("/predict", content=images[sequence % len(images)], headers=headers)
         except httpx.HTTPError as exc:
-            seconds = loop.time() - started
-            after_sigterm = run.sigterm_at is not None and started - clock["begin"] >= run.sigterm_at
+            now = loop.time()
+            # A connection that could not be made carried no request: after SIGTERM that is the server
+            # refusing new work, however early the request was started. Any other failure counts from
+            # when the request was sent: sent before SIGTERM and unanswered is lost.
+            never_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+            since = (now if never_sent else started) - clock["begin"]
+            after_sigterm = run.sigterm_at is not None and since >= run.sigterm_at
             kind = "refused" if after_sigterm else "lost"
-            run.outcomes.append(Outcome(kind, None, seconds, started - clock["begin"], f"{type(exc).__name__}: {exc}"))
+            detail = f"{type(exc).__name__}: {exc}"
+            run.outcomes.append(Outcome(kind, None, now - started, started - clock["begin"], detail, not never_sent))
             if after_sigterm:
                 return  # the server is going away: this client stops
             continue
@@ -209,7 +217,7 @@ def summarise(run: Run, wall: float, args: argparse.Namespace, summary: dict[str
         "problems": [asdict(o) for o in run.outcomes if o.kind in ("unexpected", "lost")][:50],
     }
     if run.sigterm_at is not None:
-        in_flight = [o for o in run.outcomes if o.started < run.sigterm_at < o.started + o.seconds]
+        in_flight = [o for o in run.outcomes if o.reached and o.started < run.sigterm_at < o.started + o.seconds]
         result["sigterm_at_s"] = run.sigterm_at
         result["in_flight_at_sigterm"] = len(in_flight)
         result["in_flight_answered"] = sum(1 for o in in_flight if o.status is not None)
