@@ -89,6 +89,11 @@ def build_bundle(
         bundle.save()
     _say("splits: " + ", ".join(f"{k} {len(v)}" for k, v in arrays.items()))
     weights = request.weights
+    if weights is not None and pre is not None and pre.sources.get("mean") == "the cnn-train statistics":
+        _say(
+            "WARNING: the imported model's inputs are normalised with predgate's cnn-train statistics; pass "
+            "--mean/--std if it was trained with others (the accuracy check below tries the usual ones)"
+        )
     stage(f"train: {profile.epochs} epochs ({profile.optimizer})" if weights is None else f"train: importing {weights}")
     train_stage(
         bundle, arrays, epochs=profile.epochs, seed=profile.seed, batch_size=profile.batch_size, weights=weights,

@@ -293,6 +293,27 @@ def _cond_inputs(detectors: DetectorsSection) -> str:
     return "conductance alone (the paper's inputs)"
 
 
+def _model_lines(man: dict[str, Any]) -> list[str]:
+    """The model's provenance and preprocessing, and what the accuracy check said."""
+    pre, arch, training = man.get("preprocessing"), man["architecture"], man.get("training", {})
+    lines = []
+    if pre:
+        sources = pre.get("sources", {})
+        imported = training.get("imported_from")
+        origin = (f"weights imported from `{training.get('imported_weights')}` ({imported['format']})" if imported
+                  else "trained by predgate")
+        lines.append(
+            f"Model: `{arch['name']}` ({arch.get('source', 'builtin')}), {origin}; input "
+            f"{pre['channels']} x {pre['input_size'][0]} x {pre['input_size'][1]} (size from {sources.get('input_size')}, "
+            f"channels from {sources.get('channels')}), normalised with mean {[round(v, 4) for v in pre['mean']]}, "
+            f"std {[round(v, 4) for v in pre['std']]} (from {sources.get('mean')})."
+        )
+    check = training.get("accuracy_check")
+    if check and check.get("messages"):
+        lines.append(f"**Accuracy check ({check['verdict']}):** " + " ".join(check["messages"]))
+    return lines
+
+
 def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
     man = bundle.manifest
     training = man.get("training", {})
@@ -311,6 +332,7 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
         f"Detectors trained on {fit_source(man)} (unified classifiers on out-of-fold conductance scores); "
         f"the conductance detector reads {_cond_inputs(det)}."),
     ]
+    lines += _model_lines(man)
     if mut:
         lines.append(
             f"Mutants: {mut['count']} x {mut['operator']} at rate {mut['rate']} ({', '.join(map(str, mut['filters_per_mutant']))} "
