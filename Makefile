@@ -21,16 +21,19 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# apt waits up to 10 minutes for a package lock another apt holds, instead of failing at once.
+APT_WAIT ?= -o DPkg::Lock::Timeout=600
+
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package (IDX files).
 data:
 	@if [ ! -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz ] && [ ! -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte ]; then \
-		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; fi
+		$(SUDO) apt-get $(APT_WAIT) update -qq && $(SUDO) apt-get $(APT_WAIT) install -y -qq dataset-fashion-mnist; fi
 
 # Programs the integration tests start or call: a Prometheus server, docker-compose (config validation
 # only) and HAProxy (the replica test's balancer).
 system-deps: data
 	@if ! command -v prometheus >/dev/null || ! command -v docker-compose >/dev/null || ! command -v haproxy >/dev/null; then \
-		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq prometheus docker-compose haproxy; fi
+		$(SUDO) apt-get $(APT_WAIT) update -qq && $(SUDO) apt-get $(APT_WAIT) install -y -qq prometheus docker-compose haproxy; fi
 
 bundle: setup data
 	$(PREDGATE) build --dataset $(DATASET) --profile $(PROFILE) --out $(BUNDLE)

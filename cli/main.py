@@ -15,7 +15,7 @@ from pathlib import Path
 from models.bundle import load_bundle
 from models.data import DataSource, load_splits
 from models.errors import ConfigError, PredgateError
-from models.progress import progress_wanted
+from models.progress import install_line_progress, progress_wanted
 from offline import attack as attack_job
 from offline import open_world_job, robustness_report, shift_job
 from offline.build import build_bundle
@@ -322,12 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    stderr = sys.stderr
+    install_line_progress()  # a redirected log gets a line per few percent, not every redraw
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         code = args.func(args)
     except PredgateError as exc:
         print(f"predgate {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        sys.stderr = stderr
     return code if isinstance(code, int) else 0
 
 
