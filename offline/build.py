@@ -7,7 +7,7 @@ from pathlib import Path
 
 from models.bundle import MANIFEST_NAME, Bundle, load_bundle
 from models.data import DataSource
-from models.errors import BundleError
+from models.errors import BundleError, ConfigError
 from offline.open_world import fit_default_set
 from offline.profiles import STAGE_ORDER, BuildProfile
 from offline.report import write_report
@@ -31,6 +31,36 @@ DEFAULT_SET_STAGE = "detectors:default-set"
 
 def _say(message: str) -> None:
     print(f"[predgate build] {message}", flush=True)
+
+
+def apply_default_set(bundle: Bundle, chosen: str | None, *, seed: int, progress: bool) -> None:
+    """Make ``chosen`` the bundle's default signal set once its detectors exist.
+
+    A build set (``cond+lcr``) only needs the manifest's choice; an open-world set (``VARIANT/SET``)
+    is fitted first (:func:`offline.open_world.fit_default_set`). A bundle built with another
+    default (e.g. before the profile's default changed) gets the new one and a new report, without
+    touching any earlier stage; None keeps what the bundle has."""
+    detectors = bundle.get("detectors") or {}
+    if chosen is None:
+        return
+    if "/" in chosen:
+        info = bundle.manifest.get("stages", {}).get(DEFAULT_SET_STAGE) or {}
+        if info.get("set") == chosen and detectors.get("default_set") == info.get("served_as"):
+            return
+        _say(f"default set: {chosen} (open-set scorers and its detectors, fitted on this bundle's splits)")
+        served = fit_default_set(bundle, chosen, seed=seed, progress=progress)
+        bundle.mark_stage(DEFAULT_SET_STAGE, set=chosen, served_as=served)
+        _say(f"default signal set: {served}")
+    elif detectors.get("default_set") != chosen:
+        if chosen not in detectors.get("signal_sets", {}):
+            stored = sorted(detectors.get("signal_sets", {}))
+            raise ConfigError(f"default signal set {chosen!r} is not in the bundle; stored: {stored}")
+        bundle.set("detectors", {**detectors, "default_set": chosen})
+        _say(f"default signal set: {chosen}")
+    else:
+        return
+    bundle.manifest.get("stages", {}).pop("report", None)  # the report describes the default set
+    bundle.save()
 
 
 def build_bundle(
@@ -126,12 +156,7 @@ def build_bundle(
         bundle, seeds=profile.detector_seeds, default_set=None if open_world_default else chosen,
         cond_inputs=profile.cond_inputs, progress=progress,
     )
-    if open_world_default and not bundle.stage_done(DEFAULT_SET_STAGE):
-        assert chosen is not None
-        stage(f"default set: {chosen} (open-set scorers and its detectors, fitted on this bundle's splits)")
-        served = fit_default_set(bundle, chosen, seed=profile.seed, progress=progress)
-        bundle.mark_stage(DEFAULT_SET_STAGE, set=chosen, served_as=served)
-        _say(f"default signal set: {served}")
+    apply_default_set(bundle, chosen, seed=profile.seed, progress=progress)
     stage("report")
     if not bundle.stage_done("report"):
         write_report(bundle, val_images=arrays["val"].images, n_boot=profile.n_boot, progress=progress)

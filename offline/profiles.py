@@ -44,7 +44,8 @@ class BuildProfile:
     n_boot: int = 1000
     detector_seeds: int = 3
     # The signal set the server uses by default: a build set ("cond+lcr") or an open-world one as
-    # VARIANT/SET ("exposed/feat+softmax", fitted after the detectors); None = the paper's set.
+    # VARIANT/SET ("exposed/feat+softmax", fitted after the detectors); None = the paper's set. Not a
+    # fixed field: a finished bundle built with another default gets this one (and a new report).
     default_set: str | None = None
 
     def __post_init__(self) -> None:
@@ -72,7 +73,7 @@ STAGE_OF_FIELD: dict[str, str] = {
     "augment": "train",
     "n_mutants": "mutants", "operator": "mutants", "mutation_rate": "mutants", "mutant_modules": "mutants",
     "lcr_sprt_alpha": "features", "lcr_chunk": "features",
-    "detector_seeds": "detectors", "cond_inputs": "detectors", "default_set": "detectors",
+    "detector_seeds": "detectors", "cond_inputs": "detectors",
     "n_boot": "report",
 }
 

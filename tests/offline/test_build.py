@@ -251,3 +251,24 @@ def test_profile_default_set_from_the_open_world(tiny_bundle: Path, tiny_data_di
     before = (copy / "manifest.json").read_text()
     build_bundle(copy, source, profile, base=tiny_bundle, progress=False)
     assert (copy / "manifest.json").read_text() == before
+
+
+def test_a_changed_default_set_is_applied_to_a_finished_bundle(tiny_bundle: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
+    """A bundle built with one default and rebuilt with a profile naming another (as after the quick
+    profile's default changed) serves the new one, with a new report, and keeps its features."""
+    from models.data import DataSource
+    from offline.build import build_bundle
+    from offline.profiles import BuildProfile
+    from tests.conftest import TINY_PROFILE
+
+    copy = tmp_path / "changed"
+    shutil.copytree(tiny_bundle, copy)
+    features_before = (copy / "features" / "val.npz").read_bytes()
+    source = DataSource("fashion-mnist", str(tiny_data_dir))
+    build_bundle(copy, source, BuildProfile(**{**TINY_PROFILE, "default_set": "softmax"}), progress=False)
+    bundle = load_bundle(copy)
+    assert bundle.manifest["detectors"]["default_set"] == "softmax"
+    assert "Default signal set `softmax`" in (copy / "report" / "report.md").read_text()
+    assert (copy / "features" / "val.npz").read_bytes() == features_before
+    with pytest.raises(Exception, match="not in the bundle"):
+        build_bundle(copy, source, BuildProfile(**{**TINY_PROFILE, "default_set": "nonesuch"}), progress=False)
