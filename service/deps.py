@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.auth import retry_after_s
 from service.batching import Batcher
-from service.errors import NotReady, Unauthorized
+from service.errors import NotReady, RateLimited, Unauthorized
 from service.settings import Settings
 from service.state import LoadedService, ServiceState
 
@@ -47,17 +47,34 @@ def get_batcher(state: StateDep) -> Batcher:
 
 BatcherDep = Annotated[Batcher, Depends(get_batcher)]
 
-_bearer = HTTPBearer(auto_error=False, description="required when the server has an API key")
+_bearer = HTTPBearer(auto_error=False, description="required when the server has API keys")
 
 
 def require_api_key(
-    settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    state: StateDep,
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
-    """With ``api_key`` set, the request needs ``Authorization: Bearer <api_key>`` (constant-time check)."""
-    if settings.api_key is None:
+    """With API keys set (``api_key``, ``api_keys``), the request needs ``Authorization: Bearer <key>``
+    for one of them (constant-time check, see :mod:`service.auth`); with ``rate_limit_per_s`` set, each
+    key (or client address, without keys) gets a token bucket and an empty one answers 429."""
+    identity: bytes | str | None = None
+    if state.keys.enabled:
+        if credentials is None:
+            raise Unauthorized("missing bearer token: send 'Authorization: Bearer <api key>'")
+        identity = state.keys.match(credentials.credentials)
+        if identity is None:
+            raise Unauthorized("invalid bearer token")
+    limiter = state.rate_limiter
+    if limiter is None:
         return
-    if credentials is None:
-        raise Unauthorized("missing bearer token: send 'Authorization: Bearer <api key>'")
-    expected = settings.api_key.get_secret_value().encode()
-    if not secrets.compare_digest(credentials.credentials.encode(), expected):
-        raise Unauthorized("invalid bearer token")
+    if identity is None:
+        identity = request.client.host if request.client is not None else "unknown"
+    wait = limiter.take(identity)
+    if wait > 0:
+        per = "API key" if state.keys.enabled else "client address"
+        raise RateLimited(
+            f"rate limit of {limiter.rate:g} requests/s (burst {limiter.burst}) per {per} exceeded; "
+            f"retry in {wait:.2f} s",
+            retry_after_s(wait),
+        )

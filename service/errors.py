@@ -15,6 +15,7 @@ Body of every error response: ``{"error": {"type": ..., "message": ...}}``.
 | more images than ``max_images_per_request`` | 413 | ``too_many_images`` |
 | content type other than JSON or multipart, or JSON in a charset other than UTF-8 | 415 | ``unsupported_media_type`` |
 | missing or wrong bearer token | 401 | ``unauthorized`` |
+| more requests than ``rate_limit_per_s`` (+ ``rate_limit_burst``) for one key | 429 + ``Retry-After`` | ``rate_limited`` |
 | batching queue full / not ready yet / shutting down | 503 + ``Retry-After`` | ``queue_full`` / ``not_ready`` / ``shutting_down`` |
 | a gate batch stuck past the watchdog limit / out of memory on a single image | 503 + ``Retry-After`` | ``batch_stuck`` / ``out_of_memory`` |
 | the request's deadline (``X-Request-Timeout``) passed while queued or computing | 504 | ``deadline_exceeded`` |
@@ -67,6 +68,16 @@ class Unauthorized(ServiceError):
 
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": "Bearer"}
+
+
+class RateLimited(ServiceError):
+    """The key's token bucket is empty; ``Retry-After`` is the whole seconds until a token is back."""
+
+    status_code, error_type = 429, "rate_limited"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class QueueFull(ServiceError):

@@ -10,7 +10,7 @@ requests the server must refuse. Once the bundle is loaded the document states:
 - base64 images as ``contentEncoding: base64`` strings (of a PNG or JPEG file), multipart files as
   PNG or JPEG parts;
 - batch lists holding 1 to ``max_images_per_request`` entries (413 beyond);
-- ``X-Request-ID`` on every response, ``Retry-After`` on the predict routes' 503.
+- ``X-Request-ID`` on every response, ``Retry-After`` on the predict routes' 429 and 503.
 
 Until the bundle is loaded the generic document is served and not cached.
 """
@@ -106,7 +106,7 @@ def refine(
         for status, response in operation.get("responses", {}).items():
             headers = response.setdefault("headers", {})
             headers["X-Request-ID"] = _REQUEST_ID_HEADER
-            if predict and status == "503":
+            if predict and status in ("429", "503"):
                 headers["Retry-After"] = _RETRY_AFTER_HEADER
         for parameter in operation.get("parameters", []):
             values = names.get(parameter.get("name", "")) if parameter.get("in") == "query" else None

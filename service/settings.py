@@ -43,6 +43,18 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="when set, predict routes need 'Authorization: Bearer <key>'"
     )
+    api_keys: SecretStr | None = Field(
+        None,
+        description="comma-separated keys accepted as well as api_key (rotation: add the new key, move the "
+        "clients, drop the old one); any key set turns bearer auth on",
+    )
+    rate_limit_per_s: float | None = Field(
+        None, gt=0, description="requests per second each API key (or client address, without keys) may "
+        "make to the predict routes (token bucket); None = no limit; beyond it 429 + Retry-After",
+    )
+    rate_limit_burst: int = Field(
+        10, ge=1, description="size of each token bucket: requests a key may make at once after a pause"
+    )
     request_timeout_s: float = Field(
         60.0, gt=0, description="deadline of a request without X-Request-Timeout (kept in request.state.deadline)"
     )

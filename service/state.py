@@ -19,6 +19,7 @@ from models.errors import ConfigError, InputError
 from models.gate import Gate, GateOutput, load_gate
 from models.image_input import InputContract
 from service import metrics
+from service.auth import KeyRing, RateLimiter, configured_keys
 from service.batching import Batcher, GroupKey
 from service.drift import DriftGauges
 from service.settings import Settings
@@ -86,6 +87,12 @@ class ServiceState:
         self.loaded = loaded
         self.batcher: Batcher | None = None
         self.ready = False
+        self.keys = KeyRing(configured_keys(settings))
+        self.rate_limiter = (
+            RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+            if settings.rate_limit_per_s is not None
+            else None
+        )
 
     def run_batch(self, x: torch.Tensor, key: GroupKey) -> GateOutput:
         """The gate on one group; an output that is not finite raises :class:`InputError` for the

@@ -40,6 +40,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         408: "the body did not arrive within the body timeout",
         413: "body or image count over the limit",
         415: "unsupported content type",
+        429: "the API key's rate limit (rate_limit_per_s, burst rate_limit_burst) is spent (see Retry-After)",
         422: "unreadable input or unknown signal set / operating point",
         503: (
             "queue full, not ready, shutting down, a gate batch stuck past the watchdog, or out of memory on a "
