@@ -30,10 +30,11 @@ data:
 		$(SUDO) apt-get $(APT_WAIT) update -qq && $(SUDO) apt-get $(APT_WAIT) install -y -qq dataset-fashion-mnist; fi
 
 # Programs the integration tests start or call: a Prometheus server, docker-compose (config validation
-# only) and HAProxy (the replica test's balancer).
+# only), HAProxy (the replica test's balancer) and nginx (the slow-client test's front, deploy/nginx).
 system-deps: data
-	@if ! command -v prometheus >/dev/null || ! command -v docker-compose >/dev/null || ! command -v haproxy >/dev/null; then \
-		$(SUDO) apt-get $(APT_WAIT) update -qq && $(SUDO) apt-get $(APT_WAIT) install -y -qq prometheus docker-compose haproxy; fi
+	@if ! command -v prometheus >/dev/null || ! command -v docker-compose >/dev/null || ! command -v haproxy >/dev/null \
+		|| ! { command -v nginx >/dev/null || test -x /usr/sbin/nginx; }; then \
+		$(SUDO) apt-get $(APT_WAIT) update -qq && $(SUDO) apt-get $(APT_WAIT) install -y -qq prometheus docker-compose haproxy nginx; fi
 
 bundle: setup data
 	$(PREDGATE) build --dataset $(DATASET) --profile $(PROFILE) --out $(BUNDLE)
