@@ -201,7 +201,7 @@ def _detectors(subject: Subject, x: torch.Tensor) -> Callable[[], object]:
     def run() -> np.ndarray:
         cond_score = None
         if cond is not None and gate.cond_detector is not None:
-            cond_score = gate.cond_score(cond, prediction, chosen.name)
+            cond_score = gate.cond_score(cond, prediction, chosen)
         return chosen.classifier.decision_function(signal_matrix(chosen.signals, logits, cond_score, lcr))
 
     return run

@@ -302,20 +302,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.set_defaults(func=cmd_report)
 
-    open_world = sub.add_parser("open-world", help="shifted, unknown and mixed inputs: every signal set vs MSP")
-    open_world_job.add_arguments(open_world)
-    open_world.set_defaults(func=lambda args: open_world_job.run(args, progress_wanted()))
-
-    shift = sub.add_parser("shift", help="write the open-world suites (corrupted, unknown, mixed images) as npz")
-    shift_job.add_arguments(shift)
-    shift.set_defaults(func=lambda args: shift_job.run(args, progress_wanted()))
-
-    attack = sub.add_parser("attack", help="adversarial versions of the test split (torchattacks), into the bundle")
-    attack_job.add_arguments(attack)
-    attack.set_defaults(func=lambda args: attack_job.run(args, progress_wanted()))
-    robustness = sub.add_parser("robustness", help="every signal set on the bundle's adversarial images vs MSP")
-    robustness_report.add_arguments(robustness)
-    robustness.set_defaults(func=lambda args: robustness_report.run(args, progress_wanted()))
+    # Jobs that bring their own arguments (add_arguments) and entry point (run(args, progress)).
+    jobs = (
+        ("open-world", open_world_job, "shifted, unknown and mixed inputs: every signal set vs MSP"),
+        ("shift", shift_job, "write the open-world suites (corrupted, unknown, mixed images) as npz"),
+        ("attack", attack_job, "adversarial versions of the test split (torchattacks), into the bundle"),
+        ("robustness", robustness_report, "every signal set on the bundle's adversarial images vs MSP"),
+    )
+    for name, job, help_text in jobs:
+        job_parser = sub.add_parser(name, help=help_text)
+        job.add_arguments(job_parser)
+        job_parser.set_defaults(func=lambda args, job=job: job.run(args, progress_wanted()))
     return parser
 
 

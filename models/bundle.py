@@ -60,6 +60,53 @@ def signal_set_stem(name: str) -> str:
     return f"detectors/set-{name}"
 
 
+OPEN_WORLD_DIR = "open_world"  # also the manifest section of the open-world evaluation
+OPEN_WORLD_SCORER_DIR = f"{OPEN_WORLD_DIR}/scorers"  # fitted open-set scorers (models.open_world_evidence)
+OPEN_WORLD_REPORT = {  # what predgate open-world writes, file names inside REPORT_DIR
+    "markdown": "open_world.md",
+    "json": "open_world.json",
+    "shift_plot": "open_world_shift.png",
+    "unknown_plot": "open_world_unknown.png",
+    "suites_plot": "open_world_suites.png",
+}
+
+
+SHIFT_DIR = "shift"  # predgate shift's default output folder inside a bundle
+SHIFT_INDEX_FILE = "index.json"  # its index, inside that folder
+SHIFT_PREVIEW_FILE = "preview.png"
+
+
+def shift_suite_file(suite: str) -> str:
+    """One suite's images and labels, inside the shift folder."""
+    return f"{suite}.npz"
+
+
+def open_world_scorer_stem(name: str) -> str:
+    """One fitted open-set scorer (``<stem>.json`` + ``<stem>.npz``)."""
+    return f"{OPEN_WORLD_SCORER_DIR}/{name}"
+
+
+def open_world_suite_file(suite: str) -> str:
+    """The cached evidence of one open-world suite."""
+    return f"{OPEN_WORLD_DIR}/evidence/{suite}.npz"
+
+
+def open_world_split_file(split: str, eps: float, temperature: float) -> str:
+    """The open-world columns of a stored split (penultimate features, perturbed DOCTOR at that setting)."""
+    return f"{OPEN_WORLD_DIR}/splits/{split}-{eps}-{temperature}.npz"
+
+
+def open_world_exposure_file(split: str, with_lcr: bool) -> str:
+    """The evidence of a split's exposure rows (without LCR when the set that needs them reads none)."""
+    suffix = "" if with_lcr else "-no-lcr"
+    return f"{OPEN_WORLD_DIR}/exposure/{split}{suffix}.npz"
+
+
+def variant_conductance_stem(variant: str) -> str:
+    """A conductance detector refitted by an open-world variant (e.g. ``exposed``)."""
+    return f"{CONDUCTANCE_DETECTOR_STEM}-{variant}"
+
+
 def adversarial_chunk_prefix(tag: str) -> str:
     return f"{ADVERSARIAL_DIR}/{tag}/chunk-"
 

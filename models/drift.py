@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import ks_2samp
 
-from models.bundle import Bundle
+from models.bundle import SCORES_FILE, Bundle, scores_key
 from models.errors import BundleError, ConfigError
 
 
@@ -73,24 +73,18 @@ class DriftMonitor:
         return DriftState(float(result.statistic), float(result.pvalue), float(rejected.mean()), int(live.size))
 
 
-SCORES_FILE = "detectors/scores.npz"
-"""Where the bundle keeps every signal set's detector scores per seed and split."""
-
-
-def reference_scores(bundle: Bundle, signal_set: str) -> np.ndarray:
-    """The val scores of ``signal_set``'s served (seed-0) detector: the sample its thresholds were
-    chosen on, so the sample live scores are compared with.
+def reference_scores(bundle: Bundle, signal_sets: list[str]) -> dict[str, np.ndarray]:
+    """The val scores of each set's served (seed-0) detector, read in one pass: the sample its
+    thresholds were chosen on, so the sample live scores are compared with. A set the bundle
+    stores no val scores for (a bundle made before they were stored) is left out.
 
     Raises
     ------
     BundleError
-        The bundle stores no val scores for that set (rebuild its detectors stage, or adopt the set
-        with ``predgate open-world --adopt``, which stores them).
+        The bundle has no scores file at all (build its detectors stage).
     """
-    key = f"0/{signal_set}/val"
     if not bundle.has_file(SCORES_FILE):
         raise BundleError(f"the bundle has no {SCORES_FILE}: build its detectors stage")
     scores = bundle.read_arrays(SCORES_FILE)
-    if key not in scores:
-        raise BundleError(f"{SCORES_FILE} holds no val scores of signal set {signal_set!r} ({key!r})")
-    return scores[key]
+    keys = {name: scores_key(0, name, "val") for name in signal_sets}
+    return {name: scores[key] for name, key in keys.items() if key in scores}

@@ -105,12 +105,13 @@ class Gate:
             raise BundleError(f"signal sets {needing} need the open-world scorers, which the gate was not given")
 
     def cond_score(
-        self, conductance: np.ndarray, prediction: np.ndarray, signal_set: str | None = None
+        self, conductance: np.ndarray, prediction: np.ndarray, chosen: SignalSet | None = None
     ) -> np.ndarray:
         """The conductance detector's score of ``N x C`` conductance for the CNN's ``prediction``,
         from the inputs the detector was fitted on (the one place that builds them online). A set
-        with its own conductance detector (``signal_set``, None = the default set) is scored by it."""
-        own = self.signal_set(signal_set).cond_detector
+        with its own conductance detector (``chosen``) is scored by it; without one, and for None, the
+        bundle's conductance detector scores."""
+        own = chosen.cond_detector if chosen is not None else None
         detector = own if own is not None else self.cond_detector
         if detector is None:
             raise ConfigError("this gate has no conductance detector")
@@ -149,7 +150,7 @@ class Gate:
         has_detector = self.cond_detector is not None or chosen.cond_detector is not None
         if evidence.conductance is not None and has_detector:
             cond_score = self.cond_score(
-                evidence.conductance.double().numpy(), evidence.prediction.numpy(), chosen.name
+                evidence.conductance.double().numpy(), evidence.prediction.numpy(), chosen
             )
         logits = evidence.logits.numpy()
         lcr = evidence.lcr.numpy() if evidence.lcr is not None else None

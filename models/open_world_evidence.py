@@ -15,14 +15,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.bundle import Bundle
+from models.bundle import OPEN_WORLD_DIR, Bundle, open_world_scorer_stem
 from models.errors import BundleError
 from models.feature_scores import ClassMahalanobis, DeepKNN, PenultimateProbe
 from models.fitted_scores import PNormSoftmax, RelativeUncertainty
 from models.input_perturbation import PerturbedDoctor
 from models.scores import energy, max_logit
 
-SCORER_DIR = "open_world/scorers"
 _SCORER_TYPES = {"maha": ClassMahalanobis, "knn": DeepKNN, "pnorm": PNormSoftmax, "relu": RelativeUncertainty}
 
 
@@ -68,18 +67,17 @@ class OpenWorldScorers:
         """Write every scorer's JSON + arrays and record the setting in the manifest."""
         for name, scorer in self._by_name().items():
             config, arrays = scorer.to_state()
-            bundle.write_json(f"{SCORER_DIR}/{name}.json", config)
-            bundle.write_arrays(f"{SCORER_DIR}/{name}.npz", arrays)
-        section = dict(bundle.get("open_world") or {})
+            bundle.write_detector_state(open_world_scorer_stem(name), config, arrays)
+        section = dict(bundle.get(OPEN_WORLD_DIR) or {})
         section["scorers"] = {"names": sorted(_SCORER_TYPES), "perturbation": dict(self.perturbation)}
-        bundle.set("open_world", section)
+        bundle.set(OPEN_WORLD_DIR, section)
 
     def _by_name(self) -> dict[str, Any]:
         return {"maha": self.mahalanobis, "knn": self.knn, "pnorm": self.pnorm, "relu": self.relu}
 
     @classmethod
     def load(cls, bundle: Bundle) -> OpenWorldScorers:
-        section = (bundle.get("open_world") or {}).get("scorers")
+        section = (bundle.get(OPEN_WORLD_DIR) or {}).get("scorers")
         if not section:
             raise BundleError(
                 "this bundle has no open-world scorers: run `predgate open-world --bundle B --adopt` to fit them"
@@ -87,7 +85,7 @@ class OpenWorldScorers:
         loaded = {}
         for name, kind in _SCORER_TYPES.items():
             loaded[name] = kind.from_state(
-                bundle.read_json(f"{SCORER_DIR}/{name}.json"), bundle.read_arrays(f"{SCORER_DIR}/{name}.npz")
+                *bundle.read_detector_state(open_world_scorer_stem(name))
             )
         return cls(
             loaded["maha"], loaded["knn"], loaded["pnorm"], loaded["relu"], dict(section["perturbation"])

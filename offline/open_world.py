@@ -22,17 +22,29 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.bundle import CONDUCTANCE_DETECTOR_STEM, Bundle, load_features
+from models.bundle import (
+    DEFAULT_COND_INPUTS,
+    OPEN_WORLD_DIR,
+    SCORES_FILE,
+    Bundle,
+    SignalSetInfo,
+    load_features,
+    open_world_exposure_file,
+    open_world_split_file,
+    open_world_suite_file,
+    scores_key,
+    signal_set_stem,
+    variant_conductance_stem,
+)
 from models.data import ImageArrays, load_splits
 from models.detectors import save_state
-from models.drift import SCORES_FILE
 from models.errors import ConfigError
 from models.evidence import EvidenceExtractor
 from models.feature_scores import ClassMahalanobis, DeepKNN, PenultimateProbe
@@ -83,6 +95,15 @@ def penultimate_features(
     return np.concatenate(parts) if parts else np.zeros((0, 0))
 
 
+def perturbed_scores(
+    perturbed: PerturbedDoctor, normalisation: Any, images: np.ndarray, *, batch_size: int = 256
+) -> np.ndarray:
+    """The perturbed DOCTOR score of raw ``images``, batch by batch (one backward pass each)."""
+    return np.concatenate(
+        [perturbed(normalisation.apply(images[s : s + batch_size])) for s in _batches(len(images), batch_size)]
+    )
+
+
 def suite_evidence(
     extractor: EvidenceExtractor,
     normalisation: Any,
@@ -119,12 +140,7 @@ def suite_evidence(
     seconds_features = time.perf_counter() - start
     if perturbed is not None:
         start = time.perf_counter()
-        feats["doctor_pert"] = np.concatenate(
-            [
-                perturbed(normalisation.apply(images[s : s + batch_size]))
-                for s in _batches(len(images), batch_size)
-            ]
-        )
+        feats["doctor_pert"] = perturbed_scores(perturbed, normalisation, images, batch_size=batch_size)
         feats["seconds_perturbation"] = np.array((time.perf_counter() - start) / max(len(images), 1))
     feats["seconds_gate"] = np.array(seconds_gate / max(len(images), 1))
     feats["seconds_penultimate"] = np.array(seconds_features / max(len(images), 1))
@@ -242,7 +258,7 @@ class OpenWorldResult:
 
 
 def evidence_name(suite: str) -> str:
-    return f"open_world/evidence/{suite}.npz"
+    return open_world_suite_file(suite)
 
 
 def _cached(bundle: Bundle, name: str, compute: Any) -> dict[str, np.ndarray]:
@@ -276,17 +292,12 @@ def split_tables(
                 "penultimate": penultimate_features(
                     extractor.model, normalisation, imgs, batch_size=batch_size
                 ),
-                "doctor_pert": np.concatenate(
-                    [
-                        perturbed(normalisation.apply(imgs[s : s + batch_size]))
-                        for s in _batches(len(imgs), batch_size)
-                    ]
-                ),
+                "doctor_pert": perturbed_scores(perturbed, normalisation, imgs, batch_size=batch_size),
             }
 
         added = _cached(
             bundle,
-            f"open_world/splits/{split}-{perturbed.eps}-{perturbed.temperature}.npz",
+            open_world_split_file(split, perturbed.eps, perturbed.temperature),
             extra,
         )
         table = {**features[split], **added}
@@ -325,7 +336,7 @@ def exposure_tables(
         )
         ex = _cached(
             bundle,
-            f"open_world/exposure/{split}.npz" if with_lcr else f"open_world/exposure/{split}-no-lcr.npz",
+            open_world_exposure_file(split, with_lcr),
             lambda i=ex_images, lab=ex_labels: suite_evidence(
                 extractor, bundle.normalisation, perturbed, i, lab, stopping, batch_size=batch_size,
                 with_lcr=with_lcr,
@@ -358,13 +369,13 @@ def run_open_world(
         "seeds": seeds,
         "seed": seed,
     }
-    recorded = bundle.get("open_world") or {}
+    recorded = bundle.get(OPEN_WORLD_DIR) or {}
     if recorded.get("settings") not in (None, settings):
         raise ConfigError(
             f"this bundle's open-world evidence was made with {recorded['settings']}, not {settings}: "
             "rerun with the same settings, or remove the bundle's open_world/ files to start anew"
         )
-    bundle.set("open_world", {**recorded, "settings": settings})
+    bundle.set(OPEN_WORLD_DIR, {**recorded, "settings": settings})
     torch.manual_seed(seed)
     extractor = load_extractor(bundle)
     stopping = load_early_stopping(bundle)
@@ -412,7 +423,7 @@ def run_open_world(
     signal_sets = {**CANDIDATE_SETS, **OPEN_WORLD_SETS}
     if extractor.ensemble is None:
         signal_sets = {k: v for k, v in signal_sets.items() if "lcr" not in v}
-    cond_inputs = bundle.manifest.get("detectors", {}).get("conductance", {}).get("inputs", "conductance")
+    cond_inputs = bundle.detectors.conductance.inputs if bundle.detectors else DEFAULT_COND_INPUTS
     num_classes = int(bundle.manifest["architecture"]["num_classes"])
     variants = {}
     for variant, var_tables in (("clean", tables), ("exposed", exposed_tables)):
@@ -504,11 +515,11 @@ def store_sets(
     A set of the exposed variant that reads ``cond`` is stored with that variant's own conductance
     detector (``detectors/conductance-exposed``), which the gate then uses for it.
     """
-    detectors = dict(bundle.get("detectors") or {})
-    if not detectors:
+    section = bundle.detectors
+    if section is None:
         raise ConfigError("the bundle has no detectors section: build it to the end first")
     scorers.save(bundle)
-    sets = dict(detectors["signal_sets"])
+    sets = dict(section.signal_sets)
     stored_scores = bundle.read_arrays(SCORES_FILE) if bundle.has_file(SCORES_FILE) else {}
     names = []
     for key in keys:
@@ -521,38 +532,41 @@ def store_sets(
         own_cond: dict[str, str] = {}
         if variant != "clean" and "cond" in set_fit.signals:
             # The variant refitted the conductance detector on its rows: the set is served with it.
-            own_cond["cond_detector_stem"] = f"{CONDUCTANCE_DETECTOR_STEM}-{variant}"
-            config, arrays = save_state(variants[variant].fits[0].cond_detector)
-            bundle.write_detector_state(own_cond["cond_detector_stem"], config, arrays)
-        stem = f"detectors/set-{serve_as}"
-        config, arrays = save_state(set_fit.classifier)
-        bundle.write_json(f"{stem}.json", config)
-        bundle.write_arrays(f"{stem}.npz", arrays)
+            own_cond["cond_detector_stem"] = variant_conductance_stem(variant)
+            own = save_state(variants[variant].fits[0].cond_detector)
+            bundle.write_detector_state(own_cond["cond_detector_stem"], *own)
+        stem = signal_set_stem(serve_as)
+        bundle.write_detector_state(stem, *save_state(set_fit.classifier))
         for fit in variants[variant].fits:  # every seed, as the build stores its own sets
             for split, split_scores in fit.sets[name].scores.items():
-                stored_scores[f"{fit.seed}/{serve_as}/{split}"] = np.asarray(split_scores)[: clean_rows[split]]
+                clean = np.asarray(split_scores)[: clean_rows[split]]
+                stored_scores[scores_key(fit.seed, serve_as, split)] = clean
         points = variants[variant].points[(0, name)]
-        sets[serve_as] = {
-            "signals": list(set_fit.signals),
-            "kind": set_fit.kind,
-            "val_auroc_by_kind": set_fit.val_auroc_by_kind,
-            "val_auroc": set_fit.val_auroc_by_kind[set_fit.kind],
-            "stem": stem,
-            "operating_points": {p: op.to_dict() for p, op in points.items()},
-            "skipped_points": {p: "infeasible on val" for p in OPERATING_POINTS if p not in points},
-            "default_point": "equal-recall",
-            "source": f"open-world ({variant} variant)",
-            **own_cond,
-        }
+        sets[serve_as] = SignalSetInfo(
+            name=serve_as,
+            signals=tuple(set_fit.signals),
+            stem=stem,
+            operating_points={p: op.to_dict() for p, op in points.items()},
+            kind=set_fit.kind,
+            val_auroc=set_fit.val_auroc_by_kind[set_fit.kind],
+            details={
+                "val_auroc_by_kind": set_fit.val_auroc_by_kind,
+                "skipped_points": {p: "infeasible on val" for p in OPERATING_POINTS if p not in points},
+                "source": f"open-world ({variant} variant)",
+                **own_cond,
+            },
+        )
         names.append(serve_as)
     bundle.write_arrays(SCORES_FILE, stored_scores)
-    detectors["signal_sets"] = sets
+    details = dict(section.details)
+    default_set = section.default_set
     if default is not None:
         if default not in keys:
             raise ConfigError(f"the default {default!r} must be one of the adopted sets {keys}")
-        detectors["default_set"] = served_name(default)
-        detectors["default_chosen_by"] = chosen_by
-    bundle.set("detectors", detectors)
+        default_set = served_name(default)
+        details["default_chosen_by"] = chosen_by
+    updated = replace(section, signal_sets=sets, default_set=default_set, details=details)
+    bundle.set("detectors", updated.to_dict())
     bundle.save()
     return names
 
@@ -593,10 +607,14 @@ def fit_default_set(
             bundle, extractor, splits, tables, scorers, perturbed, stopping,
             exposure_images=exposure_images, seed=seed, batch_size=batch_size, with_lcr="lcr" in every[name],
         )
-    cond_inputs = bundle.manifest.get("detectors", {}).get("conductance", {}).get("inputs", "conductance")
-    seeds = len((bundle.get("detectors") or {}).get("seeds") or [0])
-    fitted = fit_variant(variant, tables, seeds=seeds, cond_inputs=cond_inputs, signal_sets={name: every[name]})
+    section = bundle.detectors
+    cond_inputs = section.conductance.inputs if section else DEFAULT_COND_INPUTS
+    seeds = len(section.seeds) if section else 1
+    fitted = fit_variant(
+        variant, tables, seeds=seeds, cond_inputs=cond_inputs, signal_sets={name: every[name]}
+    )
     return store_sets(
         bundle, {variant: fitted}, scorers, clean_rows, [key], default=key,
-        chosen_by="build profile: the set the open-world report chose on the reference bundle (docs/open-world.md)",
+        chosen_by="build profile: the set the open-world report chose on the reference bundle "
+        "(docs/open-world.md)",
     )[0]

@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from models.bundle import load_bundle
+from models.bundle import OPEN_WORLD_REPORT, REPORT_DIR, load_bundle
 from models.data import load_splits
 from offline.corruptions import SEVERITIES, corrupt_images
 from offline.open_world import adopt, run_open_world
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace, progress: bool) -> None:
     )
     used = [s["mutants_used"] for s in result.suites.values() if s["mutants_used"] is not None]
     n_used = float(np.mean(np.concatenate(used))) if used else None
-    out_dir = bundle.path / "report"
+    out_dir = bundle.path / REPORT_DIR
     write_open_world_report(
         result, out_dir, bundle.manifest.get("bundle_id", bundle.path.name), n_used, n_boot=args.n_boot
     )
@@ -137,10 +137,10 @@ def run(args: argparse.Namespace, progress: bool) -> None:
         test = load_splits(bundle)["test"]
         dataset = bundle.manifest["dataset"]["name"]
         unknown = unknown_sets(6, test.image_shape, dataset=dataset, data_roots=roots)
-        write_preview(test.images, unknown, out_dir / "open_world_suites.png")
-    print(f"open-world report written to {out_dir / 'open_world.md'}")
+        write_preview(test.images, unknown, out_dir / OPEN_WORLD_REPORT["suites_plot"])
+    print(f"open-world report written to {out_dir / OPEN_WORLD_REPORT['markdown']}")
     if args.adopt is not None:
-        chosen = json.loads((out_dir / "open_world.json").read_text())["default"]["chosen"]
+        chosen = json.loads((out_dir / OPEN_WORLD_REPORT["json"]).read_text())["default"]["chosen"]
         keys = list(args.adopt) or ([chosen] if chosen else [])
         if args.make_default and chosen not in keys:
             keys.append(chosen)

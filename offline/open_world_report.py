@@ -27,6 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from models.bundle import OPEN_WORLD_REPORT
 from models.metrics import aurc, auroc, fpr_at_wrong_recall, paired_bootstrap_auroc
 from models.scores import doctor, msp_score
 from models.signals import CANDIDATE_SETS, OPEN_WORLD_SETS, PAPER_SET
@@ -517,9 +518,9 @@ def render(result: OpenWorldResult, table: dict[str, Any], costs: dict[str, floa
             f"features {result.costs['penultimate_ms']:.2f} ms, perturbation {result.costs['perturbation_ms']:.2f} ms."
         ),
         "",
-        "![shift](open_world_shift.png)",
+        f"![shift]({OPEN_WORLD_REPORT['shift_plot']})",
         "",
-        "![unknown](open_world_unknown.png)",
+        f"![unknown]({OPEN_WORLD_REPORT['unknown_plot']})",
         "",
     ]
     return "\n".join(lines)
@@ -551,14 +552,14 @@ def write_open_world_report(
     shown = [f"clean/{PAPER_SET}", f"exposed/{PAPER_SET}"] + (
         [default["chosen"]] if default["chosen"] else []
     )
-    plot_shift(table, result.accuracy_clean, shown, out_dir / "open_world_shift.png")
+    plot_shift(table, result.accuracy_clean, shown, out_dir / OPEN_WORLD_REPORT["shift_plot"])
     plot_unknown(
         table,
         [f"clean/{PAPER_SET}", "clean/maha", "clean/knn", "clean/energy"]
         + ([default["chosen"]] if default["chosen"] else []),
-        out_dir / "open_world_unknown.png",
+        out_dir / OPEN_WORLD_REPORT["unknown_plot"],
     )
-    (out_dir / "open_world.md").write_text(render(result, table, costs, bundle_id))
+    (out_dir / OPEN_WORLD_REPORT["markdown"]).write_text(render(result, table, costs, bundle_id))
     summary = {
         "settings": result.settings,
         "accuracy_clean": result.accuracy_clean,
@@ -569,5 +570,5 @@ def write_open_world_report(
         "best": best_sets(table, costs, cheap=1.0),
         "regimes": {r: {k: v for k, v in rows.items()} for r, rows in table.items()},
     }
-    (out_dir / "open_world.json").write_text(json.dumps(_jsonable(summary), indent=1, default=str))
+    (out_dir / OPEN_WORLD_REPORT["json"]).write_text(json.dumps(_jsonable(summary), indent=1, default=str))
     return table

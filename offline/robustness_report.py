@@ -81,7 +81,7 @@ def evidence_of(bundle: Bundle, gate: Gate, tag: str, images: int | None, progre
 def set_scores(gate: Gate, name: str, table: dict[str, np.ndarray]) -> np.ndarray:
     """Signal set ``name``'s unified score of every row, as :meth:`Gate.run` computes it."""
     chosen = gate.signal_set(name)
-    cond = gate.cond_score(table["conductance"].astype(np.float64), table["prediction"], name)
+    cond = gate.cond_score(table["conductance"].astype(np.float64), table["prediction"], chosen)
     return chosen.classifier.decision_function(signal_matrix(chosen.signals, table["logits"], cond, table.get("lcr")))
 
 

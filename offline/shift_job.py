@@ -19,14 +19,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from models.bundle import load_bundle
+from models.bundle import SHIFT_DIR, SHIFT_INDEX_FILE, SHIFT_PREVIEW_FILE, load_bundle, shift_suite_file
 from models.data import load_splits
 from offline.corruptions import SEVERITIES
 from offline.open_world_job import write_preview
 from offline.open_world_suites import EVAL_KINDS, evaluation_suites
 from offline.unknown_inputs import unknown_sets
-
-SHIFT_DIR = "shift"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,17 +65,18 @@ def write_suites(
     )
     index = []
     for suite in tqdm(suites, desc="shift suites", disable=not progress, unit="suite"):
-        path = folder / f"{suite.name}.npz"
+        path = folder / shift_suite_file(suite.name)
         if not path.exists():
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez_compressed(tmp, images=suite.images.astype(np.uint8), labels=suite.labels.astype(np.int64))
+            tmp = path.with_name(path.name + ".partial")
+            with open(tmp, "wb") as handle:  # a handle: savez would append its own suffix to a name
+                np.savez_compressed(handle, images=suite.images.astype(np.uint8), labels=suite.labels.astype(np.int64))
             tmp.replace(path)
         index.append(
             {"suite": suite.name, "regime": suite.regime, "kind": suite.kind, "severity": suite.severity,
              "count": len(suite.images), "file": path.name}
         )
     settings = {"images": images, "kinds": list(kinds), "severities": list(severities), "seed": seed}
-    (folder / "index.json").write_text(json.dumps({"settings": settings, "suites": index}, indent=2))
+    (folder / SHIFT_INDEX_FILE).write_text(json.dumps({"settings": settings, "suites": index}, indent=2))
     return folder
 
 
@@ -93,5 +92,5 @@ def run(args: argparse.Namespace, progress: bool) -> None:
         bundle = load_bundle(args.bundle)
         test = load_splits(bundle)["test"]
         unknown = unknown_sets(6, test.image_shape, dataset=bundle.manifest["dataset"]["name"], data_roots=roots)
-        write_preview(test.images, unknown, folder / "preview.png")
-    print(f"suites written to {folder} (index.json lists them)")
+        write_preview(test.images, unknown, folder / SHIFT_PREVIEW_FILE)
+    print(f"suites written to {folder} ({SHIFT_INDEX_FILE} lists them)")

@@ -4,13 +4,12 @@ Each answered image adds its unified score and verdict to its signal set's windo
 (``predgate_drift_ks_statistic``, ``predgate_drift_ks_pvalue``, ``predgate_window_unknown_share``,
 ``predgate_drift_window_images``) are refreshed at most once per ``refresh_s`` so that the KS test
 (a sort of window + reference) costs nothing per request. A signal set whose val scores the bundle
-does not store gets no monitor (logged once), never an error on the request path.
+does not store gets no monitor (logged at start-up), never an error on the request path.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 import numpy as np
@@ -24,28 +23,29 @@ log = logging.getLogger("predgate.service")
 
 
 class DriftGauges:
-    """Per-signal-set drift monitors feeding the Prometheus gauges."""
+    """Per-signal-set drift monitors feeding the Prometheus gauges, made once at start-up (the val
+    scores are read from the bundle here, never on the request path)."""
 
-    def __init__(self, bundle: Bundle, window: int, min_window: int, refresh_s: float = 1.0) -> None:
-        self.bundle = bundle
-        self.window = window
-        self.min_window = min_window
+    def __init__(
+        self, bundle: Bundle, signal_sets: list[str], window: int, min_window: int, refresh_s: float = 1.0
+    ) -> None:
         self.refresh_s = refresh_s
-        self._monitors: dict[str, DriftMonitor | None] = {}
+        self._monitors: dict[str, DriftMonitor] = {}
         self._refreshed: dict[str, float] = {}
-        self._lock = threading.Lock()
+        try:
+            references = reference_scores(bundle, signal_sets)
+        except BundleError as exc:
+            log.warning("no drift monitors: %s", exc)
+            references = {}
+        for name in signal_sets:
+            if name in references:
+                self._monitors[name] = DriftMonitor(references[name], window, min_window)
+            else:
+                log.warning("no drift monitor for signal set %s: the bundle stores no val scores of it", name)
 
     def monitor(self, signal_set: str) -> DriftMonitor | None:
-        """The set's monitor, made on first use from the bundle's val scores (None if it has none)."""
-        with self._lock:
-            if signal_set not in self._monitors:
-                try:
-                    reference = reference_scores(self.bundle, signal_set)
-                    self._monitors[signal_set] = DriftMonitor(reference, self.window, self.min_window)
-                except BundleError as exc:
-                    log.warning("no drift monitor for signal set %s: %s", signal_set, exc)
-                    self._monitors[signal_set] = None
-            return self._monitors[signal_set]
+        """The set's monitor (None when the bundle stores no val scores for it)."""
+        return self._monitors.get(signal_set)
 
     def observe(self, signal_set: str, scores: np.ndarray, rejected: np.ndarray) -> None:
         """Add answered images to the window and refresh the gauges when they are due."""

@@ -66,7 +66,9 @@ def load_service(settings: Settings) -> LoadedService:
     gate = load_gate(bundle, device, settings.signal_set, backend=settings.backend)
     gate.signal_set(None).point(settings.operating_point)  # raises ConfigError naming the stored points
     contract = InputContract.from_shape(bundle.input_shape, settings.resize, settings.max_image_pixels)
-    drift = DriftGauges(bundle, settings.drift_window, min(settings.drift_min_window, settings.drift_window))
+    drift = DriftGauges(
+        bundle, list(gate.signal_sets), settings.drift_window, min(settings.drift_min_window, settings.drift_window)
+    )
     return LoadedService(bundle, gate, contract, device, drift)
 
 

@@ -17,6 +17,7 @@ BUNDLE_NAME = re.compile(
     r"|(^|/)(manifest|mutants|metrics|sweep_mutants|scores|robustness|report)\.(json|npz|md)$"
     r"|^(weights|conductance)\.safetensors$"
     r"|\.(npz|safetensors|json)$"
+    r"|^open_world[a-z_]*\.(md|png)$"
 )
 NOT_BUNDLE_FILES = {
     # (file, literal): why the literal names no bundle file
@@ -28,16 +29,7 @@ NOT_BUNDLE_FILES = {
     ("models/data.py", ".json"): "the suffix of an index file given with --exclude-indices",
     ("bench/hostile.py", "reports/hostile.json"): "the hostile benchmark's output in the repository",
 }
-# Modules of the open-world work still in progress when the names moved; their names move to
-# models/bundle.py when that work lands.
-NOT_YET_MOVED = {
-    "models/drift.py",
-    "models/open_world_evidence.py",
-    "offline/open_world.py",
-    "offline/open_world_job.py",
-    "offline/open_world_report.py",
-    "offline/shift_job.py",
-}
+NOT_YET_MOVED: set[str] = set()
 
 
 def bundle_names(source: str) -> list[tuple[int, str]]:
