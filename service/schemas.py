@@ -124,7 +124,8 @@ class ErrorResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["alive"] = "alive"
+    status: Literal["alive", "stuck"] = "alive"
+    detail: str | None = None
 
 
 class Readiness(BaseModel):

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -36,6 +36,13 @@ class Settings(BaseSettings):
     queue_limit: int = Field(256, ge=1, description="most images waiting; beyond it requests get 503")
     batch_watchdog_s: float = Field(
         30.0, gt=0, description="a gate batch running longer than this is stuck: readiness off, new work 503"
+    )
+    liveness_stuck_s: float | None = Field(
+        300.0,
+        gt=0,
+        description="a gate batch running longer than this fails liveness (/healthz 503) so that the orchestrator "
+        "restarts the replica: a gate thread that never returns cannot be stopped any other way; above "
+        "batch_watchdog_s; unset (null) = liveness never fails",
     )
     max_payload_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body (413 beyond)")
     max_images_per_request: int = Field(64, ge=1, description="most images in one /predict/batch call")
@@ -83,6 +90,16 @@ class Settings(BaseSettings):
     graceful_timeout_s: float = Field(
         30.0, gt=0, description="longest wait for in-flight requests on SIGTERM"
     )
+
+    @model_validator(mode="after")
+    def _liveness_after_readiness(self) -> Settings:
+        """A stuck batch must turn readiness off (traffic moves away) before liveness restarts the replica."""
+        if self.liveness_stuck_s is not None and self.liveness_stuck_s <= self.batch_watchdog_s:
+            raise ValueError(
+                f"liveness_stuck_s ({self.liveness_stuck_s:g}) must be greater than batch_watchdog_s "
+                f"({self.batch_watchdog_s:g}): set PREDGATE_LIVENESS_STUCK_S above PREDGATE_BATCH_WATCHDOG_S"
+            )
+        return self
 
 
 @lru_cache(maxsize=1)

@@ -153,6 +153,18 @@ class ServiceState:
             )
         return None
 
+    def not_alive_because(self) -> str | None:
+        """Why liveness is false (None when alive): a gate batch stuck past ``liveness_stuck_s``.
+
+        The watchdog can only turn readiness off: a thread cannot be killed, so a batch that never returns
+        would hold the replica forever. Failing liveness lets the orchestrator restart it.
+        """
+        limit = self.settings.liveness_stuck_s
+        stuck = self.batcher.stuck_for() if self.batcher is not None else None
+        if limit is None or stuck is None or stuck <= limit:
+            return None
+        return f"a gate batch has been running for {stuck:.1f} s, over the liveness limit of {limit:g} s: restart me"
+
     async def stop(self) -> None:
         self.ready = False
         metrics.READY.set(0)

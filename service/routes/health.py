@@ -11,9 +11,19 @@ from service.schemas import Health, Readiness
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Health, summary="The process is alive")
-async def healthz() -> Health:
-    return Health()
+@router.get(
+    "/healthz",
+    response_model=Health,
+    responses={
+        503: {"model": Health, "description": "a gate batch stuck past liveness_stuck_s: restart the replica"}
+    },
+    summary="The process is alive and no gate batch is stuck past the liveness limit",
+)
+async def healthz(state: StateDep) -> JSONResponse:
+    reason = state.not_alive_because()
+    if reason is None:
+        return JSONResponse(Health().model_dump(exclude_none=True), status_code=200)
+    return JSONResponse(Health(status="stuck", detail=reason).model_dump(), status_code=503)
 
 
 @router.get(

@@ -27,6 +27,7 @@ from tests.service.conftest import make_settings
 POISON = 1234.5
 """A tensor whose first value is this makes the injected gate return NaN probabilities for it."""
 WATCHDOG_S = 1.0
+LIVENESS_S = 3.0  # past the watchdog: /healthz fails so that an orchestrator restarts the replica
 
 
 class Injector:
@@ -57,7 +58,8 @@ class Injector:
 @pytest.fixture(scope="module")
 def faulty(tiny_bundle: Path) -> Iterator[tuple[TestClient, Injector]]:
     settings = make_settings(
-        tiny_bundle, warmup=False, signal_set="msp", max_queue_delay_ms=150.0, batch_watchdog_s=WATCHDOG_S
+        tiny_bundle, warmup=False, signal_set="msp", max_queue_delay_ms=150.0, batch_watchdog_s=WATCHDOG_S,
+        liveness_stuck_s=LIVENESS_S,
     )
     loaded = load_service(settings)
     injector = Injector(loaded.gate.run)
@@ -145,6 +147,34 @@ def test_a_stuck_batch_turns_readiness_off_until_it_returns(gate_faults: tuple[T
         assert stuck.result(timeout=30).status_code == 200
     assert client.get("/readyz").status_code == 200
     assert client.post("/predict", json={"tensor": tensor(bundle, 0.3)}).status_code == 200
+
+
+def test_a_batch_stuck_past_the_liveness_limit_fails_liveness_until_it_returns(
+    gate_faults: tuple[TestClient, Injector], bundle: Bundle
+) -> None:
+    client, injector = gate_faults
+    injector.hold.clear()
+    with ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        stuck = pool.submit(client.post, "/predict", json={"tensor": tensor(bundle, 0.1)})
+        while client.get("/healthz").status_code == 200 and time.monotonic() - started < 15:
+            time.sleep(0.05)
+        failed_after = time.monotonic() - started
+        alive = client.get("/healthz")
+        assert alive.status_code == 503, alive.text
+        assert alive.json()["status"] == "stuck" and "liveness limit of 3 s" in alive.json()["detail"]
+        assert failed_after >= LIVENESS_S  # not before the limit
+        assert client.get("/readyz").status_code == 503  # readiness went first
+        injector.hold.set()
+        assert stuck.result(timeout=30).status_code == 200
+    assert client.get("/healthz").json() == {"status": "alive"}
+    assert client.get("/readyz").status_code == 200
+
+
+def test_liveness_limit_must_exceed_the_watchdog(tiny_bundle: Path) -> None:
+    with pytest.raises(ValueError, match="PREDGATE_LIVENESS_STUCK_S above PREDGATE_BATCH_WATCHDOG_S"):
+        make_settings(tiny_bundle, batch_watchdog_s=30.0, liveness_stuck_s=10.0)
+    assert make_settings(tiny_bundle, batch_watchdog_s=30.0, liveness_stuck_s=None).liveness_stuck_s is None
 
 
 def test_a_request_whose_deadline_passes_while_queued_is_not_computed(
