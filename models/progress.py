@@ -28,6 +28,8 @@ def maybe_tqdm(items: Iterable[Any], progress: bool, desc: str, *, leave: bool =
 
 
 _PERCENT = re.compile(r"^\s*(?P<desc>.*?):?\s*(?P<pct>\d{1,3})%\|")
+# tqdm moves the cursor (ESC[A, ESC[2K ...) to redraw nested bars; in a log file those are noise
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class LineProgress(io.TextIOBase):
@@ -49,7 +51,7 @@ class LineProgress(io.TextIOBase):
         return True
 
     def write(self, text: str) -> int:
-        data = self._pending + text
+        data = _ANSI_ESCAPE.sub("", self._pending + text)
         parts = re.split(r"(\r|\n)", data)
         self._pending = parts.pop() if parts else ""
         line = ""

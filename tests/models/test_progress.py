@@ -30,3 +30,15 @@ def test_a_second_bar_with_the_same_description_starts_again() -> None:
         for _ in tqdm(range(10), desc="epoch", file=stream, mininterval=0, miniters=1):
             pass
     assert sum(line.startswith("epoch:   0%") for line in out.getvalue().splitlines()) == 2
+
+
+def test_nested_bars_leave_no_cursor_escapes_in_the_log() -> None:
+    out = io.StringIO()
+    stream = LineProgress(out, step=50)
+    for _ in tqdm(range(2), desc="outer", file=stream, mininterval=0, miniters=1):
+        for _ in tqdm(range(4), desc="inner", file=stream, position=1, leave=False, mininterval=0, miniters=1):
+            pass
+    text = out.getvalue()
+    assert "\x1b" not in text and "\r" not in text
+    assert any(line.startswith("inner:") for line in text.splitlines())
+    assert any(line.startswith("outer: 100%") for line in text.splitlines())
