@@ -50,6 +50,12 @@ CNN_TRAIN_INDICES_FILE = "splits/cnn-train-indices.npz"  # --exclude-indices: th
 ADVERSARIAL_DIR = "adversarial"  # also the manifest section that records each attack
 
 
+def adaptive_report_files(eps: float) -> dict[str, str]:
+    """``predgate adaptive``'s report of the l-inf budget ``eps``: ``json``, ``md`` and ``png`` names."""
+    stem = f"{REPORT_DIR}/adaptive-linf-eps{eps:g}"
+    return {"json": f"{stem}.json", "md": f"{stem}.md", "png": f"{stem}.png"}
+
+
 def features_file(split: str) -> str:
     """The evidence table of one split (:data:`FEATURE_SPLITS`)."""
     return f"features/{split}.npz"

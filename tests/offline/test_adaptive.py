@@ -1,0 +1,34 @@
+"""predgate adaptive: the report's figures follow from the real gate's verdicts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from cli.main import main
+from models.bundle import adaptive_report_files
+
+
+def test_adaptive_job_report_follows_the_real_gates_verdicts(tiny_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    shutil.copytree(tiny_bundle, out)
+    assert main(["adaptive", "--bundle", str(out), "--images", "40", "--eps", "0.15", "--steps", "4",
+                 "--attack-mutants", "3", "--n-boot", "100", "--sets", "cond+lcr"]) == 0
+    files = {k: out / v for k, v in adaptive_report_files(0.15).items()}
+    result = json.loads(files["json"].read_text())
+    assert files["md"].exists() and files["png"].stat().st_size > 0
+    assert set(result["sets"]) == {"msp", "cond+lcr"}  # MSP is always the reference
+    lcr_rows = result["sets"]["cond+lcr"]["attacks"]
+    assert set(lcr_rows) == {"pgd", "adaptive-known", "adaptive-redrawn", "any"}
+    assert set(result["sets"]["msp"]["attacks"]) == {"pgd", "adaptive", "any"}
+    for entry in result["sets"].values():
+        rows = entry["attacks"]
+        for variant, r in rows.items():
+            assert 0 <= r["survival_rate"] <= r["success_rate"] <= 1
+            assert r["survival_ci"][0] <= r["survival_rate"] <= r["survival_ci"][1]
+            if variant != "any":
+                assert r["max_linf"] <= 0.15 + 1e-6
+                assert rows["any"]["survival_rate"] >= r["survival_rate"]
+    assert result["sets"]["msp"]["attacks"]["pgd"]["vs_msp"]["diff"] == 0.0
+    assert main(["adaptive", "--bundle", str(out), "--sets", "nope", "--images", "5"]) == 2
