@@ -10,6 +10,9 @@ every signal set in ``--sets`` (default: MSP, the paper's cond+lcr and the bundl
   for sets that read LCR twice, with ``--attack-mutants`` of the bundle's own mutants
   (``adaptive-known``) and as many the attacker drew itself with the bundle's operator and rate
   (``adaptive-redrawn``);
+- ``blackbox``: torchattacks' Square (l-inf, ``--square-queries`` queries) on the CNN's
+  probabilities, which every answer carries, tried ``--verdict-tries`` times with fresh seeds; the
+  attacker sees only the answers and keeps, per image, the first try the gate accepts;
 - ``any``: per image, whichever of those got through (an attacker tries them all).
 
 Every adversarial image is rounded to uint8 (what a PNG carries) and judged by the real gate at the
@@ -96,6 +99,8 @@ def adaptive_report(
     steps: int = 40,
     lam: float = 1.0,
     attack_mutants: int = 10,
+    square_queries: int = 500,
+    verdict_tries: int = 3,
     chunk: int = 100,
     n_boot: int = 1000,
     seed: int = 0,
@@ -127,7 +132,8 @@ def adaptive_report(
         "bundle_id": bundle.manifest.get("bundle_id", bundle.path.name),
         "images": n, "clean_correct": len(keep), "eps": eps, "steps": steps, "step_size": spec.step_size,
         "lam": lam, "kappa": spec.kappa, "delta": spec.delta, "attack_mutants": attack_mutants,
-        "mutants_in_bundle": len(specs), "n_boot": n_boot, "sets": {},
+        "mutants_in_bundle": len(specs), "square_queries": square_queries, "verdict_tries": verdict_tries,
+        "n_boot": n_boot, "sets": {},
     }
     start = time.perf_counter()
     adv_pgd = _attack_chunks(
@@ -135,10 +141,23 @@ def adaptive_report(
         pixels, labels, chunk, progress, "pgd (gate ignored)",
     )
     seconds_pgd = time.perf_counter() - start
+    # Black box: Square on the CNN's probabilities (what an answer carries), retried with fresh
+    # seeds; the attacker keeps the first try whose verdict is "accept". Same images for every set.
+    square = AttackSpec("square", eps=eps, steps=square_queries)
+    start = time.perf_counter()
+    adv_square = [
+        _attack_chunks(
+            lambda x, y, i, t=t: attack_batch(square, model, bundle.normalisation, to_uint8(x), y.numpy(),
+                                              seed=seed + 1000 * (t + 1) + i),
+            pixels, labels, chunk, progress, f"square try {t + 1}/{verdict_tries}",
+        )
+        for t in range(verdict_tries)
+    ]
+    seconds_square = time.perf_counter() - start
     verdicts: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for name in sets:
         signals = gate.signal_set(name).signals
-        variants: dict[str, list[Any]] = {"pgd": []}
+        variants: dict[str, list[Any]] = {"pgd": [], "blackbox": []}
         not_differentiable = differentiable(gate.signal_set(name))
         if not_differentiable is not None:
             log.warning("signal set %s: no adaptive attack (%s)", name, not_differentiable)
@@ -158,6 +177,15 @@ def adaptive_report(
             if variant == "pgd":
                 adv = adv_pgd
                 seconds = seconds_pgd
+            elif variant == "blackbox":
+                tries = [judge(gate, bundle, a, labels, name) for a in adv_square]
+                ok = [t["wrong"] & ~t["rejected"] for t in tries]
+                # per image: the first accepted-and-wrong try, else the last try
+                pick = np.full(len(labels), len(tries) - 1)
+                for t in reversed(range(len(tries))):
+                    pick[ok[t]] = t
+                adv = torch.stack([adv_square[t][i] for i, t in enumerate(pick)])
+                seconds = seconds_square
             else:
                 dgate = DifferentiableGate(gate, bundle.normalisation, name, mutants)
                 adv = _attack_chunks(
@@ -195,7 +223,8 @@ def adaptive_report(
         }
     for name, by_variant in survive.items():
         for variant, mine in by_variant.items():
-            ref = survive["msp"].get(variant if variant in ("pgd", "any") else "adaptive", survive["msp"]["any"])
+            same = variant if variant in ("pgd", "blackbox", "any") else "adaptive"
+            ref = survive["msp"].get(same, survive["msp"]["any"])
             result["sets"][name]["attacks"][variant]["vs_msp"] = _paired_diff(mine, ref, n_boot, seed)
     (bundle.path / REPORT_DIR).mkdir(exist_ok=True)
     files = adaptive_report_files(eps)
@@ -216,7 +245,8 @@ def write_markdown(result: dict[str, Any], path: Path, plot_name: str) -> None:
         (f"{result['clean_correct']} correctly classified images of the first {result['images']} test images; "
         f"l-inf eps {result['eps']:g}, {result['steps']} steps of {result['step_size']:.4g} (random start); "
         f"adaptive loss weight {result['lam']:g}; the attacker differentiates {result['attack_mutants']} mutants "
-        f"(the bundle holds {result['mutants_in_bundle']}). Judged by the real gate on the uint8 rounding at each "
+        f"(the bundle holds {result['mutants_in_bundle']}); black box: Square with {result['square_queries']} "
+        f"queries on the CNN's probabilities, {result['verdict_tries']} tries, the first accepted kept. Judged by the real gate on the uint8 rounding at each "
         f"set's default operating point; 95% CIs from {result['n_boot']} bootstrap resamples."),
         "",
         ("**Survival** = the answer is wrong and the gate accepts it. Difference to MSP: the set's survival minus "
@@ -276,6 +306,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lam", type=float, default=1.0, help="weight of the hide-from-the-gate term")
     parser.add_argument("--attack-mutants", type=int, default=10,
                         help="mutants the attacker differentiates (known: the bundle's first N; redrawn: N of its own)")
+    parser.add_argument("--square-queries", type=int, default=500,
+                        help="queries of each black-box Square try (on the CNN's probabilities)")
+    parser.add_argument("--verdict-tries", type=int, default=3,
+                        help="black-box tries; the attacker keeps the first the gate accepts")
     parser.add_argument("--chunk", type=int, default=100)
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
@@ -284,7 +318,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, progress: bool) -> None:
     adaptive_report(
         load_bundle(args.bundle), sets=args.sets, images=args.images, eps=args.eps, steps=args.steps,
-        lam=args.lam, attack_mutants=args.attack_mutants, chunk=args.chunk, n_boot=args.n_boot,
+        lam=args.lam, attack_mutants=args.attack_mutants, square_queries=args.square_queries,
+        verdict_tries=args.verdict_tries, chunk=args.chunk, n_boot=args.n_boot,
         seed=args.seed, progress=progress,
     )
     print(f"adaptive-attack report written to {args.bundle / adaptive_report_files(args.eps)['md']}")

@@ -14,14 +14,15 @@ def test_adaptive_job_report_follows_the_real_gates_verdicts(tiny_bundle: Path, 
     out = tmp_path / "b"
     shutil.copytree(tiny_bundle, out)
     assert main(["adaptive", "--bundle", str(out), "--images", "40", "--eps", "0.15", "--steps", "4",
-                 "--attack-mutants", "3", "--n-boot", "100", "--sets", "cond+lcr"]) == 0
+                 "--attack-mutants", "3", "--square-queries", "40", "--verdict-tries", "2", "--n-boot", "100",
+                 "--sets", "cond+lcr"]) == 0
     files = {k: out / v for k, v in adaptive_report_files(0.15).items()}
     result = json.loads(files["json"].read_text())
     assert files["md"].exists() and files["png"].stat().st_size > 0
     assert set(result["sets"]) == {"msp", "cond+lcr"}  # MSP is always the reference
     lcr_rows = result["sets"]["cond+lcr"]["attacks"]
-    assert set(lcr_rows) == {"pgd", "adaptive-known", "adaptive-redrawn", "any"}
-    assert set(result["sets"]["msp"]["attacks"]) == {"pgd", "adaptive", "any"}
+    assert set(lcr_rows) == {"pgd", "blackbox", "adaptive-known", "adaptive-redrawn", "any"}
+    assert set(result["sets"]["msp"]["attacks"]) == {"pgd", "blackbox", "adaptive", "any"}
     for entry in result["sets"].values():
         rows = entry["attacks"]
         for variant, r in rows.items():
