@@ -14,6 +14,7 @@ from starlette.types import Receive, Scope, Send
 
 from models import __version__
 from service import metrics
+from service.docs_assets import install_docs
 from service.errors import install_handlers
 from service.guards import install_guards
 from service.inflight import InFlightMiddleware
@@ -50,7 +51,10 @@ def create_app(settings: Settings, *, loaded: LoadedService | None = None) -> Fa
         finally:
             await state.stop()  # uvicorn has already finished in-flight requests; drain what is queued
 
-    app = FastAPI(title="predgate", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="predgate", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+        docs_url=None, redoc_url=None,  # served by install_docs from local assets, not a CDN
+    )
     app.state.predgate = state
     install_openapi(app, state)  # the document states the bundle's names and tensor shape once loaded
     install_handlers(app)
@@ -58,6 +62,7 @@ def create_app(settings: Settings, *, loaded: LoadedService | None = None) -> Fa
     app.include_router(bundle.router)
     app.include_router(predict.router)
     app.add_route("/metrics", _MetricsEndpoint(), methods=["GET"], include_in_schema=False)
+    install_docs(app)
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.max_payload_bytes, timeout_s=settings.body_timeout_s
     )
