@@ -32,18 +32,21 @@ def assets_dir() -> Path:
 def install_docs(app: FastAPI) -> None:
     """Serve ``/docs`` and ``/redoc`` with local assets (the app must be built with
     ``docs_url=None, redoc_url=None``)."""
+    openapi_url = app.openapi_url
+    if openapi_url is None:  # the app publishes no schema, so there is nothing to render
+        return
     app.mount(ASSETS_PATH, StaticFiles(directory=assets_dir()), name="docs-assets")
 
     async def swagger(request: Request) -> HTMLResponse:
         return get_swagger_ui_html(
-            openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} API",
+            openapi_url=openapi_url, title=f"{app.title} API",
             swagger_js_url=f"{ASSETS_PATH}/swagger-ui-bundle.js", swagger_css_url=f"{ASSETS_PATH}/swagger-ui.css",
             swagger_favicon_url=f"{ASSETS_PATH}/favicon.png",
         )
 
     async def redoc(request: Request) -> HTMLResponse:
         return get_redoc_html(
-            openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} API",
+            openapi_url=openapi_url, title=f"{app.title} API",
             redoc_js_url=f"{ASSETS_PATH}/redoc.standalone.js", redoc_favicon_url=f"{ASSETS_PATH}/favicon.png",
             with_google_fonts=False,
         )

@@ -120,6 +120,7 @@ def _serve_workers(settings: Settings) -> int:
             workers=settings.workers,
             log_level=settings.log_level.lower(),
             timeout_graceful_shutdown=int(settings.graceful_timeout_s),
+        timeout_keep_alive=max(1, round(settings.keep_alive_s)),
             lifespan="on",
             **extra,
         )
@@ -167,6 +168,7 @@ def serve(settings: Settings) -> int:
         workers=1,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=int(settings.graceful_timeout_s),
+        timeout_keep_alive=max(1, round(settings.keep_alive_s)),
         lifespan="on",
     )
     server = uvicorn.Server(config)

@@ -90,6 +90,13 @@ class Settings(BaseSettings):
     graceful_timeout_s: float = Field(
         30.0, gt=0, description="longest wait for in-flight requests on SIGTERM"
     )
+    keep_alive_s: float = Field(
+        75.0,
+        gt=0,
+        description="how long an idle keep-alive connection stays open. Longer than the idle pools of "
+        "clients and proxies (httpx 5 s, nginx upstream 60 s), so that the server is never the side that "
+        "closes a connection a client is reusing at that moment: that request would get no answer",
+    )
 
     @model_validator(mode="after")
     def _liveness_after_readiness(self) -> Settings:
