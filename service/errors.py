@@ -18,6 +18,7 @@ Body of every error response: ``{"error": {"type": ..., "message": ...}}``.
 | more requests than ``rate_limit_per_s`` (+ ``rate_limit_burst``) for one key | 429 + ``Retry-After`` | ``rate_limited`` |
 | batching queue full / not ready yet / shutting down | 503 + ``Retry-After`` | ``queue_full`` / ``not_ready`` / ``shutting_down`` |
 | a gate batch stuck past the watchdog limit / out of memory on a single image | 503 + ``Retry-After`` | ``batch_stuck`` / ``out_of_memory`` |
+| a fallback is configured and an ``unknown`` image's item could not be stored in the outbox | 503 + ``Retry-After`` | ``fallback_unavailable`` |
 | the request's deadline (``X-Request-Timeout``) passed while queued or computing | 504 | ``deadline_exceeded`` |
 | other HTTP errors (404, 405, ...) | as raised | ``http_error`` |
 | anything unexpected (a bug) | 500 | ``internal_error`` |
@@ -102,6 +103,13 @@ class OutOfMemory(ServiceError):
     """The gate ran out of memory on a single image (a larger batch is split and retried first)."""
 
     status_code, error_type, retry_after = 503, "out_of_memory", 5
+
+
+class FallbackUnavailable(ServiceError):
+    """An ``unknown`` answer's fallback item could not be written to the outbox: the answer is withheld,
+    because the promise is that every ``unknown`` reaches the fallback; the client retries."""
+
+    status_code, error_type, retry_after = 503, "fallback_unavailable", 5
 
 
 class DeadlineExceeded(ServiceError):

@@ -111,6 +111,34 @@ BATCH_STUCK = Gauge(
     "1 while a gate batch has run longer than the watchdog limit (readiness is off meanwhile), else 0.",
     multiprocess_mode="livemax",
 )
+FALLBACK_ENQUEUED = Counter(
+    "predgate_fallback_enqueued_total", "Fallback items written to the outbox (one per `unknown` image)."
+)
+FALLBACK_DELIVERED = Counter(
+    "predgate_fallback_delivered_total", "Fallback items the fallback URL acknowledged (2xx)."
+)
+FALLBACK_RETRIED = Counter(
+    "predgate_fallback_retried_total",
+    "Failed delivery attempts that will be retried (connection error, timeout, 408, 425, 429, 5xx).",
+)
+FALLBACK_DEAD = Counter(
+    "predgate_fallback_dead_lettered_total",
+    "Fallback items given up on: max attempts reached, or refused for good by the receiver (other 4xx).",
+)
+FALLBACK_ENQUEUE_FAILURES = Counter(
+    "predgate_fallback_enqueue_failures_total",
+    "Requests answered 503 because their `unknown` items could not be written to the outbox.",
+)
+FALLBACK_PENDING = Gauge(
+    "predgate_fallback_outbox_pending",
+    "Fallback items waiting for delivery (the outbox is shared, so workers report the same value).",
+    multiprocess_mode="livemax",
+)
+FALLBACK_OLDEST_AGE = Gauge(
+    "predgate_fallback_oldest_pending_age_seconds",
+    "Age of the oldest undelivered fallback item (0 when none is pending).",
+    multiprocess_mode="livemax",
+)
 BUNDLE = Info(
     "predgate_bundle", "The bundle being served and the signal set and operating point it uses by default."
 )

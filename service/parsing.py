@@ -7,9 +7,10 @@ The content type decides the form: ``application/json`` (base64 images or tensor
 
 from __future__ import annotations
 
+import io
 import json
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
 
 from models.errors import InputError
-from models.image_input import decode_base64_image, decode_image, tensor_from_json
+from models.image_input import decode_base64, decode_image, tensor_from_json
 from service.errors import TooManyImages, UnsupportedMediaType
 from service.schemas import BatchJSON, PredictJSON, PredictOptions
 from service.state import LoadedService
@@ -40,6 +41,37 @@ class ParsedRequest:
 
     x: torch.Tensor
     options: PredictOptions
+    originals: list[Original] = field(default_factory=list)
+    """Each image as received (one per row of ``x``), kept for the fallback item of an ``unknown``."""
+
+
+@dataclass(frozen=True)
+class Original:
+    """An input as it came: encoded image bytes, or a tensor as ``.npy`` bytes."""
+
+    data: bytes
+    media_type: str
+
+
+def _sniff(blob: bytes) -> str:
+    if blob.startswith(b"\x89PNG"):
+        return "image/png"
+    if blob.startswith(b"\xff\xd8"):
+        return "image/jpeg"
+    return "application/octet-stream"
+
+
+def _file_originals(blobs: list[bytes]) -> list[Original]:
+    return [Original(blob, _sniff(blob)) for blob in blobs]
+
+
+def _tensor_originals(x: torch.Tensor) -> list[Original]:
+    out = []
+    for row in x:
+        buffer = io.BytesIO()
+        np.save(buffer, row.numpy().astype(np.float32), allow_pickle=False)
+        out.append(Original(buffer.getvalue(), "application/x-npy"))
+    return out
 
 
 def _media_type(request: Request) -> str:
@@ -142,14 +174,16 @@ def _decode_files(blobs: list[bytes], loaded: LoadedService, names: list[str]) -
     return _images_to_tensor(images, loaded)
 
 
-def _decode_base64s(texts: list[str], loaded: LoadedService, names: list[str]) -> torch.Tensor:
-    images = []
+def _decode_base64s(texts: list[str], loaded: LoadedService, names: list[str]) -> tuple[torch.Tensor, list[bytes]]:
+    """The images and their decoded bytes (what the fallback item carries as the image received)."""
+    images, blobs = [], []
     for text, name in zip(texts, names, strict=True):
         try:
-            images.append(decode_base64_image(text, loaded.contract))
+            blobs.append(decode_base64(text))
+            images.append(decode_image(blobs[-1], loaded.contract))
         except InputError as exc:
             raise InputError(f"{name}: {exc}" if name.endswith("]") else str(exc)) from None
-    return _images_to_tensor(images, loaded)
+    return _images_to_tensor(images, loaded), blobs
 
 
 MAX_TENSOR_ABS = 1e6
@@ -220,10 +254,10 @@ async def parse_single(request: Request, loaded: LoadedService) -> ParsedRequest
         payload = _validate(PredictJSON, await _json_body(request))
         options = PredictOptions(**{k: getattr(payload, k) for k in _OPTION_FIELDS})
         if payload.image is not None:
-            x = await run_in_threadpool(_decode_base64s, [payload.image], loaded, ["image"])
-        else:
-            x = await run_in_threadpool(_tensors, [payload.tensor], loaded, ["tensor"])
-        return ParsedRequest(x, options)
+            x, blobs = await run_in_threadpool(_decode_base64s, [payload.image], loaded, ["image"])
+            return ParsedRequest(x, options, _file_originals(blobs))
+        x = await run_in_threadpool(_tensors, [payload.tensor], loaded, ["tensor"])
+        return ParsedRequest(x, options, _tensor_originals(x))
     if media == "multipart/form-data":
         form = await _read_form(request, 1)
         try:
@@ -238,14 +272,14 @@ async def parse_single(request: Request, loaded: LoadedService) -> ParsedRequest
             options = _options_from_form(form)
         finally:
             await form.close()
-        return ParsedRequest(await run_in_threadpool(_decode_files, blobs, loaded, ["file"]), options)
+        x = await run_in_threadpool(_decode_files, blobs, loaded, ["file"])
+        return ParsedRequest(x, options, _file_originals(blobs))
     if media in ("image/png", "image/jpeg"):
         body = await request.body()
         if not body:
             raise InputError(EMPTY_BODY)
-        return ParsedRequest(
-            await run_in_threadpool(_decode_files, [body], loaded, ["body"]), PredictOptions()
-        )
+        x = await run_in_threadpool(_decode_files, [body], loaded, ["body"])
+        return ParsedRequest(x, PredictOptions(), _file_originals([body]))
     if media == "":
         if not await request.body():
             raise InputError(EMPTY_BODY)
@@ -273,13 +307,13 @@ async def parse_batch(request: Request, loaded: LoadedService, limit: int) -> Pa
         if payload.images is not None:
             check_count(len(payload.images))
             names = [f"images[{i}]" for i in range(len(payload.images))]
-            x = await run_in_threadpool(_decode_base64s, payload.images, loaded, names)
-        else:
-            assert payload.tensors is not None
-            check_count(len(payload.tensors))
-            names = [f"tensors[{i}]" for i in range(len(payload.tensors))]
-            x = await run_in_threadpool(_tensors, payload.tensors, loaded, names)
-        return ParsedRequest(x, options)
+            x, blobs = await run_in_threadpool(_decode_base64s, payload.images, loaded, names)
+            return ParsedRequest(x, options, _file_originals(blobs))
+        assert payload.tensors is not None
+        check_count(len(payload.tensors))
+        names = [f"tensors[{i}]" for i in range(len(payload.tensors))]
+        x = await run_in_threadpool(_tensors, payload.tensors, loaded, names)
+        return ParsedRequest(x, options, _tensor_originals(x))
     if media == "multipart/form-data":
         form = await _read_form(request, limit)
         try:
@@ -290,7 +324,8 @@ async def parse_batch(request: Request, loaded: LoadedService, limit: int) -> Pa
         finally:
             await form.close()
         names = [f"files[{i}]" for i in range(len(blobs))]
-        return ParsedRequest(await run_in_threadpool(_decode_files, blobs, loaded, names), options)
+        x = await run_in_threadpool(_decode_files, blobs, loaded, names)
+        return ParsedRequest(x, options, _file_originals(blobs))
     if media == "" and not await request.body():
         raise InputError(
             'empty body: send JSON {"images": [...]} or {"tensors": [...]}, or multipart \'files\''

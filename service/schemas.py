@@ -112,6 +112,11 @@ class Prediction(BaseModel):
     conductance: list[float] | None = Field(
         None, description="conductance per channel (full_evidence / return_conductance)"
     )
+    fallback_item: str | None = Field(
+        None,
+        description="key of the fallback item stored for this `unknown` image (also its Idempotency-Key at "
+        "the fallback URL); None when the verdict is accept or no fallback is configured",
+    )
 
 
 class ErrorDetail(BaseModel):

@@ -98,6 +98,37 @@ class Settings(BaseSettings):
         "closes a connection a client is reusing at that moment: that request would get no answer",
     )
 
+    fallback_url: str | None = Field(
+        None,
+        description="where every `unknown` image is delivered (POST, JSON, Idempotency-Key header); None = "
+        "no fallback delivery. Items wait in a durable outbox under fallback_dir until acknowledged (2xx)",
+    )
+    fallback_dir: Path = Field(
+        Path("data/fallback"), description="directory of the fallback outbox (SQLite, WAL); keep it on a volume"
+    )
+    fallback_token: SecretStr | None = Field(None, description="bearer token sent to the fallback URL")
+    fallback_timeout_s: float = Field(10.0, gt=0, description="time allowed for one delivery attempt")
+    fallback_max_attempts: int = Field(
+        10, ge=1, description="failed attempts after which an item is dead-lettered (kept, not retried)"
+    )
+    fallback_backoff_base_s: float = Field(0.5, gt=0, description="first retry waits up to this (full jitter)")
+    fallback_backoff_cap_s: float = Field(60.0, gt=0, description="longest wait between two attempts")
+    fallback_lease_s: float = Field(
+        30.0,
+        gt=0,
+        description="an item being delivered is leased this long; after a crash it is retried once the lease "
+        "expires. Must exceed fallback_timeout_s, or another worker could send it while the first still waits",
+    )
+
+    @model_validator(mode="after")
+    def _lease_outlasts_an_attempt(self) -> Settings:
+        if self.fallback_lease_s <= self.fallback_timeout_s:
+            raise ValueError(
+                f"fallback_lease_s ({self.fallback_lease_s:g}) must be greater than fallback_timeout_s "
+                f"({self.fallback_timeout_s:g}): set PREDGATE_FALLBACK_LEASE_S above PREDGATE_FALLBACK_TIMEOUT_S"
+            )
+        return self
+
     @model_validator(mode="after")
     def _liveness_after_readiness(self) -> Settings:
         """A stuck batch must turn readiness off (traffic moves away) before liveness restarts the replica."""

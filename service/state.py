@@ -22,6 +22,8 @@ from service import metrics
 from service.auth import KeyRing, RateLimiter, configured_keys
 from service.batching import Batcher, GroupKey
 from service.drift import DriftGauges
+from service.fallback.delivery import DeliveryPolicy, DeliveryWorker
+from service.fallback.outbox import Outbox
 from service.settings import Settings
 
 log = logging.getLogger("predgate.service")
@@ -89,6 +91,8 @@ class ServiceState:
         self.loaded = loaded
         self.batcher: Batcher | None = None
         self.ready = False
+        self.outbox: Outbox | None = None
+        self.delivery: DeliveryWorker | None = None
         self.keys = KeyRing(configured_keys(settings))
         self.rate_limiter = (
             RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
@@ -126,6 +130,8 @@ class ServiceState:
             watchdog_s=self.settings.batch_watchdog_s,
         )
         await self.batcher.start()
+        if self.settings.fallback_url is not None:
+            await asyncio.to_thread(self._start_fallback, self.settings.fallback_url)
         gate = self.loaded.gate
         chosen = gate.signal_set(None)
         metrics.BUNDLE.info(
@@ -140,6 +146,28 @@ class ServiceState:
         self.ready = True
         metrics.READY.set(1)
         log.info("predgate ready: bundle %s, signal set %s", self.loaded.bundle_id, chosen.name)
+
+    def _start_fallback(self, url: str) -> None:
+        """Open the outbox (replaying what an earlier run left pending) and start the delivery thread."""
+        settings = self.settings
+        self.outbox = Outbox(settings.fallback_dir)
+        token = settings.fallback_token.get_secret_value() if settings.fallback_token is not None else None
+        policy = DeliveryPolicy(
+            url=url,
+            timeout_s=settings.fallback_timeout_s,
+            max_attempts=settings.fallback_max_attempts,
+            backoff_base_s=settings.fallback_backoff_base_s,
+            backoff_cap_s=settings.fallback_backoff_cap_s,
+            lease_s=settings.fallback_lease_s,
+            token=token,
+        )
+        self.delivery = DeliveryWorker(self.outbox, policy)
+        counts = self.outbox.counts()
+        log.info(
+            "fallback delivery to %s: outbox %s, %d pending from earlier runs",
+            url, self.outbox.path, counts.pending,
+        )
+        self.delivery.start()
 
     def not_ready_because(self) -> str | None:
         """Why readiness is false (None when ready): loading, shutting down, or a stuck gate batch."""
@@ -171,3 +199,5 @@ class ServiceState:
         if self.batcher is not None:
             await self.batcher.stop()
             log.info("predgate stopped: batching queue drained")
+        if self.delivery is not None:  # pending items stay in the outbox for the next start
+            await asyncio.to_thread(self.delivery.stop)

@@ -6,17 +6,21 @@ names answer 422 before anything is queued), hand the images to the batcher and 
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Annotated, Any
 
 import numpy as np
 import torch
 from fastapi import APIRouter, Depends, Query, Request
+from starlette.concurrency import run_in_threadpool
 
 from models.errors import ConfigError
 from service import metrics
 from service.batching import GroupKey, Row
 from service.deps import BatcherDep, LoadedDep, SettingsDep, require_api_key
+from service.errors import FallbackUnavailable
+from service.fallback.outbox import NewItem
 from service.parsing import ParsedRequest, parse_batch, parse_single
 from service.schemas import (
     BatchJSON,
@@ -29,6 +33,8 @@ from service.schemas import (
 )
 from service.settings import Settings
 from service.state import LoadedService
+
+log = logging.getLogger("predgate.service")
 
 router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
 
@@ -43,8 +49,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         429: "the API key's rate limit (rate_limit_per_s, burst rate_limit_burst) is spent (see Retry-After)",
         422: "unreadable input or unknown signal set / operating point",
         503: (
-            "queue full, not ready, shutting down, a gate batch stuck past the watchdog, or out of memory on a "
-            "single image (see Retry-After)"
+            "queue full, not ready, shutting down, a gate batch stuck past the watchdog, out of memory on a "
+            "single image, or the fallback outbox could not store an unknown image (see Retry-After)"
         ),
         504: "the request's deadline (X-Request-Timeout) passed first; images still queued were not computed",
     }.items()
@@ -226,7 +232,45 @@ async def _answer(
     loaded.drift.observe(
         key.signal_set, np.array([row.unified_score for row in rows]), np.array([row.reject for row in rows])
     )
+    outbox = request.app.state.predgate.outbox
+    if outbox is not None:
+        await _hand_to_fallback(request, outbox, parsed, records)
     return records
+
+
+async def _hand_to_fallback(request: Request, outbox: Any, parsed: ParsedRequest, records: list[Prediction]) -> None:
+    """Store a fallback item for every ``unknown`` image, durably, before the answer leaves: if that fails
+    the request is answered 503 (retry) rather than with an ``unknown`` nobody will ever see."""
+    unknown = [i for i, record in enumerate(records) if record.verdict == "unknown"]
+    if not unknown:
+        return
+    items = [
+        NewItem(
+            meta={
+                "request_id": records[i].request_id,
+                "index": i,
+                "bundle_id": records[i].bundle_id,
+                "prediction": records[i].model_dump(exclude={"timings_ms", "fallback_item"}),
+            },
+            image=parsed.originals[i].data,
+            image_type=parsed.originals[i].media_type,
+        )
+        for i in unknown
+    ]
+    try:
+        keys = await run_in_threadpool(outbox.enqueue, items)
+    except Exception as exc:  # disk full, read-only volume, database locked past its timeout
+        log.exception("fallback outbox write failed")
+        metrics.FALLBACK_ENQUEUE_FAILURES.inc()
+        raise FallbackUnavailable(
+            f"the fallback outbox could not store this request's unknown image(s) ({type(exc).__name__}); retry"
+        ) from None
+    metrics.FALLBACK_ENQUEUED.inc(len(keys))
+    for i, item_key in zip(unknown, keys, strict=True):
+        records[i].fallback_item = item_key
+    delivery = request.app.state.predgate.delivery
+    if delivery is not None:
+        delivery.wake()
 
 
 @router.post(

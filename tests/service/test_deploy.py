@@ -99,7 +99,7 @@ def test_promtool_checks_rules_and_config() -> None:
         ["promtool", "check", "rules", str(RULES)], check=False, capture_output=True, text=True, timeout=60
     )
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 6 rules found" in rules.stdout + rules.stderr
+    assert "SUCCESS: 8 rules found" in rules.stdout + rules.stderr
     config = subprocess.run(
         ["promtool", "check", "config", str(PROMETHEUS_CONFIG)],
         check=False,

@@ -1,0 +1,121 @@
+"""Durable fallback delivery with real processes: the server (``python -m service.server``, tiny bundle)
+delivers every ``unknown`` image to the example receiver (examples/fallback_receiver.py), which answers
+503 to a third of the deliveries, loses the acknowledgement of a tenth and is stopped and restarted
+once; the server is killed with SIGKILL mid-delivery and restarted on the same outbox. Every ``unknown``
+answer's item reaches the receiver, carrying the image as sent, and takes effect once by its key."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from service.fallback.outbox import Outbox
+from tests.deploy.processes import ROOT, free_port, start_server, stop, wait_for, wait_ready
+from tests.service.conftest import png_bytes
+
+pytestmark = pytest.mark.integration
+
+
+def start_receiver(port: int, db: Path, log: Path) -> subprocess.Popen[bytes]:
+    command = [
+        sys.executable, str(ROOT / "examples" / "fallback_receiver.py"), "--port", str(port), "--db", str(db),
+        "--fail-rate", "0.33", "--lost-ack-rate", "0.1", "--delay-s", "0.1", "--seed", str(port),
+    ]
+    process = subprocess.Popen(command, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/items", timeout=2).status_code == 200, 30, "the receiver")
+    return process
+
+
+def received(port: int) -> dict[str, dict]:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/items", timeout=5).json()
+    except httpx.HTTPError:
+        return {}
+
+
+def test_every_unknown_reaches_a_flaky_receiver_once_through_a_kill_9(tiny_bundle: Path, tmp_path: Path) -> None:
+    receiver_port, port = free_port(), free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {
+        "PREDGATE_FALLBACK_URL": f"http://127.0.0.1:{receiver_port}/items",
+        "PREDGATE_FALLBACK_DIR": str(tmp_path / "outbox"),
+        "PREDGATE_FALLBACK_TIMEOUT_S": "1",
+        "PREDGATE_FALLBACK_LEASE_S": "2",
+        "PREDGATE_FALLBACK_BACKOFF_BASE_S": "0.05",
+        "PREDGATE_FALLBACK_BACKOFF_CAP_S": "0.5",
+        "PREDGATE_FALLBACK_MAX_ATTEMPTS": "1000",
+        # the strictest stored point: most noise images are then unknown (enough items to interrupt)
+        "PREDGATE_OPERATING_POINT": "wrong-recall=0.995",
+    }
+    rlog, slog = tmp_path / "receiver.log", tmp_path / "server.log"
+    receiver = start_receiver(receiver_port, tmp_path / "received.sqlite3", rlog)
+    server = start_server(tiny_bundle, port, slog, env=env)
+    try:
+        wait_ready(server, base, slog)
+        rng = np.random.default_rng(0)
+        expected: dict[str, tuple[str, int]] = {}  # item key -> (request id, bytes of the image sent)
+        verdicts = []
+        for r in range(3):
+            pngs = [png_bytes(rng.integers(0, 256, (28, 28), dtype=np.uint8)) for _ in range(10)]
+            body = {"images": [base64.b64encode(p).decode() for p in pngs]}
+            answer = httpx.post(f"{base}/predict/batch", json=body, headers={"x-request-id": f"batch-{r}"}, timeout=60)
+            assert answer.status_code == 200, answer.text
+            for png, record in zip(pngs, answer.json(), strict=True):
+                verdicts.append(record["verdict"])
+                if record["verdict"] == "unknown":
+                    assert record["fallback_item"], record
+                    expected[record["fallback_item"]] = (f"batch-{r}", len(png))
+                else:
+                    assert record["fallback_item"] is None
+        assert len(expected) >= 10, verdicts  # noise is mostly rejected; enough items to interrupt
+
+        # the receiver goes down for a second while deliveries are under way
+        wait_for(lambda: len(received(receiver_port)) >= 2, 60, "first deliveries")
+        receiver.kill()
+        receiver.wait()
+        time.sleep(1.0)
+        receiver = start_receiver(receiver_port, tmp_path / "received.sqlite3", rlog)
+
+        # then the server dies mid-delivery, without a chance to clean up
+        wait_for(lambda: len(received(receiver_port)) >= min(len(expected) - 3, 6), 60, "more deliveries")
+        got_before_kill = len(received(receiver_port))
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait()
+        assert got_before_kill < len(expected), "everything arrived before the kill: the test proved nothing"
+
+        server = start_server(tiny_bundle, port, slog, env=env)  # same outbox: pending items replay
+        wait_ready(server, base, slog)
+        wait_for(lambda: set(received(receiver_port)) >= set(expected), 90, "every item at the receiver")
+        listing = received(receiver_port)
+        assert set(listing) == set(expected)  # none lost, none invented
+        for key, (request_id, size) in expected.items():
+            assert listing[key]["request_id"] == request_id and listing[key]["verdict"] == "unknown"
+            assert listing[key]["image_bytes"] == size  # the PNG as sent
+        assert sum(item["deliveries"] for item in listing.values()) > len(expected)  # retried: at least once
+        wait_for(lambda: Outbox(tmp_path / "outbox").counts().delivered == len(expected), 30, "outbox marked")
+        counts = Outbox(tmp_path / "outbox").counts()
+        assert (counts.pending, counts.dead) == (0, 0)
+
+        def drained_metrics() -> str | None:
+            text = httpx.get(f"{base}/metrics", timeout=5).text
+            return text if "predgate_fallback_outbox_pending 0.0" in text else None
+
+        metrics = wait_for(drained_metrics, 10, "the pending gauge at 0")
+        assert "predgate_fallback_delivered_total" in metrics
+        print(
+            f"\n{len(verdicts)} images, {len(expected)} unknown; {got_before_kill} received before the SIGKILL; "
+            f"{sum(item['deliveries'] for item in listing.values())} deliveries for {len(listing)} keys"
+        )
+    finally:
+        stop(server)
+        receiver.kill()
+        receiver.wait()
