@@ -195,13 +195,16 @@ class Outbox:
         )
 
     def item(self, key: str) -> dict[str, Any] | None:
-        """One item's state and attempts (for tests and operators)."""
+        """One item: state, attempts, last error, record and image (for tests and operators)."""
         row = self._db().execute(
-            "SELECT state, attempts, last_error, meta FROM items WHERE key = ?", (key,)
+            "SELECT state, attempts, last_error, meta, image, image_type FROM items WHERE key = ?", (key,)
         ).fetchone()
         if row is None:
             return None
-        return {"state": row[0], "attempts": row[1], "last_error": row[2], "meta": json.loads(row[3])}
+        return {
+            "state": row[0], "attempts": row[1], "last_error": row[2], "meta": json.loads(row[3]),
+            "image": row[4], "image_type": row[5],
+        }
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)

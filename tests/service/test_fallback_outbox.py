@@ -160,3 +160,51 @@ def test_dead_items_can_be_listed_and_requeued_from_the_command_line(
     assert box.item(key)["state"] == "pending" and box.item(key)["attempts"] == 0  # type: ignore[index]
     assert admin.main(["--dir", str(tmp_path / "elsewhere"), "status"]) == 2
     assert "no outbox" in capsys.readouterr().err
+
+
+def test_the_predict_route_stores_unknowns_before_answering_and_refuses_when_it_cannot(
+    app_client, sample_images, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    import io
+
+    import numpy as np
+
+    from tests.service.conftest import png_bytes
+
+    settings = {
+        "fallback_url": "http://127.0.0.1:9/items",  # nobody listens: items stay pending
+        "fallback_dir": tmp_path / "outbox",
+        "operating_point": "wrong-recall=0.995",
+        "warmup": False,
+    }
+    with app_client(**settings) as client:
+        files = [("files", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(sample_images[:12])]
+        answer = client.post("/predict/batch", files=files, headers={"x-request-id": "fb-1"})
+        assert answer.status_code == 200, answer.text
+        records = answer.json()
+        unknown = [i for i, r in enumerate(records) if r["verdict"] == "unknown"]
+        assert unknown and all((r["fallback_item"] is None) == (r["verdict"] == "accept") for r in records)
+        box = client.app.state.predgate.outbox  # type: ignore[attr-defined]
+        for i in unknown:
+            stored = box.item(records[i]["fallback_item"])
+            assert stored["meta"]["request_id"] == "fb-1" and stored["meta"]["index"] == i
+            assert stored["meta"]["prediction"]["label"] == records[i]["label"]
+        first = box.item(records[unknown[0]]["fallback_item"])
+        assert first["image"] == png_bytes(sample_images[unknown[0]]) and first["image_type"] == "image/png"
+        # a JSON tensor is kept as the normalised values received (.npy)
+        loaded = client.app.state.predgate.loaded  # type: ignore[attr-defined]
+        tensor = loaded.bundle.normalisation.apply(sample_images[unknown[0]][None]).numpy()[0]
+        answer = client.post("/predict", json={"tensor": tensor.tolist()})
+        assert answer.json()["verdict"] == "unknown"  # the image the batch rejected, as a tensor
+        kept = box.item(answer.json()["fallback_item"])
+        assert kept["image_type"] == "application/x-npy"
+        assert np.array_equal(np.load(io.BytesIO(kept["image"])), tensor)
+
+        # the outbox cannot be written: the answer is withheld (503, retry), not an unknown nobody sees
+        def broken(items: object) -> list[str]:
+            raise OSError("disk full")
+
+        box.enqueue = broken
+        answer = client.post("/predict/batch", files=files)
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
+        assert answer.json()["error"]["type"] == "fallback_unavailable"
