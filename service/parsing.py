@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,37 +41,23 @@ class ParsedRequest:
 
     x: torch.Tensor
     options: PredictOptions
-    originals: list[Original] = field(default_factory=list)
-    """Each image as received (one per row of ``x``), kept for the fallback item of an ``unknown``."""
+    blobs: list[bytes] | None = None
+    """The encoded images as received (one per row of ``x``); None when the body held tensors, which
+    ``x`` then is. Kept by reference only: the fallback item of an ``unknown`` is built from it."""
 
-
-@dataclass(frozen=True)
-class Original:
-    """An input as it came: encoded image bytes, or a tensor as ``.npy`` bytes."""
-
-    data: bytes
-    media_type: str
-
-
-def _sniff(blob: bytes) -> str:
-    if blob.startswith(b"\x89PNG"):
-        return "image/png"
-    if blob.startswith(b"\xff\xd8"):
-        return "image/jpeg"
-    return "application/octet-stream"
-
-
-def _file_originals(blobs: list[bytes]) -> list[Original]:
-    return [Original(blob, _sniff(blob)) for blob in blobs]
-
-
-def _tensor_originals(x: torch.Tensor) -> list[Original]:
-    out = []
-    for row in x:
-        buffer = io.BytesIO()
-        np.save(buffer, row.numpy().astype(np.float32), allow_pickle=False)
-        out.append(Original(buffer.getvalue(), "application/x-npy"))
-    return out
+    def original(self, index: int) -> tuple[bytes, str]:
+        """Image ``index`` as received and its media type: the encoded bytes, or for a tensor its
+        values as a float32 ``.npy`` file. Computed only for an image that goes to the fallback."""
+        if self.blobs is None:
+            buffer = io.BytesIO()
+            np.save(buffer, self.x[index].numpy().astype(np.float32), allow_pickle=False)
+            return buffer.getvalue(), "application/x-npy"
+        blob = self.blobs[index]
+        if blob.startswith(b"\x89PNG"):
+            return blob, "image/png"
+        if blob.startswith(b"\xff\xd8"):
+            return blob, "image/jpeg"
+        return blob, "application/octet-stream"
 
 
 def _media_type(request: Request) -> str:
@@ -255,9 +241,9 @@ async def parse_single(request: Request, loaded: LoadedService) -> ParsedRequest
         options = PredictOptions(**{k: getattr(payload, k) for k in _OPTION_FIELDS})
         if payload.image is not None:
             x, blobs = await run_in_threadpool(_decode_base64s, [payload.image], loaded, ["image"])
-            return ParsedRequest(x, options, _file_originals(blobs))
+            return ParsedRequest(x, options, blobs)
         x = await run_in_threadpool(_tensors, [payload.tensor], loaded, ["tensor"])
-        return ParsedRequest(x, options, _tensor_originals(x))
+        return ParsedRequest(x, options)
     if media == "multipart/form-data":
         form = await _read_form(request, 1)
         try:
@@ -273,13 +259,13 @@ async def parse_single(request: Request, loaded: LoadedService) -> ParsedRequest
         finally:
             await form.close()
         x = await run_in_threadpool(_decode_files, blobs, loaded, ["file"])
-        return ParsedRequest(x, options, _file_originals(blobs))
+        return ParsedRequest(x, options, blobs)
     if media in ("image/png", "image/jpeg"):
         body = await request.body()
         if not body:
             raise InputError(EMPTY_BODY)
         x = await run_in_threadpool(_decode_files, [body], loaded, ["body"])
-        return ParsedRequest(x, PredictOptions(), _file_originals([body]))
+        return ParsedRequest(x, PredictOptions(), [body])
     if media == "":
         if not await request.body():
             raise InputError(EMPTY_BODY)
@@ -308,12 +294,12 @@ async def parse_batch(request: Request, loaded: LoadedService, limit: int) -> Pa
             check_count(len(payload.images))
             names = [f"images[{i}]" for i in range(len(payload.images))]
             x, blobs = await run_in_threadpool(_decode_base64s, payload.images, loaded, names)
-            return ParsedRequest(x, options, _file_originals(blobs))
+            return ParsedRequest(x, options, blobs)
         assert payload.tensors is not None
         check_count(len(payload.tensors))
         names = [f"tensors[{i}]" for i in range(len(payload.tensors))]
         x = await run_in_threadpool(_tensors, payload.tensors, loaded, names)
-        return ParsedRequest(x, options, _tensor_originals(x))
+        return ParsedRequest(x, options)
     if media == "multipart/form-data":
         form = await _read_form(request, limit)
         try:
@@ -325,7 +311,7 @@ async def parse_batch(request: Request, loaded: LoadedService, limit: int) -> Pa
             await form.close()
         names = [f"files[{i}]" for i in range(len(blobs))]
         x = await run_in_threadpool(_decode_files, blobs, loaded, names)
-        return ParsedRequest(x, options, _file_originals(blobs))
+        return ParsedRequest(x, options, blobs)
     if media == "" and not await request.body():
         raise InputError(
             'empty body: send JSON {"images": [...]} or {"tensors": [...]}, or multipart \'files\''

@@ -58,8 +58,11 @@ def item_body(item: Claimed) -> bytes:
             "key": item.key,
             "created_at": item.created_at,
             "attempt": item.attempts + 1,
-            **item.meta,
-            "image": {"media_type": item.image_type, "base64": base64.b64encode(item.image).decode("ascii")},
+            **item.item.meta,
+            "image": {
+                "media_type": item.item.image_type,
+                "base64": base64.b64encode(item.item.image).decode("ascii"),
+            },
         }
     ).encode()
 

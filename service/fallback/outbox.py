@@ -54,14 +54,12 @@ class NewItem:
 
 @dataclass(frozen=True)
 class Claimed:
-    """An item leased for one delivery attempt."""
+    """A stored item leased for one delivery attempt."""
 
     key: str
     created_at: float
     attempts: int
-    meta: dict[str, Any]
-    image: bytes
-    image_type: str
+    item: NewItem
 
 
 @dataclass(frozen=True)
@@ -132,7 +130,7 @@ class Outbox:
                 (now, now, limit),
             ).fetchall()
             db.executemany("UPDATE items SET lease_until = ? WHERE key = ?", [(now + lease_s, r[0]) for r in rows])
-        return [Claimed(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5]) for r in rows]
+        return [Claimed(r[0], r[1], r[2], NewItem(json.loads(r[3]), r[4], r[5])) for r in rows]
 
     def delivered(self, key: str, now: float | None = None) -> None:
         now = time.time() if now is None else now

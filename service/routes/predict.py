@@ -246,14 +246,13 @@ async def _hand_to_fallback(request: Request, outbox: Any, parsed: ParsedRequest
         return
     items = [
         NewItem(
-            meta={
+            {
                 "request_id": records[i].request_id,
                 "index": i,
                 "bundle_id": records[i].bundle_id,
                 "prediction": records[i].model_dump(exclude={"timings_ms", "fallback_item"}),
             },
-            image=parsed.originals[i].data,
-            image_type=parsed.originals[i].media_type,
+            *parsed.original(i),
         )
         for i in unknown
     ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -134,15 +135,17 @@ def test_a_delivery_that_died_holding_its_lease_is_replayed_after_it_expires(tmp
     time.sleep(0.6)
     again = second.claim(10, lease_s=0.5)
     assert sorted(c.key for c in again) == sorted(keys)
-    assert again[0].meta["prediction"] == {"verdict": "unknown"} and again[0].image_type == "image/png"
+    assert again[0].item.meta["prediction"] == {"verdict": "unknown"} and again[0].item.image_type == "image/png"
     second.close()
 
 
 def test_enqueue_is_all_or_nothing(outbox: Outbox) -> None:
-    bad = [*items(2), NewItem({"not": {"json"}}, b"", "image/png")]  # a set is not JSON
-    with pytest.raises(TypeError):
-        outbox.enqueue(bad)  # type: ignore[arg-type]
+    # the third row fails as SQLite binds it, after the first two were inserted in the transaction
+    bad = [*items(2), NewItem({"request_id": "r"}, object(), "image/png")]  # type: ignore[arg-type]
+    with pytest.raises(sqlite3.ProgrammingError):
+        outbox.enqueue(bad)
     assert outbox.counts().pending == 0
+    assert len(outbox.enqueue(items(2))) == 2 and outbox.counts().pending == 2  # the outbox still works
 
 
 def test_dead_items_can_be_listed_and_requeued_from_the_command_line(
