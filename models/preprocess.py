@@ -39,6 +39,17 @@ class Normalisation:
         std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
         return (tensor - mean) / std
 
+    def invert(self, tensor: np.ndarray | torch.Tensor) -> np.ndarray:
+        """``C x H x W`` normalised floats -> ``H x W x C`` uint8, the inverse of :meth:`apply` (rounded,
+        clipped to [0, 255]): how a person sees an input that arrived as a tensor."""
+        x = np.asarray(tensor, dtype=np.float64)
+        if x.ndim != 3 or x.shape[0] != len(self.mean):
+            raise ValueError(f"expected a {len(self.mean)} x H x W tensor, got shape {x.shape}")
+        mean = np.asarray(self.mean).reshape(-1, 1, 1)
+        std = np.asarray(self.std).reshape(-1, 1, 1)
+        pixels = np.clip(np.rint((x * std + mean) * 255.0), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(pixels.transpose(1, 2, 0))
+
 
 def resize_and_crop(image: Any, image_size: int) -> Any:
     """Scale a PIL image so its shorter side is ``image_size`` (bilinear, antialiased), then cut the

@@ -14,7 +14,8 @@ Body of every error response: ``{"error": {"type": ..., "message": ...}}``.
 | body over ``max_payload_bytes`` | 413 | ``payload_too_large`` |
 | more images than ``max_images_per_request`` | 413 | ``too_many_images`` |
 | content type other than JSON or multipart, or JSON in a charset other than UTF-8 | 415 | ``unsupported_media_type`` |
-| missing or wrong bearer token | 401 | ``unauthorized`` |
+| missing or wrong bearer token (the review page: or HTTP Basic password) | 401 | ``unauthorized`` |
+| review page off (``review``), or no such outbox item | 404 | ``not_found`` |
 | more requests than ``rate_limit_per_s`` (+ ``rate_limit_burst``) for one key | 429 + ``Retry-After`` | ``rate_limited`` |
 | batching queue full / not ready yet / shutting down | 503 + ``Retry-After`` | ``queue_full`` / ``not_ready`` / ``shutting_down`` |
 | a gate batch stuck past the watchdog limit / out of memory on a single image | 503 + ``Retry-After`` | ``batch_stuck`` / ``out_of_memory`` |
@@ -69,6 +70,18 @@ class Unauthorized(ServiceError):
 
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": "Bearer"}
+
+
+class ReviewUnauthorized(Unauthorized):
+    """The review page without credentials: a browser cannot send a bearer token on a plain page load,
+    so the page also accepts HTTP Basic (password: an API key) and asks for it."""
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Basic realm="predgate review", charset="UTF-8"'}
+
+
+class NotFound(ServiceError):
+    status_code, error_type = 404, "not_found"
 
 
 class RateLimited(ServiceError):

@@ -135,6 +135,17 @@ def _refine_branches(schema: dict[str, Any], properties: dict[str, Any]) -> None
                 branch["properties"][name] = _non_null(properties[name])
 
 
+def _refine_review_label(doc: dict[str, Any], n_classes: int) -> None:
+    """A review's ``label`` is a class index of the loaded bundle: the document says up to which."""
+    schema = doc.get("components", {}).get("schemas", {}).get("ReviewLabel", {})
+    labels = [schema.get("properties", {}).get("label", {})]
+    labels += [branch.get("properties", {}).get("label", {}) for branch in schema.get("oneOf", [])]
+    for label in labels:
+        for branch in label.get("anyOf", [label]):
+            if branch.get("type") == "integer":
+                branch["maximum"] = n_classes - 1
+
+
 def bundle_names(state: ServiceState) -> dict[str, list[str]] | None:
     """The signal set names the loaded gate serves and every operating point name they hold."""
     if state.loaded is None:
@@ -157,6 +168,8 @@ def install_openapi(app: FastAPI, state: ServiceState) -> None:
         names = bundle_names(state)
         shape = tuple(state.loaded.bundle.input_shape) if state.loaded is not None else None
         refine(doc, shape, names, state.settings)  # type: ignore[arg-type]
+        if state.loaded is not None:
+            _refine_review_label(doc, len(state.loaded.bundle.class_names))
         app.openapi_schema = doc
         if names is not None:
             cached["doc"] = doc

@@ -120,6 +120,14 @@ class Settings(BaseSettings):
         "expires. Must exceed fallback_timeout_s, or another worker could send it while the first still waits",
     )
 
+    review: bool = Field(
+        False,
+        description="serve the review page (/review): people label the rejected inputs stored in the outbox "
+        "under fallback_dir. Without fallback_url the page is the fallback: every unknown image is stored "
+        "for review, and a review marks it delivered",
+    )
+    review_page_size: int = Field(50, ge=1, le=1000, description="rejected inputs the review page lists at once")
+
     @model_validator(mode="after")
     def _lease_outlasts_an_attempt(self) -> Settings:
         if self.fallback_lease_s <= self.fallback_timeout_s:

@@ -24,6 +24,7 @@ from service.batching import Batcher, GroupKey
 from service.drift import DriftGauges
 from service.fallback.delivery import DeliveryPolicy, DeliveryWorker
 from service.fallback.outbox import Outbox
+from service.fallback.reviews import ReviewStore
 from service.settings import Settings
 
 log = logging.getLogger("predgate.service")
@@ -93,6 +94,7 @@ class ServiceState:
         self.ready = False
         self.outbox: Outbox | None = None
         self.delivery: DeliveryWorker | None = None
+        self.reviews: ReviewStore | None = None
         self.keys = KeyRing(configured_keys(settings))
         self.rate_limiter = (
             RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
@@ -130,7 +132,7 @@ class ServiceState:
             watchdog_s=self.settings.batch_watchdog_s,
         )
         await self.batcher.start()
-        if self.settings.fallback_url is not None:
+        if self.settings.fallback_url is not None or self.settings.review:
             await asyncio.to_thread(self._start_fallback, self.settings.fallback_url)
         gate = self.loaded.gate
         chosen = gate.signal_set(None)
@@ -147,10 +149,16 @@ class ServiceState:
         metrics.READY.set(1)
         log.info("predgate ready: bundle %s, signal set %s", self.loaded.bundle_id, chosen.name)
 
-    def _start_fallback(self, url: str) -> None:
-        """Open the outbox (replaying what an earlier run left pending) and start the delivery thread."""
+    def _start_fallback(self, url: str | None) -> None:
+        """Open the outbox (and the review store on it, with the review page), then, with a fallback URL,
+        start the delivery thread, which replays what an earlier run left pending."""
         settings = self.settings
         self.outbox = Outbox(settings.fallback_dir)
+        if settings.review:
+            self.reviews = ReviewStore(self.outbox)
+        if url is None:
+            log.info("review page on, no fallback URL: unknown images wait in %s for a person", self.outbox.path)
+            return
         token = settings.fallback_token.get_secret_value() if settings.fallback_token is not None else None
         policy = DeliveryPolicy(
             url=url,

@@ -77,11 +77,12 @@ class Outbox:
         self.path = Path(directory) / DB_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        db = self._db()
+        db = self.connection()
         db.execute("PRAGMA journal_mode=WAL")
         db.executescript(SCHEMA)
 
-    def _db(self) -> sqlite3.Connection:
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection to the outbox file (the review store shares it)."""
         db = getattr(self._local, "db", None)
         if db is None:
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), so a claim is atomic
@@ -94,8 +95,10 @@ class Outbox:
         return db
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        db = self._db()
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``: the write lock is taken at the start, so a read-then-write
+        (a claim, a review) cannot interleave with another process's."""
+        db = self.connection()
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
@@ -108,7 +111,7 @@ class Outbox:
         """Store ``items`` in one transaction (all or none) and return their keys; durable on return."""
         now = time.time() if now is None else now
         keys = [uuid.uuid4().hex for _ in items]
-        with self._transaction() as db:
+        with self.transaction() as db:
             db.executemany(
                 "INSERT INTO items (key, created_at, state, next_attempt_at, meta, image, image_type) "
                 "VALUES (?, ?, 'pending', ?, ?, ?, ?)",
@@ -122,7 +125,7 @@ class Outbox:
     def claim(self, limit: int, lease_s: float, now: float | None = None) -> list[Claimed]:
         """Lease up to ``limit`` due items (pending, attempt time reached, no live lease) for ``lease_s``."""
         now = time.time() if now is None else now
-        with self._transaction() as db:
+        with self.transaction() as db:
             rows = db.execute(
                 "SELECT key, created_at, attempts, meta, image, image_type FROM items "
                 "WHERE state = 'pending' AND next_attempt_at <= ? AND lease_until <= ? "
@@ -134,7 +137,7 @@ class Outbox:
 
     def delivered(self, key: str, now: float | None = None) -> None:
         now = time.time() if now is None else now
-        with self._transaction() as db:
+        with self.transaction() as db:
             db.execute(
                 "UPDATE items SET state = 'delivered', delivered_at = ?, attempts = attempts + 1, lease_until = 0 "
                 "WHERE key = ? AND state = 'pending'",
@@ -143,7 +146,7 @@ class Outbox:
 
     def failed(self, key: str, error: str, retry_at: float | None) -> None:
         """One failed attempt: back to pending until ``retry_at``, or dead when ``retry_at`` is None."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             if retry_at is None:
                 db.execute(
                     "UPDATE items SET state = 'dead', attempts = attempts + 1, last_error = ?, lease_until = 0 "
@@ -160,7 +163,7 @@ class Outbox:
     def requeue_dead(self, now: float | None = None) -> int:
         """Give every dead item a fresh set of attempts (after the receiver is fixed); returns how many."""
         now = time.time() if now is None else now
-        with self._transaction() as db:
+        with self.transaction() as db:
             cursor = db.execute(
                 "UPDATE items SET state = 'pending', attempts = 0, next_attempt_at = ?, lease_until = 0 "
                 "WHERE state = 'dead'",
@@ -169,7 +172,7 @@ class Outbox:
         return int(cursor.rowcount)
 
     def dead_items(self, limit: int = 100) -> list[dict[str, Any]]:
-        rows = self._db().execute(
+        rows = self.connection().execute(
             "SELECT key, created_at, attempts, last_error, meta FROM items WHERE state = 'dead' "
             "ORDER BY created_at LIMIT ?",
             (limit,),
@@ -182,7 +185,7 @@ class Outbox:
 
     def counts(self, now: float | None = None) -> OutboxCounts:
         now = time.time() if now is None else now
-        db = self._db()
+        db = self.connection()
         by_state = dict(db.execute("SELECT state, COUNT(*) FROM items GROUP BY state").fetchall())
         oldest = db.execute("SELECT MIN(created_at) FROM items WHERE state = 'pending'").fetchone()[0]
         return OutboxCounts(
@@ -194,7 +197,7 @@ class Outbox:
 
     def item(self, key: str) -> dict[str, Any] | None:
         """One item: state, attempts, last error, record and image (for tests and operators)."""
-        row = self._db().execute(
+        row = self.connection().execute(
             "SELECT state, attempts, last_error, meta, image, image_type FROM items WHERE key = ?", (key,)
         ).fetchone()
         if row is None:
