@@ -120,6 +120,19 @@ def clopper_pearson_upper(errors: np.ndarray, n: np.ndarray, confidence: float) 
     return np.where(errors >= n, 1.0, bound)
 
 
+def clopper_pearson_interval(errors: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Two-sided exact (Clopper-Pearson) interval on a binomial rate; ``(0, 1)`` when ``n`` is 0.
+
+    Exact rather than normal-approximate because the counts it serves (reviewed rejections) start small.
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    tail = (1.0 - confidence) / 2.0
+    low = 0.0 if errors <= 0 else float(beta.ppf(tail, errors, n - errors + 1))
+    high = 1.0 if errors >= n else float(beta.ppf(1.0 - tail, errors + 1, n - errors))
+    return low, high
+
+
 @dataclass(frozen=True)
 class OperatingPoint:
     """A threshold and what it did on val. ``reject(scores)`` applies it (``score > threshold``).

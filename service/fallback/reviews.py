@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from models.operating_points import clopper_pearson_interval
 from service.fallback.outbox import Outbox
 
 SCHEMA = """
@@ -51,6 +52,20 @@ class ReviewCounts:
     reviewed: int
     waiting: int
     none_of_these: int
+
+
+@dataclass(frozen=True)
+class RejectionEstimate:
+    """What the reviews say about the gate's live ``unknown`` answers: the share of reviewed rejections
+    the CNN really had wrong (its answer was not the true class, or no class fits), with an exact 95%
+    interval. High: the gate rejects what it should; low: it sends right answers to the fallback."""
+
+    reviewed: int
+    wrong: int
+    none_of_these: int
+    wrong_rate: float | None
+    wrong_rate_low: float
+    wrong_rate_high: float
 
 
 class ReviewStore:
@@ -122,6 +137,20 @@ class ReviewStore:
                     (now, key),
                 )
         return self.get(key)
+
+    def estimate(self) -> RejectionEstimate:
+        """How many reviewed rejections were really wrong (see :class:`RejectionEstimate`)."""
+        rows = self.outbox.connection().execute(
+            "SELECT r.label, i.meta FROM reviews r JOIN items i ON i.key = r.key"
+        ).fetchall()
+        predicted = [json.loads(meta).get("prediction", {}).get("label") for _, meta in rows]
+        wrong = sum(label is None or label != guess for (label, _), guess in zip(rows, predicted, strict=True))
+        none = sum(label is None for label, _ in rows)
+        low, high = clopper_pearson_interval(wrong, len(rows))
+        return RejectionEstimate(
+            reviewed=len(rows), wrong=wrong, none_of_these=none,
+            wrong_rate=wrong / len(rows) if rows else None, wrong_rate_low=low, wrong_rate_high=high,
+        )
 
     def counts(self) -> ReviewCounts:
         db = self.outbox.connection()

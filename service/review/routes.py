@@ -13,7 +13,7 @@ them with the script's requests). The Basic user name is recorded as the reviewe
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,7 +30,7 @@ from service.deps import LoadedDep, StateDep
 from service.errors import NotFound, ReviewUnauthorized
 from service.fallback.reviews import ReviewStore, StoredItem
 from service.review.label_studio import NONE_OF_THESE, labelling_config, task
-from service.review.schemas import ReviewedLabel, ReviewItem, ReviewLabel, ReviewQueue
+from service.review.schemas import RejectionEstimate, ReviewedLabel, ReviewItem, ReviewLabel, ReviewQueue
 from service.schemas import ErrorResponse
 from service.state import LoadedService
 
@@ -107,6 +107,7 @@ def _queue(store: ReviewStore, loaded: LoadedService, limit: int, offset: int) -
     counts = store.counts()
     return ReviewQueue(
         waiting=counts.waiting, reviewed=counts.reviewed, none_of_these=counts.none_of_these, class_names=names,
+        estimate=RejectionEstimate(**asdict(store.estimate())),
         items=[_as_response(item, names) for item in store.waiting(limit, offset)],
     )
 

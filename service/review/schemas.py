@@ -67,9 +67,21 @@ class ReviewItem(BaseModel):
     review: ReviewedLabel | None = None
 
 
+class RejectionEstimate(BaseModel):
+    """The live check of the gate: of the rejections people reviewed, how many the CNN had wrong."""
+
+    reviewed: int
+    wrong: int = Field(description="reviewed rejections whose answer was not the true class (or no class fits)")
+    none_of_these: int
+    wrong_rate: float | None = Field(description="wrong / reviewed (null before the first review)")
+    wrong_rate_low: float = Field(description="exact (Clopper-Pearson) 95% interval, lower end")
+    wrong_rate_high: float = Field(description="... upper end")
+
+
 class ReviewQueue(BaseModel):
     waiting: int = Field(description="items nobody has reviewed yet")
     reviewed: int
     none_of_these: int = Field(description="reviewed items that belong to no class of the bundle")
     class_names: list[str]
+    estimate: RejectionEstimate
     items: list[ReviewItem] = Field(description="waiting items, oldest first")

@@ -166,3 +166,28 @@ def test_outbox_and_reviews_survive_a_restart(app_client: Any, sample_images: np
         client.put(f"/review/items/{key}/label", json={"label": 2})
     with app_client(**settings) as client:
         assert client.get(f"/review/items/{key}").json()["review"]["label"] == 2
+
+
+def test_the_estimate_counts_reviewed_rejections_the_cnn_had_wrong(tmp_path: Path) -> None:
+    from scipy.stats import binomtest
+
+    from service.fallback.outbox import NewItem, Outbox
+    from service.fallback.reviews import ReviewStore
+
+    box = Outbox(tmp_path / "o")
+    store = ReviewStore(box)
+    assert store.estimate().wrong_rate is None and store.estimate().reviewed == 0
+    predicted = [1, 1, 2, 3, 4, 5, 6]
+    keys = box.enqueue([NewItem({"prediction": {"label": p}}, b"x", "image/png") for p in predicted])
+    truth = [1, 0, 2, None, 4, 9, None]  # right, wrong, right, none of these, right, wrong, none of these
+    for key, label in zip(keys, truth, strict=True):
+        store.record(key, label, None, settle=False)
+    estimate = store.estimate()
+    assert (estimate.reviewed, estimate.wrong, estimate.none_of_these) == (7, 4, 2)
+    assert estimate.wrong_rate == pytest.approx(4 / 7)
+    exact = binomtest(4, 7).proportion_ci(confidence_level=0.95, method="exact")
+    assert (estimate.wrong_rate_low, estimate.wrong_rate_high) == pytest.approx((exact.low, exact.high))
+    store.record(keys[0], 7, None, settle=False)  # a correction counts once, with the latest label
+    assert store.estimate().wrong == 5 and store.estimate().reviewed == 7
+    assert box.counts().pending == 7  # settle=False: a fallback URL still owes delivery
+    box.close()
