@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from models.errors import InputError
 from service.deps import LoadedDep, SettingsDep, require_api_key
+from service.errors import DeadlineExceeded
 from service.explaining import explain_images
 from service.parsing import parse_single
 from service.routes.predict import IMAGE_MEDIA_TYPES, REQUEST_HEADERS
@@ -33,6 +34,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         422: "unreadable input, an unknown method, or a body option (options are query parameters here)",
         429: "the API key's rate limit is spent (see Retry-After)",
         503: "not ready yet or shutting down (see Retry-After)",
+        504: "the request's deadline (X-Request-Timeout) passed before the explanation started",
     }.items()
 }
 
@@ -88,6 +90,9 @@ async def explain(
             f"/explain takes no prediction options in the body (got {given}); its options, method and "
             "top_k_maps, are query parameters"
         )
+    deadline = request.scope.get("state", {}).get("deadline")  # set by RequestContextMiddleware
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceeded("the request's deadline passed before its explanation started; not computed")
     (found,) = await explain_images(
         loaded, parsed.x, method or settings.explain_method, top_k_maps or settings.explain_top_k_maps
     )

@@ -87,6 +87,8 @@ def test_bad_method_and_body_options_are_json_422s(client: TestClient, sample_im
     body_option = client.post("/explain", json={"image": base64.b64encode(png).decode(), "top_k": 2})
     assert body_option.status_code == 422 and "query parameters" in body_option.json()["error"]["message"]
     assert client.post("/explain?top_k_maps=0", files={"file": ("x.png", png, "image/png")}).status_code == 422
+    late = client.post("/explain", files={"file": ("x.png", png, "image/png")}, headers={"x-request-timeout": "1e-9"})
+    assert late.status_code == 504 and late.json()["error"]["type"] == "deadline_exceeded"
     bad_mode = client.post("/predict?explain=sometimes", files={"file": ("x.png", png, "image/png")})
     assert bad_mode.status_code == 422 and bad_mode.json()["error"]["type"] == "validation_error"
 
