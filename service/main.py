@@ -21,7 +21,7 @@ from service.inflight import InFlightMiddleware
 from service.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from service.openapi import install_openapi
 from service.review import routes as review
-from service.routes import bundle, health, predict
+from service.routes import bundle, explain, health, predict
 from service.settings import Settings, get_settings
 from service.state import LoadedService, ServiceState
 
@@ -63,6 +63,7 @@ def create_app(settings: Settings, *, loaded: LoadedService | None = None) -> Fa
     app.include_router(bundle.router)
     app.include_router(predict.router)
     app.include_router(review.router)
+    app.include_router(explain.router)
     app.add_route("/metrics", _MetricsEndpoint(), methods=["GET"], include_in_schema=False)
     install_docs(app)
     app.add_middleware(

@@ -129,6 +129,10 @@ FALLBACK_ENQUEUE_FAILURES = Counter(
     "predgate_fallback_enqueue_failures_total",
     "Requests answered 503 because their `unknown` items could not be written to the outbox.",
 )
+EXPLANATION_FAILURES = Counter(
+    "predgate_explanation_failures_total",
+    "Batches of explanations that could not be computed (their answers and fallback items went without).",
+)
 FALLBACK_PENDING = Gauge(
     "predgate_fallback_outbox_pending",
     "Fallback items waiting for delivery (the outbox is shared, so workers report the same value).",

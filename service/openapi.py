@@ -102,7 +102,7 @@ def refine(
     limit = settings.max_images_per_request
     names = names or {}
     for path, operation in _operations(doc):
-        predict = path.startswith("/predict")
+        predict = path.startswith(("/predict", "/explain"))  # the routes behind auth and the rate limit
         for status, response in operation.get("responses", {}).items():
             headers = response.setdefault("headers", {})
             headers["X-Request-ID"] = _REQUEST_ID_HEADER

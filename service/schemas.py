@@ -6,6 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+ExplainMode = Literal["none", "unknown", "all"]
+ExplainMethod = Literal["saliency", "integrated_gradients", "grad_cam"]
+
 
 class PredictOptions(BaseModel):
     """Per-request options; each may also come as a query parameter (a body value wins)."""
@@ -26,6 +29,11 @@ class PredictOptions(BaseModel):
         None, description="return the conductance vector (implies full evidence)"
     )
     top_k: int | None = Field(None, ge=1, le=1000, description="how many top classes to list (default 3)")
+    explain: ExplainMode | None = Field(
+        None,
+        description="which answers carry an `explanation`: none, unknown (verdict unknown only) or all "
+        "(default: the server's explain setting, none unless configured)",
+    )
 
 
 def _exactly_one(first: str, first_type: str, second: str, second_type: str) -> dict[str, Any]:
@@ -57,6 +65,19 @@ class PredictJSON(PredictOptions):
         return self
 
 
+class ExplainJSON(BaseModel):
+    """``POST /explain`` as JSON: exactly one of ``image`` or ``tensor``; its options (``method``,
+    ``top_k_maps``) are query parameters."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_exactly_one("image", "string", "tensor", "array"))
+
+    image: str | None = Field(None, description="base64 PNG or JPEG (a data: URL prefix is allowed)")
+    tensor: list[Any] | None = Field(
+        None,
+        description="C x H x W (or 1 x C x H x W) floats, already normalised with the bundle's mean and std",
+    )
+
+
 class BatchJSON(PredictOptions):
     """``POST /predict/batch`` as JSON: exactly one of ``images`` or ``tensors``."""
 
@@ -81,6 +102,45 @@ class ClassProbability(BaseModel):
 class OperatingPointRef(BaseModel):
     name: str
     threshold: float = Field(description="verdict 'unknown' where unified_score > threshold")
+
+
+class ClassRef(BaseModel):
+    label: int
+    class_name: str
+
+
+class FeatureMap(BaseModel):
+    """One channel of the conductance layer."""
+
+    channel: int = Field(description="channel index in the conductance layer")
+    conductance: float = Field(description="its conductance for the class (the bundle's conductance)")
+    png: str | None = Field(
+        None, description="base64 PNG of the channel's activation for this image (heat colours, min-max scaled)"
+    )
+
+
+class TopFeatureMaps(BaseModel):
+    predicted: list[FeatureMap] = Field(description="channels with the largest conductance for the prediction")
+    runner_up: list[FeatureMap] = Field(description="channels with the largest conductance for the runner-up")
+
+
+class Explanation(BaseModel):
+    """Why the CNN said what it said, for a reviewer (the paper's figures 1-2)."""
+
+    method: ExplainMethod
+    target: ClassRef = Field(description="the predicted class, whose logit is attributed")
+    runner_up: ClassRef = Field(description="the class with the second largest logit")
+    overlay_png: str = Field(
+        description="base64 PNG: the input as sent (de-normalised) beside the input with the attribution map "
+        "as a heat colour overlay, scaled up to at least 112 pixels a side"
+    )
+    top_feature_maps: TopFeatureMaps
+    convergence_delta: float | None = Field(
+        None,
+        description="integrated gradients only: sum of attributions minus (F(x) - F(baseline)), the "
+        "integration error; null for the other methods",
+    )
+    timings_ms: dict[str, float] = Field(description="conductance, attribution, render (of the whole batch)")
 
 
 class Prediction(BaseModel):
@@ -116,6 +176,9 @@ class Prediction(BaseModel):
         None,
         description="key of the fallback item stored for this `unknown` image (also its Idempotency-Key at "
         "the fallback URL); None when the verdict is accept or no fallback is configured",
+    )
+    explanation: Explanation | None = Field(
+        None, description="with explain=unknown (for an unknown verdict) or explain=all; null otherwise"
     )
 
 

@@ -98,6 +98,30 @@ class Settings(BaseSettings):
         "closes a connection a client is reusing at that moment: that request would get no answer",
     )
 
+    explain: Literal["none", "unknown", "all"] = Field(
+        "none",
+        description="which answers of /predict and /predict/batch carry an explanation when the request does "
+        "not say (its `explain` option): none (answers stay lean), unknown (the answers sent to the fallback) "
+        "or all. Each one costs a backward pass or more per image (docs/fallback.md)",
+    )
+    explain_method: Literal["saliency", "integrated_gradients", "grad_cam"] = Field(
+        "grad_cam",
+        description="attribution method of the explanations on /predict and the fallback items, and the default "
+        "of /explain: grad_cam and saliency cost one backward pass, integrated_gradients explain_ig_steps",
+    )
+    explain_top_k_maps: int = Field(
+        5, ge=1, le=1000, description="feature maps listed per class (predicted, runner-up) in an explanation"
+    )
+    explain_ig_steps: int = Field(
+        16, ge=1, le=256,
+        description="integration points of integrated gradients (each a forward and backward row per image)",
+    )
+    fallback_explain: bool = Field(
+        True,
+        description="every fallback item's meta carries the explanation of its image (method explain_method), "
+        "computed before the item is stored; false leaves it out (the outbox write then costs no backward pass)",
+    )
+
     fallback_url: str | None = Field(
         None,
         description="where every `unknown` image is delivered (POST, JSON, Idempotency-Key header); None = "

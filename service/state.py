@@ -16,6 +16,7 @@ import torch
 from models.bundle import Bundle, load_bundle
 from models.devices import resolve_device
 from models.errors import ConfigError, InputError
+from models.explanations import Explainer
 from models.gate import Gate, GateOutput, load_gate
 from models.image_input import InputContract
 from service import metrics
@@ -44,6 +45,8 @@ class LoadedService:
     contract: InputContract
     device: torch.device
     drift: DriftGauges
+    explainer: Explainer | None = None
+    """Saliency / IG / Grad-CAM on a private copy of the CNN (None without a conductance layer)."""
 
     @property
     def bundle_id(self) -> str:
@@ -72,7 +75,12 @@ def load_service(settings: Settings) -> LoadedService:
     drift = DriftGauges(
         bundle, list(gate.signal_sets), settings.drift_window, min(settings.drift_min_window, settings.drift_window)
     )
-    return LoadedService(bundle, gate, contract, device, drift)
+    explainer = (
+        Explainer.from_gate(gate, bundle, ig_steps=settings.explain_ig_steps)
+        if gate.extractor.conductance is not None
+        else None
+    )
+    return LoadedService(bundle, gate, contract, device, drift, explainer)
 
 
 def warm_up(loaded: LoadedService) -> None:

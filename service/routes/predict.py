@@ -20,12 +20,15 @@ from service import metrics
 from service.batching import GroupKey, Row
 from service.deps import BatcherDep, LoadedDep, SettingsDep, require_api_key
 from service.errors import FallbackUnavailable
+from service.explaining import explain_images
 from service.fallback.outbox import NewItem
 from service.parsing import ParsedRequest, parse_batch, parse_single
 from service.schemas import (
     BatchJSON,
     ClassProbability,
     ErrorResponse,
+    ExplainMode,
+    Explanation,
     OperatingPointRef,
     Prediction,
     PredictJSON,
@@ -103,6 +106,7 @@ def _body_doc(json_model: type[PredictOptions], file_field: str, many: bool) -> 
                             "full_evidence": {"type": "boolean"},
                             "return_conductance": {"type": "boolean"},
                             "top_k": {"type": "integer", "minimum": 1, "maximum": 1000},
+                            "explain": {"type": "string", "enum": ["none", "unknown", "all"]},
                         },
                     },
                     "encoding": {file_field: {"contentType": IMAGE_MEDIA_TYPES}},
@@ -121,6 +125,10 @@ def query_options(
     ] = None,
     return_conductance: Annotated[bool | None, Query(description="return the conductance vector")] = None,
     top_k: Annotated[int | None, Query(ge=1, le=1000, description="top classes to list (default 3)")] = None,
+    explain: Annotated[
+        ExplainMode | None,
+        Query(description="answers that carry an explanation: none, unknown or all (default: the server's)"),
+    ] = None,
 ) -> PredictOptions:
     return PredictOptions(
         signal_set=signal_set,
@@ -128,6 +136,7 @@ def query_options(
         full_evidence=full_evidence,
         return_conductance=return_conductance,
         top_k=top_k,
+        explain=explain,
     )
 
 
@@ -233,14 +242,51 @@ async def _answer(
         key.signal_set, np.array([row.unified_score for row in rows]), np.array([row.reject for row in rows])
     )
     outbox = request.app.state.predgate.outbox
+    mode = options.explain or settings.explain
+    wanted = [i for i, r in enumerate(records) if mode == "all" or (mode == "unknown" and r.verdict == "unknown")]
+    for_fallback = (
+        [i for i, r in enumerate(records) if r.verdict == "unknown"]
+        if outbox is not None and settings.fallback_explain
+        else []
+    )
+    explanations = await _explanations(loaded, settings, x, sorted({*wanted, *for_fallback}))
+    for i in wanted:
+        records[i].explanation = explanations.get(i)
     if outbox is not None:
-        await _hand_to_fallback(request, outbox, parsed, records)
+        await _hand_to_fallback(request, outbox, parsed, records, explanations if settings.fallback_explain else None)
     return records
 
 
-async def _hand_to_fallback(request: Request, outbox: Any, parsed: ParsedRequest, records: list[Prediction]) -> None:
+async def _explanations(
+    loaded: LoadedService, settings: Settings, x: torch.Tensor, indices: list[int]
+) -> dict[int, Explanation]:
+    """Explanations of the images at ``indices`` (one batched computation, off the event loop), by index.
+
+    An explanation is evidence for a person, not part of the verdict: if computing it fails, the
+    answers (and their fallback items) still go out, without it, and the failure is logged.
+    """
+    if not indices:
+        return {}
+    try:
+        found = await explain_images(loaded, x[indices], settings.explain_method, settings.explain_top_k_maps)
+    except Exception:
+        log.exception("explanation of %d image(s) failed; answering without", len(indices))
+        metrics.EXPLANATION_FAILURES.inc()
+        return {}
+    return dict(zip(indices, found, strict=True))
+
+
+async def _hand_to_fallback(
+    request: Request,
+    outbox: Any,
+    parsed: ParsedRequest,
+    records: list[Prediction],
+    explanations: dict[int, Explanation] | None = None,
+) -> None:
     """Store a fallback item for every ``unknown`` image, durably, before the answer leaves: if that fails
-    the request is answered 503 (retry) rather than with an ``unknown`` nobody will ever see."""
+    the request is answered 503 (retry) rather than with an ``unknown`` nobody will ever see. With
+    ``explanations`` (the ``fallback_explain`` setting), each item's meta carries its image's explanation
+    for the reviewer (null where it could not be computed)."""
     unknown = [i for i, record in enumerate(records) if record.verdict == "unknown"]
     if not unknown:
         return
@@ -250,7 +296,12 @@ async def _hand_to_fallback(request: Request, outbox: Any, parsed: ParsedRequest
                 "request_id": records[i].request_id,
                 "index": i,
                 "bundle_id": records[i].bundle_id,
-                "prediction": records[i].model_dump(exclude={"timings_ms", "fallback_item"}),
+                "prediction": records[i].model_dump(exclude={"timings_ms", "fallback_item", "explanation"}),
+                **(
+                    {}
+                    if explanations is None
+                    else {"explanation": explanations[i].model_dump() if i in explanations else None}
+                ),
             },
             *parsed.original(i),
         )

@@ -135,3 +135,16 @@ def test_serve_benchmark_batched_and_unbatched(tiny_bundle: Path) -> None:
     for r in ratios.values():
         assert r["concurrency"] == 4 and math.isfinite(r["ratio"]) and r["ratio"] > 0
     assert "| batched | msp | 4 |" in bench_serve.markdown(result)
+
+
+def test_explain_benchmark_times_every_method(tiny_bundle: Path, tmp_path: Path) -> None:
+    from bench import explain as bench_explain
+    from models.explanations import METHODS
+
+    out = tmp_path / "explain.json"
+    assert bench_explain.main(["--bundle", str(tiny_bundle), "--batch-sizes", "2", "--repeats", "1", "--ig-steps", "4",
+                               "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["per_image_ms"]["2"]
+    assert set(row) == {"forward_ms", *(f"{m}_ms" for m in METHODS)}
+    # an explanation is at least a forward pass (it makes two, and a backward)
+    assert all(math.isfinite(v) and v > row["forward_ms"] > 0 for k, v in row.items() if k != "forward_ms")
