@@ -9,9 +9,9 @@ been built on the same data and splits, so neither CNN trained on them):
   (c) the cascade system;
 - coverage (share accepted), selective accuracy (correct among accepted), overall accuracy if every
   answer's label counted, the share still going to the fallback;
-- cost per image in forward-equivalents of the primary CNN (each bundle's report prices its signal
-  set in its own forwards; a measured forward ratio converts the cascade's) and wall time per image
-  of the real gates on this CPU;
+- cost per image in forward-equivalents of the primary CNN (each signal set priced in its own CNN's
+  forwards by :func:`models.costs.stage_costs`, measured here; the measured forward ratio converts the
+  cascade's) and wall time per image of the real gates on this CPU;
 - paired bootstrap 95% CIs (same resampled images for both sides) of the differences in selective
   accuracy and coverage between the system and each model alone.
 
@@ -22,7 +22,6 @@ a parity check runs both live gates on the first images and stops if their verdi
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -32,8 +31,8 @@ import numpy as np
 import torch
 
 from bench.common import finish
-from models.bundle import REPORT_METRICS_FILE, SCORES_FILE, Bundle, load_bundle, scores_key
-from models.costs import median_seconds
+from models.bundle import SCORES_FILE, Bundle, load_bundle, scores_key
+from models.costs import signal_set_cost, stage_costs
 from models.data import load_splits
 from models.gate import Gate, load_gate
 from models.metrics import bootstrap_indices
@@ -86,14 +85,12 @@ def load_gate_point(bundle: Bundle, signal_set: str, point: str | None) -> dict[
     return {"name": name, "threshold": float(info.operating_points[name]["threshold"])}
 
 
-def _cost_fe(bundle: Bundle, signal_set: str) -> float:
-    """Forward-equivalents (of this bundle's own CNN) per verdict with ``signal_set``, from its report."""
-    path = bundle.path / REPORT_METRICS_FILE
-    rows = json.loads(path.read_text())["evidence_value"] if path.is_file() else []
-    cost = next((r.get("cost_fe") for r in rows if r["signal_set"] == signal_set), None)
-    if cost is None:
-        raise SystemExit(f"bench.cascade: {bundle.path}: the report has no cost for signal set {signal_set}")
-    return float(cost)
+def _stage_costs(gate: Gate, bundle: Bundle, images: np.ndarray, signal_set: str, repeats: int) -> dict[str, float]:
+    """This gate's stage costs on ``images`` measured now (:func:`models.costs.stage_costs`), and the
+    forward-equivalents (of its own CNN) per verdict with ``signal_set``: both models are priced in the
+    same process under the same load, rather than taken from two reports made at different times."""
+    costs = stage_costs(gate.extractor, bundle.normalisation.apply(images), repeats=repeats)
+    return {**costs, "verdict_fe": signal_set_cost(gate.signal_set(signal_set).signals, costs)}
 
 
 def _parity(gate: Gate, bundle: Bundle, images: np.ndarray, side: dict[str, Any]) -> int:
@@ -225,14 +222,13 @@ def measure(
     figures = {side: _figures(answers[side]["accepted"], answers[side]["correct"]) for side in SIDES}
     figures["system"]["decided_by_cascade_share"] = float(answers["system"]["by_cascade"].mean())
 
-    x = bundles["primary"].normalisation.apply(images[:batch_size])
-    xc = bundles["cascade"].normalisation.apply(images[:batch_size])
-    with torch.no_grad():
-        fwd_p = median_seconds(lambda: gates["primary"].extractor.model(x), repeats=7)
-        fwd_c = median_seconds(lambda: gates["cascade"].extractor.model(xc), repeats=7)
+    stages = {
+        name: _stage_costs(gates[name], bundles[name], images[:batch_size], sides[name]["signal_set"], repeats)
+        for name in ("primary", "cascade")
+    }
+    fwd_p, fwd_c = stages["primary"]["forward_s"], stages["cascade"]["forward_s"]
     ratio = fwd_c / fwd_p
-    cost_p = _cost_fe(bundles["primary"], sides["primary"]["signal_set"])
-    cost_c = _cost_fe(bundles["cascade"], sides["cascade"]["signal_set"])
+    cost_p, cost_c = stages["primary"]["verdict_fe"], stages["cascade"]["verdict_fe"]
     reject_share = float(sides["primary"]["reject"].mean())
     costs = {"primary": cost_p, "cascade": cost_c * ratio, "system": cost_p + reject_share * cost_c * ratio}
     timing = images[: min(timing_images, len(images))]
@@ -254,6 +250,7 @@ def measure(
         "n_test": len(images),
         "parity_checked_images": checked,
         "forward_seconds": {"primary": fwd_p, "cascade": fwd_c, "ratio": ratio, "batch_size": batch_size},
+        "stage_costs": stages,
         "timing": {"images": len(timing), "batch_size": batch_size, "repeats": repeats, "threads": torch.get_num_threads()},
         "figures": figures,
         "n_boot": n_boot,
