@@ -236,6 +236,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {
         "bundle": args.bundle, "host": args.host, "port": args.port, "signal_set": args.signal_set,
         "operating_point": args.operating_point, "device": args.device, "backend": args.backend,
+        "cascade_bundle": args.cascade_bundle,
     }
     return serve(Settings(**{k: v for k, v in overrides.items() if v is not None}))
 
@@ -271,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default=None, help="auto, cpu or cuda")
     serve.add_argument(
         "--backend", default=None, choices=["torch", "onnx"], help="torch (default) or onnx (ONNX Runtime)"
+    )
+    serve.add_argument(
+        "--cascade-bundle", type=Path, default=None,
+        help="second bundle that decides the images the first answers unknown (PREDGATE_CASCADE_BUNDLE)",
     )
     serve.set_defaults(func=cmd_serve)
 

@@ -42,6 +42,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from prometheus_client import Gauge, Histogram
 
 from models.gate import GateOutput
 from models.operating_points import OperatingPoint
@@ -133,6 +134,20 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
+@dataclass(frozen=True)
+class BatcherMetrics:
+    """Where a batcher reports its queue depth, batch sizes and gate stages: the primary gate's
+    batcher and the cascade's each have their own, so one queue's depth never overwrites the other's."""
+
+    queue_depth: Gauge
+    batch_size: Histogram
+    stage_prefix: str = ""
+
+
+PRIMARY_METRICS = BatcherMetrics(metrics.QUEUE_DEPTH, metrics.BATCH_SIZE)
+CASCADE_METRICS = BatcherMetrics(metrics.CASCADE_QUEUE_DEPTH, metrics.CASCADE_BATCH_SIZE, "cascade_")
+
+
 BatchFunction = Callable[[torch.Tensor, GroupKey], GateOutput]
 """Runs the gate on ``N x C x H x W`` for one group; called on the worker thread."""
 
@@ -147,6 +162,7 @@ class Batcher:
     max_queue_delay_s : how long the loop waits, after the first image, for a batch to fill.
     queue_limit : most images waiting; ``submit`` beyond it raises :class:`QueueFull`.
     watchdog_s : a gate run longer than this counts as stuck (None: no watchdog).
+    batcher_metrics : the queue-depth gauge, batch-size histogram and stage-label prefix it reports to.
     """
 
     def __init__(
@@ -157,12 +173,14 @@ class Batcher:
         max_queue_delay_s: float,
         queue_limit: int,
         watchdog_s: float | None = None,
+        batcher_metrics: BatcherMetrics = PRIMARY_METRICS,
     ) -> None:
         if max_batch_size < 1 or queue_limit < 1 or max_queue_delay_s < 0:
             raise ValueError("max_batch_size and queue_limit must be >= 1, max_queue_delay_s >= 0")
         if watchdog_s is not None and watchdog_s <= 0:
             raise ValueError("watchdog_s must be > 0 (or None)")
         self.run_batch = run_batch
+        self.metrics = batcher_metrics
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.queue_limit = queue_limit
@@ -231,7 +249,7 @@ class Batcher:
             future.add_done_callback(self._withdraw_if_cancelled(item))
             self._queue.append(item)
             futures.append(future)
-        metrics.QUEUE_DEPTH.set(len(self._queue))
+        self.metrics.queue_depth.set(len(self._queue))
         self._arrived_while_running = self._arrived_while_running or self._running
         self._wakeup.set()
         return futures
@@ -243,7 +261,7 @@ class Batcher:
                     self._queue.remove(item)  # still queued: its place goes to the next request
                 except ValueError:
                     return  # already taken into a batch, which skips it
-                metrics.QUEUE_DEPTH.set(len(self._queue))
+                self.metrics.queue_depth.set(len(self._queue))
 
         return callback
 
@@ -263,7 +281,7 @@ class Batcher:
             queued = len(self._queue) - len(kept)
             self._queue.clear()  # its queued images leave now, their places free for the next request
             self._queue.extend(kept)
-            metrics.QUEUE_DEPTH.set(len(self._queue))
+            self.metrics.queue_depth.set(len(self._queue))
             for future in pending:
                 future.cancel()  # a running batch skips these
             if queued:
@@ -341,7 +359,7 @@ class Batcher:
                 # in the same event-loop turn join it
                 await asyncio.sleep(0)
             batch = self._take()
-            metrics.QUEUE_DEPTH.set(len(self._queue))
+            self.metrics.queue_depth.set(len(self._queue))
             if not batch:
                 continue
             self._running, self._arrived_while_running = True, False
@@ -438,7 +456,7 @@ class Batcher:
         if len(out.prediction) != n:  # a bug of the batch function, not of an image: no retry
             error = RuntimeError(f"batch function returned {len(out.prediction)} rows for {n} images")
             return [error] * n
-        metrics.BATCH_SIZE.observe(n)
+        self.metrics.batch_size.observe(n)
         for stage, seconds in out.seconds.items():
-            metrics.STAGE_SECONDS.labels(stage=stage).observe(seconds)
+            metrics.STAGE_SECONDS.labels(stage=self.metrics.stage_prefix + stage).observe(seconds)
         return list(split_rows(out, waits))

@@ -50,6 +50,22 @@ BATCH_SIZE = Histogram(
 QUEUE_DEPTH = Gauge(
     "predgate_queue_depth", "Images waiting in the batching queue (summed over workers).", multiprocess_mode="livesum"
 )
+DECISIONS = Counter(
+    "predgate_decisions_total",
+    "Answers by who decided: primary (its gate accepted), cascade (the primary rejected, the cascade bundle "
+    "accepted), none (unknown after every gate; these go to the fallback).",
+    ["decided_by"],
+)
+CASCADE_QUEUE_DEPTH = Gauge(
+    "predgate_cascade_queue_depth",
+    "Primary rejects waiting in the cascade gate's batching queue (summed over workers; 0 without a cascade).",
+    multiprocess_mode="livesum",
+)
+CASCADE_BATCH_SIZE = Histogram(
+    "predgate_cascade_batch_size",
+    "Images per cascade gate run (the primary's rejects, batched across requests).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 IN_FLIGHT = Gauge(
     "predgate_in_flight_requests",
     "Predict requests received and not yet answered (summed over workers): the autoscaling signal.",
@@ -148,7 +164,8 @@ BUNDLE = Info(
 )
 
 STAGES = ("queue", "forward", "forward+conductance", "lcr", "detectors", "total")
-"""Label values of ``predgate_stage_seconds``."""
+"""Label values of ``predgate_stage_seconds``; the cascade gate's stages are these with a ``cascade_``
+prefix (``cascade_forward``, ...)."""
 
 
 def multiprocess_dir() -> str | None:

@@ -143,13 +143,49 @@ class Explanation(BaseModel):
     timings_ms: dict[str, float] = Field(description="conductance, attribution, render (of the whole batch)")
 
 
-class Prediction(BaseModel):
-    """The gate's answer for one image."""
+class CascadeOpinion(BaseModel):
+    """What the cascade bundle said about an image the primary gate answered ``unknown``."""
 
-    label: int = Field(description="predicted class index")
+    label: int = Field(description="the cascade CNN's predicted class index")
     class_name: str
-    top_k: list[ClassProbability]
-    probabilities: list[float] = Field(description="softmax over all classes, in label order")
+    probabilities: list[float] = Field(description="the cascade CNN's softmax over all classes, in label order")
+    conductance_score: float | None = Field(description="its conductance detector's P(wrong); null when not computed")
+    lcr: float | None = Field(description="its label change rate; null when not computed")
+    unified_score: float = Field(description="its signal set's P(wrong), compared with its threshold")
+    verdict: Literal["accept", "unknown"] = Field(description="the cascade gate's own verdict")
+    signal_set: str
+    operating_point: OperatingPointRef
+    bundle_id: str = Field(description="the cascade bundle")
+    timings_ms: dict[str, float] = Field(description="queue and gate stages of the cascade run")
+    batch_size: int = Field(description="images in the cascade gate run that answered this one")
+
+
+DecidedBy = Literal["primary", "cascade", "none"]
+
+
+class Prediction(BaseModel):
+    """The answer for one image: the primary gate's evidence, and the verdict of whoever decided.
+
+    Without a cascade every field is the primary gate's. With one (``cascade_bundle``), an image the
+    primary rejects is run through the cascade gate: ``label``, ``class_name``, ``top_k`` and ``verdict``
+    are then the cascade's when it accepts (``decided_by="cascade"``), the evidence fields
+    (``probabilities``, scores, ``signal_set``, ``operating_point``, ``bundle_id``) stay the primary's, and
+    ``cascade`` holds the cascade's own opinion, so both models' views are visible.
+    """
+
+    label: int = Field(description="the answer's class index: the primary's, or the cascade's if it decided")
+    class_name: str
+    top_k: list[ClassProbability] = Field(description="top classes of the model that gave the label")
+    probabilities: list[float] = Field(description="the primary CNN's softmax over all classes, in label order")
+    primary_label: int = Field(description="the primary CNN's predicted class (differs from label only if "
+                               "the cascade decided with another class)")
+    decided_by: DecidedBy = Field(
+        description="who made the verdict: primary (its gate accepted), cascade (the primary rejected, the "
+        "cascade bundle accepted), none (unknown: rejected by every gate that ran; sent to the fallback)"
+    )
+    cascade: CascadeOpinion | None = Field(
+        None, description="the cascade bundle's opinion, where the primary rejected and a cascade is configured"
+    )
     conductance_score: float | None = Field(
         description="conductance detector's P(wrong); null when not computed"
     )
@@ -157,11 +193,13 @@ class Prediction(BaseModel):
     mutants_used: int | None = Field(
         None, description="mutants this image needed where the bundle stops LCR early; null otherwise"
     )
-    unified_score: float = Field(description="the signal set's P(wrong), compared with the threshold")
-    verdict: Literal["accept", "unknown"]
-    signal_set: str = Field(description="the signal set that made the verdict")
+    unified_score: float = Field(description="the primary signal set's P(wrong), compared with its threshold")
+    verdict: Literal["accept", "unknown"] = Field(
+        description="accept = use label; unknown = no gate accepted (the primary's, then the cascade's if any)"
+    )
+    signal_set: str = Field(description="the primary's signal set")
     operating_point: OperatingPointRef
-    bundle_id: str
+    bundle_id: str = Field(description="the primary bundle")
     timings_ms: dict[str, float] = Field(
         description="queue, forward or forward+conductance, lcr, detectors (gate stages: the whole batch), total"
     )
@@ -212,6 +250,16 @@ class SignalSetSummary(BaseModel):
     details: dict[str, Any] = Field(description="other figures the build recorded (kind, val_auroc, ...)")
 
 
+class CascadeSummary(BaseModel):
+    """The second bundle deciding the primary's ``unknown`` images (``cascade_bundle``)."""
+
+    bundle_id: str
+    architecture: dict[str, Any]
+    signal_set: str = Field(description="the cascade signal set that makes its verdict")
+    operating_point: OperatingPointRef
+    device: str
+
+
 class BundleSummary(BaseModel):
     """What ``GET /v1/bundle`` shows: the manifest's summary, the signal sets and the serving choice."""
 
@@ -229,4 +277,7 @@ class BundleSummary(BaseModel):
     evidence_value: list[dict[str, Any]] | None = Field(
         None,
         description="evidence-value table of the build report (per signal set: AUROC, diff to MSP, cost)",
+    )
+    cascade: CascadeSummary | None = Field(
+        None, description="the cascade bundle deciding the primary's unknowns; null when none is configured"
     )

@@ -152,6 +152,20 @@ class Settings(BaseSettings):
     )
     review_page_size: int = Field(50, ge=1, le=1000, description="rejected inputs the review page lists at once")
 
+    cascade_bundle: Path | None = Field(
+        None,
+        description="directory of a second finished bundle (a bigger or differently trained model) that decides "
+        "the images the primary gate answers `unknown`; its accepts answer with decided_by=cascade, the rest "
+        "stay unknown (decided_by=none) and only those go to the fallback. Same input shape and class names "
+        "as the primary; None = no cascade",
+    )
+    cascade_signal_set: str | None = Field(
+        None, description="signal set of the cascade bundle that makes its verdict; None = that bundle's default"
+    )
+    cascade_operating_point: str | None = Field(
+        None, description="operating point of that set; None = the set's default"
+    )
+
     @model_validator(mode="after")
     def _lease_outlasts_an_attempt(self) -> Settings:
         if self.fallback_lease_s <= self.fallback_timeout_s:
@@ -169,6 +183,20 @@ class Settings(BaseSettings):
                 f"liveness_stuck_s ({self.liveness_stuck_s:g}) must be greater than batch_watchdog_s "
                 f"({self.batch_watchdog_s:g}): set PREDGATE_LIVENESS_STUCK_S above PREDGATE_BATCH_WATCHDOG_S"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _cascade_options_need_a_cascade(self) -> Settings:
+        """A cascade signal set or point without a cascade bundle is a typo or a half-removed setting."""
+        if self.cascade_bundle is None:
+            named = [
+                name for name in ("cascade_signal_set", "cascade_operating_point") if getattr(self, name) is not None
+            ]
+            if named:
+                raise ValueError(
+                    f"{' and '.join(named)} set without cascade_bundle: set PREDGATE_CASCADE_BUNDLE to the second "
+                    f"bundle's directory, or unset PREDGATE_{named[0].upper()}"
+                )
         return self
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,8 @@ from models.gate import Gate, GateOutput, load_gate
 from models.image_input import InputContract
 from service import metrics
 from service.auth import KeyRing, RateLimiter, configured_keys
-from service.batching import Batcher, GroupKey
+from service.batching import CASCADE_METRICS, PRIMARY_METRICS, Batcher, BatcherMetrics, GroupKey
+from service.cascade import Cascade, load_cascade
 from service.drift import DriftGauges
 from service.fallback.delivery import DeliveryPolicy, DeliveryWorker
 from service.fallback.outbox import Outbox
@@ -47,6 +49,8 @@ class LoadedService:
     drift: DriftGauges
     explainer: Explainer | None = None
     """Saliency / IG / Grad-CAM on a private copy of the CNN (None without a conductance layer)."""
+    cascade: Cascade | None = None
+    """The second bundle that decides the primary's ``unknown`` images (``cascade_bundle``), if any."""
 
     @property
     def bundle_id(self) -> str:
@@ -62,7 +66,8 @@ def load_service(settings: Settings) -> LoadedService:
         The bundle is missing, incomplete, tampered with or has no detectors.
     ConfigError
         A setting names a signal set or operating point the bundle lacks, an unusable device, or an
-        input policy the bundle's input shape does not allow.
+        input policy the bundle's input shape does not allow; or the cascade bundle takes other inputs
+        or names other classes than the primary (:func:`service.cascade.check_compatible`).
     """
     bundle = load_bundle(settings.bundle)
     sets = bundle.detectors.signal_sets if bundle.detectors is not None else {}
@@ -80,15 +85,45 @@ def load_service(settings: Settings) -> LoadedService:
         if gate.extractor.conductance is not None
         else None
     )
-    return LoadedService(bundle, gate, contract, device, drift, explainer)
+    cascade = None
+    if settings.cascade_bundle is not None:
+        cascade = load_cascade(
+            settings.cascade_bundle, bundle, device, settings.cascade_signal_set, settings.cascade_operating_point,
+            settings.backend,
+        )
+    return LoadedService(bundle, gate, contract, device, drift, explainer, cascade)
+
+
+def _warm(gate: Gate, input_shape: tuple[int, int, int]) -> None:
+    x = torch.zeros(1, *input_shape)
+    extractor = gate.extractor
+    full = extractor.conductance is not None and extractor.ensemble is not None
+    gate.run(x, full_evidence=full)
 
 
 def warm_up(loaded: LoadedService) -> None:
-    """One pass through every stage the server may need, so the first request is not the slow one."""
-    x = torch.zeros(1, *loaded.bundle.input_shape)
-    extractor = loaded.gate.extractor
-    full = extractor.conductance is not None and extractor.ensemble is not None
-    loaded.gate.run(x, full_evidence=full)
+    """One pass through every stage the server may need (the cascade's too), so the first request is
+    not the slow one."""
+    _warm(loaded.gate, loaded.bundle.input_shape)
+    if loaded.cascade is not None:
+        _warm(loaded.cascade.gate, loaded.cascade.bundle.input_shape)
+
+
+def run_gate(gate: Gate, x: torch.Tensor, key: GroupKey) -> GateOutput:
+    """``gate`` on one group; an output that is not finite raises :class:`InputError` for the whole
+    batch, which the batcher then splits until the image responsible fails alone (422)."""
+    try:
+        out = gate.run(
+            x, signal_set=key.signal_set, operating_point=key.operating_point, full_evidence=key.full_evidence
+        )
+    except ValueError as exc:  # scikit-learn refuses NaN / infinite evidence
+        if "NaN" not in str(exc) and "infinity" not in str(exc):
+            raise
+        raise InputError(NOT_FINITE) from exc
+    finite = np.isfinite(out.probabilities).all(axis=1) & np.isfinite(out.unified_score)
+    if not finite.all():
+        raise InputError(NOT_FINITE)
+    return out
 
 
 class ServiceState:
@@ -99,6 +134,8 @@ class ServiceState:
         self.settings = settings
         self.loaded = loaded
         self.batcher: Batcher | None = None
+        self.cascade_batcher: Batcher | None = None
+        """The cascade gate's own queue and thread, so its runs never wait behind the primary's batches."""
         self.ready = False
         self.outbox: Outbox | None = None
         self.delivery: DeliveryWorker | None = None
@@ -111,35 +148,38 @@ class ServiceState:
         )
 
     def run_batch(self, x: torch.Tensor, key: GroupKey) -> GateOutput:
-        """The gate on one group; an output that is not finite raises :class:`InputError` for the
-        whole batch, which the batcher then splits until the image responsible fails alone (422)."""
+        """The primary gate on one group (see :func:`run_gate`)."""
         assert self.loaded is not None
-        try:
-            out = self.loaded.gate.run(
-                x, signal_set=key.signal_set, operating_point=key.operating_point, full_evidence=key.full_evidence
-            )
-        except ValueError as exc:  # scikit-learn refuses NaN / infinite evidence
-            if "NaN" not in str(exc) and "infinity" not in str(exc):
-                raise
-            raise InputError(NOT_FINITE) from exc
-        finite = np.isfinite(out.probabilities).all(axis=1) & np.isfinite(out.unified_score)
-        if not finite.all():
-            raise InputError(NOT_FINITE)
-        return out
+        return run_gate(self.loaded.gate, x, key)
+
+    def run_cascade_batch(self, x: torch.Tensor, key: GroupKey) -> GateOutput:
+        """The cascade gate on one group of the primary's rejects (already in its normalisation)."""
+        assert self.loaded is not None and self.loaded.cascade is not None
+        return run_gate(self.loaded.cascade.gate, x, key)
+
+    def _batcher(
+        self, run: Callable[[torch.Tensor, GroupKey], GateOutput], reports: BatcherMetrics = PRIMARY_METRICS
+    ) -> Batcher:
+        return Batcher(
+            run,
+            batcher_metrics=reports,
+            max_batch_size=self.settings.max_batch_size,
+            max_queue_delay_s=self.settings.max_queue_delay_ms / 1000.0,
+            queue_limit=self.settings.queue_limit,
+            watchdog_s=self.settings.batch_watchdog_s,
+        )
 
     async def start(self) -> None:
         if self.loaded is None:
             self.loaded = await asyncio.to_thread(load_service, self.settings)
         if self.settings.warmup:
             await asyncio.to_thread(warm_up, self.loaded)
-        self.batcher = Batcher(
-            self.run_batch,
-            max_batch_size=self.settings.max_batch_size,
-            max_queue_delay_s=self.settings.max_queue_delay_ms / 1000.0,
-            queue_limit=self.settings.queue_limit,
-            watchdog_s=self.settings.batch_watchdog_s,
-        )
+        self.batcher = self._batcher(self.run_batch)
         await self.batcher.start()
+        cascade = self.loaded.cascade
+        if cascade is not None:
+            self.cascade_batcher = self._batcher(self.run_cascade_batch, CASCADE_METRICS)
+            await self.cascade_batcher.start()
         if self.settings.fallback_url is not None or self.settings.review:
             await asyncio.to_thread(self._start_fallback, self.settings.fallback_url)
         gate = self.loaded.gate
@@ -151,11 +191,17 @@ class ServiceState:
                 "operating_point": chosen.point(self.settings.operating_point).name,
                 "device": str(self.loaded.device),
                 "backend": self.settings.backend,
+                "cascade_bundle_id": cascade.bundle_id if cascade is not None else "",
             }
         )
         self.ready = True
         metrics.READY.set(1)
         log.info("predgate ready: bundle %s, signal set %s", self.loaded.bundle_id, chosen.name)
+        if cascade is not None:
+            log.info(
+                "cascade: bundle %s decides the primary's unknowns (signal set %s, operating point %s)",
+                cascade.bundle_id, cascade.signal_set, cascade.operating_point,
+            )
 
     def _start_fallback(self, url: str | None) -> None:
         """Open the outbox (and the review store on it, with the review page), then, with a fallback URL,
@@ -189,7 +235,7 @@ class ServiceState:
         """Why readiness is false (None when ready): loading, shutting down, or a stuck gate batch."""
         if not self.ready or self.loaded is None:
             return "shutting down" if self.batcher is not None else "bundle loading or warming up"
-        stuck = self.batcher.stuck_for() if self.batcher is not None else None
+        stuck = self._stuck_for()
         if stuck is not None:
             return (
                 f"a gate batch has been running for {stuck:.1f} s, over the watchdog limit of "
@@ -204,16 +250,24 @@ class ServiceState:
         would hold the replica forever. Failing liveness lets the orchestrator restart it.
         """
         limit = self.settings.liveness_stuck_s
-        stuck = self.batcher.stuck_for() if self.batcher is not None else None
+        stuck = self._stuck_for()
         if limit is None or stuck is None or stuck <= limit:
             return None
         return f"a gate batch has been running for {stuck:.1f} s, over the liveness limit of {limit:g} s: restart me"
+
+    def _stuck_for(self) -> float | None:
+        """The longer stuck time of the primary's and the cascade's batchers (None when neither is stuck)."""
+        times = [b.stuck_for() for b in (self.batcher, self.cascade_batcher) if b is not None]
+        stuck = [t for t in times if t is not None]
+        return max(stuck) if stuck else None
 
     async def stop(self) -> None:
         self.ready = False
         metrics.READY.set(0)
         if self.batcher is not None:
-            await self.batcher.stop()
+            await self.batcher.stop()  # its last rejects may still queue for the cascade, stopped after it
             log.info("predgate stopped: batching queue drained")
+        if self.cascade_batcher is not None:
+            await self.cascade_batcher.stop()
         if self.delivery is not None:  # pending items stay in the outbox for the next start
             await asyncio.to_thread(self.delivery.stop)

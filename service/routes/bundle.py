@@ -8,7 +8,8 @@ from typing import Any
 from fastapi import APIRouter
 
 from service.deps import LoadedDep, SettingsDep
-from service.schemas import BundleSummary, SignalSetSummary
+from service.schemas import BundleSummary, CascadeSummary, OperatingPointRef, SignalSetSummary
+from service.state import LoadedService
 
 router = APIRouter(tags=["bundle"])
 
@@ -81,4 +82,20 @@ async def bundle_summary(loaded: LoadedDep, settings: SettingsDep) -> BundleSumm
         },
         signal_sets=sets,
         evidence_value=_finite(evidence) if isinstance(evidence, list) else None,
+        cascade=_cascade_summary(loaded),
+    )
+
+
+def _cascade_summary(loaded: LoadedService) -> CascadeSummary | None:
+    """The second bundle deciding the primary's unknowns, with the set and point it decides at."""
+    cascade = loaded.cascade
+    if cascade is None:
+        return None
+    point = cascade.gate.signal_set(cascade.signal_set).point(cascade.operating_point)
+    return CascadeSummary(
+        bundle_id=cascade.bundle_id,
+        architecture=_scalars(cascade.bundle.manifest.get("architecture")) or {},
+        signal_set=cascade.signal_set,
+        operating_point=OperatingPointRef(name=point.name, threshold=point.threshold),
+        device=str(loaded.device),
     )

@@ -25,7 +25,9 @@ from service.fallback.outbox import NewItem
 from service.parsing import ParsedRequest, parse_batch, parse_single
 from service.schemas import (
     BatchJSON,
+    CascadeOpinion,
     ClassProbability,
+    DecidedBy,
     ErrorResponse,
     ExplainMode,
     Explanation,
@@ -170,28 +172,66 @@ def resolve_key(loaded: LoadedService, settings: Settings, options: PredictOptio
     return GroupKey(chosen.name, point.name, full)
 
 
-def _record(
-    row: Row, loaded: LoadedService, options: PredictOptions, total_s: float, request_id: str
-) -> Prediction:
-    names = loaded.bundle.class_names
-    probs = row.probabilities
-    k = min(options.top_k or 3, len(probs))
+def _top_k(probs: np.ndarray, names: list[str], top_k: int | None) -> list[ClassProbability]:
+    k = min(top_k or 3, len(probs))
     order = np.argsort(-probs, kind="stable")[:k]
-    timings = {"queue": row.queue_seconds, **row.seconds, "total": total_s}
-    want_vector = bool(options.full_evidence) or bool(options.return_conductance)
-    return Prediction(
+    return [ClassProbability(label=int(i), class_name=names[int(i)], probability=float(probs[i])) for i in order]
+
+
+def _opinion(row: Row, names: list[str], bundle_id: str) -> CascadeOpinion:
+    """The cascade gate's row as the nested ``cascade`` field of an answer."""
+    return CascadeOpinion(
         label=row.prediction,
         class_name=names[row.prediction],
-        top_k=[
-            ClassProbability(label=int(i), class_name=names[int(i)], probability=float(probs[i]))
-            for i in order
-        ],
+        probabilities=[float(p) for p in row.probabilities],
+        conductance_score=row.cond_score,
+        lcr=row.lcr,
+        unified_score=row.unified_score,
+        verdict="unknown" if row.reject else "accept",
+        signal_set=row.signal_set,
+        operating_point=OperatingPointRef(name=row.operating_point.name, threshold=row.operating_point.threshold),
+        bundle_id=bundle_id,
+        timings_ms={stage: 1000.0 * s for stage, s in {"queue": row.queue_seconds, **row.seconds}.items()},
+        batch_size=row.batch_size,
+    )
+
+
+def _decided_by(row: Row, second: Row | None) -> DecidedBy:
+    if not row.reject:
+        return "primary"
+    return "cascade" if second is not None and not second.reject else "none"
+
+
+def _record(
+    row: Row,
+    loaded: LoadedService,
+    options: PredictOptions,
+    total_s: float,
+    request_id: str,
+    second: Row | None = None,
+) -> Prediction:
+    """The answer for one image from its primary row and, where the primary rejected and a cascade
+    ran, the cascade's row (``second``): label, top classes and verdict follow whoever decided."""
+    names = loaded.bundle.class_names
+    probs = row.probabilities
+    decided_by = _decided_by(row, second)
+    decider = second if decided_by == "cascade" and second is not None else row
+    timings = {"queue": row.queue_seconds, **row.seconds, "total": total_s}
+    want_vector = bool(options.full_evidence) or bool(options.return_conductance)
+    cascade = loaded.cascade
+    return Prediction(
+        label=decider.prediction,
+        class_name=names[decider.prediction],
+        top_k=_top_k(decider.probabilities, names, options.top_k),
         probabilities=[float(p) for p in probs],
+        primary_label=row.prediction,
+        decided_by=decided_by,
+        cascade=_opinion(second, names, cascade.bundle_id) if second is not None and cascade is not None else None,
         conductance_score=row.cond_score,
         lcr=row.lcr,
         mutants_used=row.mutants_used,
         unified_score=row.unified_score,
-        verdict="unknown" if row.reject else "accept",
+        verdict="unknown" if decided_by == "none" else "accept",
         signal_set=row.signal_set,
         operating_point=OperatingPointRef(
             name=row.operating_point.name, threshold=row.operating_point.threshold
@@ -233,11 +273,14 @@ async def _answer(
     context = request.scope.get("state", {})  # request id and deadline, set by RequestContextMiddleware
     deadline = context.get("deadline")
     rows = await batcher.results(batcher.submit(x, key, deadline=deadline), deadline)
+    seconds = await _cascade_rows(request, loaded, x, rows, deadline)
     total = time.perf_counter() - started
     records = []
-    for row in rows:
+    for row, second in zip(rows, seconds, strict=True):
         _observe(row, loaded.bundle.class_names[row.prediction], total)
-        records.append(_record(row, loaded, options, total, str(context.get("request_id", ""))))
+        record = _record(row, loaded, options, total, str(context.get("request_id", "")), second)
+        metrics.DECISIONS.labels(decided_by=record.decided_by).inc()
+        records.append(record)
     loaded.drift.observe(
         key.signal_set, np.array([row.unified_score for row in rows]), np.array([row.reject for row in rows])
     )
@@ -274,6 +317,25 @@ async def _explanations(
         metrics.EXPLANATION_FAILURES.inc()
         return {}
     return dict(zip(indices, found, strict=True))
+
+
+async def _cascade_rows(
+    request: Request, loaded: LoadedService, x: torch.Tensor, rows: list[Row], deadline: float | None
+) -> list[Row | None]:
+    """The cascade gate's row for every image the primary rejected (None elsewhere, and everywhere
+    without a cascade): through the cascade's own batcher, off the event loop, within the request's
+    deadline (past it: 504, as for the primary)."""
+    cascade = loaded.cascade
+    rejected = [i for i, row in enumerate(rows) if row.reject]
+    out: list[Row | None] = [None] * len(rows)
+    if cascade is None or not rejected:
+        return out
+    batcher = request.app.state.predgate.cascade_batcher
+    x_second = cascade.inputs(x[rejected])
+    second = await batcher.results(batcher.submit(x_second, cascade.key(), deadline=deadline), deadline)
+    for i, row in zip(rejected, second, strict=True):
+        out[i] = row
+    return out
 
 
 async def _hand_to_fallback(
