@@ -96,6 +96,7 @@ def test_gate_benchmark_without_onnx(tiny_bundle: Path) -> None:
     assert not set(bench_gate.ONNX_STAGES) & set(result["batches"]["2"]["stages"])
 
 
+@pytest.mark.slow  # one subprocess per probe; a benchmark smoke test
 def test_memory_probe(tiny_bundle: Path) -> None:
     # A parent whose peak is far above the child's: a child's ru_maxrss starts at the parent's peak
     # after exec, which once hid every stage's rise; the probe must see its own address space only.

@@ -48,6 +48,7 @@ def test_one_replica_killed_under_load_loses_nothing(tiny_bundle: Path, tmp_path
     assert result["after_kill"]["ok"] > 0.3 * result["overall"]["ok"]
 
 
+@pytest.mark.slow  # the control run (no balancer retries) repeats the replica test's set-up: make test-all
 def test_without_retries_the_kill_loses_requests(tiny_bundle: Path, tmp_path: Path) -> None:
     text = HAPROXY_CONFIG.read_text()
     no_retries = (

@@ -223,6 +223,7 @@ def test_seeds_above_msp_are_counted_against_msp_on_every_detector_seed(tiny_bun
     assert "seeds with CI > 0 vs MSP" in (tiny_bundle / "report" / "report.md").read_text()
 
 
+@pytest.mark.slow  # a second open-world run on the tiny bundle
 def test_profile_default_set_from_the_open_world(tiny_bundle: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
     """A profile whose default is an open-world set (VARIANT/SET) builds a bundle that serves it: the
     set is fitted after the detectors, stored for every seed, the report's headline names it, and a

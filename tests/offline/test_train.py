@@ -133,6 +133,7 @@ def _initial_weights_digest(seed: int) -> str:
     return subprocess.run([sys.executable, "-c", code], cwd=root, check=True, capture_output=True, text=True).stdout
 
 
+@pytest.mark.slow  # two fresh interpreters importing torch; test_train_twice_with_one_seed_gives_one_cnn checks seeding in-process
 def test_the_same_seed_gives_the_same_initial_cnn_in_every_process() -> None:
     from offline.train import build_seeded_model
 
