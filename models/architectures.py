@@ -15,6 +15,7 @@ import importlib
 import inspect
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -207,6 +208,8 @@ def resolve_layer(model: nn.Module, name: str) -> nn.Module:
 
 # ------------------------------------------------------------------------------ models from anywhere
 TIMM_PREFIX = "timm:"
+CODE_PATH_ENV = "PREDGATE_CODE_PATH"
+"""Where to look for an imported architecture's code when the folder recorded in a bundle is absent."""
 
 
 def arch_source(arch: str) -> str:
@@ -283,13 +286,31 @@ class ModelSpec:
         if source == "timm":
             return _build_timm(self.name[len(TIMM_PREFIX):], self.num_classes, self.in_channels, self.kwargs)
         if source == "import":
-            factory, file = import_factory(self.name, self.code_path)
+            factory, file = import_factory(self.name, self._code_path_here())
             if self.code_sha256 is not None and file is not None and _file_sha256(file) != self.code_sha256:
                 log.warning(
                     "%s has changed since the bundle was built (sha256 differs): the weights may not mean the same", file
                 )
             return _call_factory(factory, self.name, self.kwargs)
         return _build_table_model(self.name, self.num_classes, self.in_channels, self.kwargs)
+
+    def _code_path_here(self) -> str | None:
+        """The folder to import the model code from on this machine: the one recorded at build time, or,
+        once the bundle has moved where that folder does not exist, the first folder of
+        ``PREDGATE_CODE_PATH`` (``os.pathsep``-separated) that holds the module. The recorded sha256 still
+        tells whether the code found is the code the weights were trained with."""
+        recorded = self.code_path
+        if recorded is None or Path(recorded).is_dir():
+            return recorded
+        module = self.name.rpartition(":")[0]
+        relative = Path(*module.split(".")).with_suffix(".py")
+        for folder in os.environ.get(CODE_PATH_ENV, "").split(os.pathsep):
+            if folder and ((Path(folder) / relative).is_file() or (Path(folder) / relative.with_suffix("")).is_dir()):
+                return folder
+        raise ConfigError(
+            f"the bundle's model code ({self.name}) was recorded at {recorded}, which does not exist here: copy "
+            f"that folder to this machine and set {CODE_PATH_ENV} to it (or recreate it at the same path)"
+        )
 
     def resolved(self) -> ModelSpec:
         """This spec with what an import needs to be rebuilt elsewhere: the absolute code path, the

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -63,3 +66,27 @@ def test_check_eval_names_the_modules_in_training_mode() -> None:
     with pytest.raises(ConfigError, match=r"the ONNX export needs the model in eval mode.*'conv1'"):
         check_eval(model, "the ONNX export")
     check_eval(model.eval(), "the ONNX export")
+
+
+def test_a_moved_bundle_finds_its_model_code_through_predgate_code_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bundle built with --code-path records that folder; on another machine it is usually elsewhere."""
+    import hashlib
+    import shutil
+
+    from models.architectures import CODE_PATH_ENV, ModelSpec
+
+    source = Path(__file__).resolve().parents[2] / "examples" / "byom"
+    moved = tmp_path / "moved"
+    shutil.copytree(source, moved)
+    sha = hashlib.sha256((source / "mynets.py").read_bytes()).hexdigest()
+    spec = ModelSpec("mynets:SmallVGG", 10, 1, {"width": 8, "num_classes": 10, "in_channels": 1},
+                     code_path=str(tmp_path / "gone"), code_sha256=sha)
+    monkeypatch.delenv(CODE_PATH_ENV, raising=False)
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'gone'}.*{CODE_PATH_ENV}"):
+        spec.build()
+    monkeypatch.setenv(CODE_PATH_ENV, os.pathsep.join([str(tmp_path / "empty"), str(moved)]))
+    model = spec.build()
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert spec._code_path_here() == str(moved)  # the first folder that holds the module
