@@ -229,6 +229,11 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+def error_responses(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """A route's documented error statuses (FastAPI ``responses=``), each with the one error body."""
+    return {code: {"model": ErrorResponse, "description": text} for code, text in descriptions.items()}
+
+
 class Health(BaseModel):
     status: Literal["alive", "stuck"] = "alive"
     detail: str | None = None

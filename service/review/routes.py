@@ -31,7 +31,7 @@ from service.errors import NotFound, ReviewUnauthorized
 from service.fallback.reviews import ReviewStore, StoredItem
 from service.review.label_studio import NONE_OF_THESE, labelling_config, task
 from service.review.schemas import RejectionEstimate, ReviewedLabel, ReviewItem, ReviewLabel, ReviewQueue
-from service.schemas import ErrorResponse
+from service.schemas import error_responses
 from service.state import LoadedService
 
 HERE = Path(__file__).resolve().parent
@@ -39,11 +39,13 @@ PAGE = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=selec
 SCRIPT = HERE / "static" / "review.js"
 NPY = "application/x-npy"
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse, "description": "API keys are set and neither a bearer key nor Basic password matched"},
-    404: {"model": ErrorResponse, "description": "the review page is off (PREDGATE_REVIEW), or no such item"},
-    422: {"model": ErrorResponse, "description": "a label that is not a class of the bundle, or a malformed body"},
-}
+_ERRORS = error_responses(
+    {
+        401: "API keys are set and neither a bearer key nor Basic password matched",
+        404: "the review page is off (PREDGATE_REVIEW), or no such item",
+        422: "a label that is not a class of the bundle, or a malformed body",
+    }
+)
 
 _bearer = HTTPBearer(auto_error=False)
 _basic = HTTPBasic(auto_error=False, realm="predgate review")
@@ -185,7 +187,7 @@ async def item_image(key: str, reviewer: ReviewerDep, loaded: LoadedDep) -> Resp
 @router.put(
     "/items/{key}/label",
     response_model=ReviewItem,
-    responses={400: {"model": ErrorResponse, "description": "the body is not JSON"}},
+    responses=error_responses({400: "the body is not JSON"}),
     summary="Record (or correct) what an item really is",
 )
 async def label_item(key: str, body: ReviewLabel, reviewer: ReviewerDep, loaded: LoadedDep) -> ReviewItem:

@@ -19,13 +19,12 @@ from service.errors import DeadlineExceeded
 from service.explaining import explain_images
 from service.parsing import parse_single
 from service.routes.predict import IMAGE_MEDIA_TYPES, REQUEST_HEADERS
-from service.schemas import ErrorResponse, ExplainJSON, ExplainMethod, Explanation
+from service.schemas import ExplainJSON, ExplainMethod, Explanation, error_responses
 
 router = APIRouter(tags=["explain"], dependencies=[Depends(require_api_key)])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in {
+_ERRORS = error_responses(
+    {
         400: "X-Request-Timeout is not a positive number of seconds",
         401: "missing or wrong bearer token (when the server has an API key)",
         408: "the body did not arrive within the body timeout",
@@ -35,8 +34,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         429: "the API key's rate limit is spent (see Retry-After)",
         503: "not ready yet or shutting down (see Retry-After)",
         504: "the request's deadline (X-Request-Timeout) passed before the explanation started",
-    }.items()
-}
+    }
+)
 
 _RAW_IMAGE = {"schema": {"type": "string", "format": "binary"}}
 _BODY_DOC: dict[str, Any] = {

@@ -28,13 +28,13 @@ from service.schemas import (
     CascadeOpinion,
     ClassProbability,
     DecidedBy,
-    ErrorResponse,
     ExplainMode,
     Explanation,
     OperatingPointRef,
     Prediction,
     PredictJSON,
     PredictOptions,
+    error_responses,
 )
 from service.settings import Settings
 from service.state import LoadedService
@@ -43,9 +43,8 @@ log = logging.getLogger("predgate.service")
 
 router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in {
+_ERRORS = error_responses(
+    {
         400: "X-Request-Timeout is not a positive number of seconds",
         401: "missing or wrong bearer token (when the server has an API key)",
         408: "the body did not arrive within the body timeout",
@@ -58,8 +57,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
             "single image, or the fallback outbox could not store an unknown image (see Retry-After)"
         ),
         504: "the request's deadline (X-Request-Timeout) passed first; images still queued were not computed",
-    }.items()
-}
+    }
+)
 
 IMAGE_MEDIA_TYPES = "image/png, image/jpeg"
 REQUEST_HEADERS: list[dict[str, Any]] = [
