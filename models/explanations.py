@@ -120,12 +120,10 @@ def heat_colours(heat: np.ndarray) -> np.ndarray:
 
 def denormalise(x: Tensor, normalisation: Normalisation) -> np.ndarray:
     """``C x H x W`` normalised image -> ``H x W x 3`` uint8 as the camera saw it (grey becomes RGB)."""
-    mean = torch.tensor(normalisation.mean, dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(normalisation.std, dtype=torch.float32).view(-1, 1, 1)
-    pixels = (x.detach().float().cpu() * std + mean).clamp(0.0, 1.0).permute(1, 2, 0).numpy()
-    if pixels.shape[2] != 3:
-        pixels = np.repeat(pixels.mean(2, keepdims=True), 3, axis=2)
-    return (pixels * 255.0).round().astype(np.uint8)
+    pixels = normalisation.invert(x.detach().float().cpu().numpy())
+    if pixels.shape[2] == 3:
+        return pixels
+    return np.repeat(pixels.mean(2, keepdims=True).round().astype(np.uint8), 3, axis=2)
 
 
 def scale_factor(shape: tuple[int, ...], min_px: int) -> int:

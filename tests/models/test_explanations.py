@@ -28,6 +28,7 @@ from models.explanations import (
     overlay_png,
 )
 from models.gate import Gate, load_gate
+from models.preprocess import Normalisation
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +156,7 @@ def test_rendering_helpers() -> None:
     assert png.size == (16, 8) and (np.asarray(png) == 100).all()  # zero heat leaves the picture alone
     assert Image.open(io.BytesIO(feature_map_png(torch.ones(3, 3), min_px=9))).size == (9, 9)
     # de-normalising undoes the bundle's normalisation to the uint8 pixels
-    norm_like = type("N", (), {"mean": (0.5,), "std": (0.25,)})()
-    pixels = denormalise(torch.tensor([[[-2.0, 0.0, 2.0]]]), norm_like)  # type: ignore[arg-type]
+    pixels = denormalise(torch.tensor([[[-2.0, 0.0, 2.0]]]), Normalisation((0.5,), (0.25,)))
     assert pixels.shape == (1, 3, 3) and pixels[0, :, 0].tolist() == [0, 128, 255]
 
 
