@@ -30,14 +30,14 @@ data:
 		$(SUDO) apt-get $(APT_WAIT) update -qq && $(SUDO) apt-get $(APT_WAIT) install -y -qq dataset-fashion-mnist; fi
 
 # Programs the integration tests start or call: a Prometheus server, docker-compose (config validation
-# only), HAProxy (the replica test's balancer), nginx (the slow-client test's front, deploy/nginx) and
-# Chromium with its driver (the review page's browser test).
+# only), HAProxy (the replica test's balancer), nginx (the slow-client test's front, deploy/nginx),
+# Chromium with its driver (the review page's browser test) and redis-server (the Redis outbox's tests).
 system-deps: data
 	@if ! command -v prometheus >/dev/null || ! command -v docker-compose >/dev/null || ! command -v haproxy >/dev/null \
 		|| ! { command -v nginx >/dev/null || test -x /usr/sbin/nginx; } || ! command -v chromium >/dev/null \
-		|| ! command -v chromedriver >/dev/null; then \
+		|| ! command -v chromedriver >/dev/null || ! command -v redis-server >/dev/null; then \
 		$(SUDO) apt-get $(APT_WAIT) update -qq && $(SUDO) apt-get $(APT_WAIT) install -y -qq prometheus docker-compose \
-		haproxy nginx chromium chromium-driver; fi
+		haproxy nginx chromium chromium-driver redis-server; fi
 
 bundle: setup data
 	$(PREDGATE) build --dataset $(DATASET) --profile $(PROFILE) --out $(BUNDLE)

@@ -130,6 +130,17 @@ class Settings(BaseSettings):
     fallback_dir: Path = Field(
         Path("data/fallback"), description="directory of the fallback outbox (SQLite, WAL); keep it on a volume"
     )
+    fallback_redis_url: SecretStr | None = Field(
+        None,
+        description="None = the SQLite outbox under fallback_dir (the workers of one machine); "
+        "redis://host:port/db = the outbox on Redis Streams, shared by several replicas (run Redis with "
+        "appendonly yes, appendfsync always; docs/fallback.md). Start-up fails when it cannot be reached. "
+        "Not with the review page, which keeps its labels in the SQLite outbox",
+    )
+    fallback_redis_prefix: str = Field(
+        "predgate:fallback:", min_length=1,
+        description="prefix of the Redis outbox's keys: replicas that share an outbox use the same one",
+    )
     fallback_token: SecretStr | None = Field(None, description="bearer token sent to the fallback URL")
     fallback_timeout_s: float = Field(10.0, gt=0, description="time allowed for one delivery attempt")
     fallback_max_attempts: int = Field(
@@ -173,6 +184,24 @@ class Settings(BaseSettings):
                 f"fallback_lease_s ({self.fallback_lease_s:g}) must be greater than fallback_timeout_s "
                 f"({self.fallback_timeout_s:g}): set PREDGATE_FALLBACK_LEASE_S above PREDGATE_FALLBACK_TIMEOUT_S"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _review_needs_the_sqlite_outbox(self) -> Settings:
+        """The review page stores its labels beside the items in the SQLite outbox's file."""
+        if self.fallback_redis_url is not None:
+            url = self.fallback_redis_url.get_secret_value()
+            if not url.startswith(("redis://", "rediss://", "unix://")):
+                raise ValueError(
+                    "fallback_redis_url must be redis://host:port/db (rediss:// with TLS, unix:///path for a "
+                    "socket): set PREDGATE_FALLBACK_REDIS_URL so"
+                )
+            if self.review:
+                raise ValueError(
+                    "review (the review page) keeps its labels in the SQLite outbox, so it cannot run on the Redis "
+                    "outbox (fallback_redis_url): unset PREDGATE_FALLBACK_REDIS_URL to review on one replica's "
+                    "SQLite outbox (PREDGATE_FALLBACK_DIR), or unset PREDGATE_REVIEW"
+                )
         return self
 
     @model_validator(mode="after")

@@ -28,6 +28,7 @@ from service.drift import DriftGauges
 from service.fallback.delivery import DeliveryPolicy, DeliveryWorker
 from service.fallback.outbox import Outbox
 from service.fallback.reviews import ReviewStore
+from service.fallback.store import FallbackStore, open_store
 from service.settings import Settings
 
 log = logging.getLogger("predgate.service")
@@ -137,7 +138,7 @@ class ServiceState:
         self.cascade_batcher: Batcher | None = None
         """The cascade gate's own queue and thread, so its runs never wait behind the primary's batches."""
         self.ready = False
-        self.outbox: Outbox | None = None
+        self.outbox: FallbackStore | None = None
         self.delivery: DeliveryWorker | None = None
         self.reviews: ReviewStore | None = None
         self.keys = KeyRing(configured_keys(settings))
@@ -207,11 +208,18 @@ class ServiceState:
         """Open the outbox (and the review store on it, with the review page), then, with a fallback URL,
         start the delivery thread, which replays what an earlier run left pending."""
         settings = self.settings
-        self.outbox = Outbox(settings.fallback_dir)
-        if settings.review:
-            self.reviews = ReviewStore(self.outbox)
+        if settings.review:  # the settings refuse the review page on the Redis outbox
+            sqlite = Outbox(settings.fallback_dir)
+            self.outbox, self.reviews = sqlite, ReviewStore(sqlite)
+        else:
+            redis_url = settings.fallback_redis_url
+            self.outbox = open_store(
+                settings.fallback_dir,
+                None if redis_url is None else redis_url.get_secret_value(),
+                settings.fallback_redis_prefix,
+            )
         if url is None:
-            log.info("review page on, no fallback URL: unknown images wait in %s for a person", self.outbox.path)
+            log.info("review page on, no fallback URL: unknown images wait in %s for a person", self.outbox.location)
             return
         token = settings.fallback_token.get_secret_value() if settings.fallback_token is not None else None
         policy = DeliveryPolicy(
@@ -227,7 +235,7 @@ class ServiceState:
         counts = self.outbox.counts()
         log.info(
             "fallback delivery to %s: outbox %s, %d pending from earlier runs",
-            url, self.outbox.path, counts.pending,
+            url, self.outbox.location, counts.pending,
         )
         self.delivery.start()
 
@@ -271,3 +279,5 @@ class ServiceState:
             await self.cascade_batcher.stop()
         if self.delivery is not None:  # pending items stay in the outbox for the next start
             await asyncio.to_thread(self.delivery.stop)
+        if self.outbox is not None and self.reviews is None:  # a Redis consumer that holds nothing leaves
+            await asyncio.to_thread(self.outbox.close)

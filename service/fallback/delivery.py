@@ -24,7 +24,8 @@ import urllib.request
 from dataclasses import dataclass
 
 from service import metrics
-from service.fallback.outbox import Claimed, Outbox
+from service.fallback.outbox import Claimed
+from service.fallback.store import FallbackStore
 
 log = logging.getLogger("predgate.fallback")
 
@@ -77,7 +78,7 @@ def _retry_after_s(value: str | None) -> float:
 class DeliveryWorker:
     """Claims due items, POSTs each, records the outcome; :meth:`run_once` is one round (for tests)."""
 
-    def __init__(self, outbox: Outbox, policy: DeliveryPolicy, rng: random.Random | None = None) -> None:
+    def __init__(self, outbox: FallbackStore, policy: DeliveryPolicy, rng: random.Random | None = None) -> None:
         self.outbox = outbox
         self.policy = policy
         self.rng = rng or random.Random()

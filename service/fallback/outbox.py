@@ -81,6 +81,10 @@ class Outbox:
         db.execute("PRAGMA journal_mode=WAL")
         db.executescript(SCHEMA)
 
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
     def connection(self) -> sqlite3.Connection:
         """This thread's connection to the outbox file (the review store shares it)."""
         db = getattr(self._local, "db", None)

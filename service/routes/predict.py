@@ -22,6 +22,7 @@ from service.deps import BatcherDep, LoadedDep, SettingsDep, require_api_key
 from service.errors import FallbackUnavailable
 from service.explaining import explain_images
 from service.fallback.outbox import NewItem
+from service.fallback.store import FallbackStore
 from service.parsing import ParsedRequest, parse_batch, parse_single
 from service.schemas import (
     BatchJSON,
@@ -339,7 +340,7 @@ async def _cascade_rows(
 
 async def _hand_to_fallback(
     request: Request,
-    outbox: Any,
+    outbox: FallbackStore,
     parsed: ParsedRequest,
     records: list[Prediction],
     explanations: dict[int, Explanation] | None = None,
@@ -370,7 +371,7 @@ async def _hand_to_fallback(
     ]
     try:
         keys = await run_in_threadpool(outbox.enqueue, items)
-    except Exception as exc:  # disk full, read-only volume, database locked past its timeout
+    except Exception as exc:  # disk full, read-only volume, database locked past its timeout, Redis gone
         log.exception("fallback outbox write failed")
         metrics.FALLBACK_ENQUEUE_FAILURES.inc()
         raise FallbackUnavailable(

@@ -7,6 +7,7 @@ service under test.
 from __future__ import annotations
 
 import io
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,25 @@ from models.data import read_idx
 from models.gate import Gate, load_gate
 from service.main import create_app
 from service.settings import Settings
+from tests.service.redis_server import RedisServer
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "integration: starts real servers (uvicorn, prometheus) on loopback")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the session (skips where it is not installed); tests keep apart by
+    key prefix (:func:`redis_prefix`)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    return f"test:{uuid.uuid4().hex[:8]}:"
 
 
 def png_bytes(image: np.ndarray, mode: str | None = None) -> bytes:

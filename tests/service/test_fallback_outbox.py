@@ -1,6 +1,7 @@
 """The outbox and the delivery thread against the example receiver (examples/fallback_receiver.py) in
 this process: retries until delivered, one effect per key when acknowledgements are lost, dead letters,
-backoff bounds, and replay of a delivery that died holding its lease."""
+backoff bounds, and replay of a delivery that died holding its lease. Each outbox test runs on both
+stores: the SQLite outbox and the Redis Streams one (a real redis-server, tests/service/redis_server.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
@@ -18,6 +20,8 @@ import pytest
 
 from service.fallback.delivery import DeliveryPolicy, DeliveryWorker, backoff_s
 from service.fallback.outbox import NewItem, Outbox
+from service.fallback.redis_outbox import RedisOutbox
+from service.fallback.store import FallbackStore
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,11 +47,44 @@ def serve(tmp_path: Path, **rates: float) -> tuple[str, object, ThreadingHTTPSer
     return f"http://127.0.0.1:{server.server_address[1]}/items", store, server
 
 
+@dataclass
+class Store:
+    """One test's outbox store: each :meth:`open` is another process's handle on the same items."""
+
+    kind: str
+    make: Callable[[], FallbackStore]
+    admin_args: list[str]
+    """How ``python -m service.fallback.admin`` is told where it is."""
+    settings: dict[str, object]
+    """The server settings that put the fallback outbox there."""
+    opened: list[FallbackStore] = field(default_factory=list)
+
+    def open(self) -> FallbackStore:
+        self.opened.append(self.make())
+        return self.opened[-1]
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        directory = tmp_path / "outbox"
+        chosen = Store(
+            "sqlite", lambda: Outbox(directory), ["--dir", str(directory)], {"fallback_dir": directory}
+        )
+    else:
+        url, prefix = request.getfixturevalue("redis_server").url, request.getfixturevalue("redis_prefix")
+        chosen = Store(
+            "redis", lambda: RedisOutbox(url, prefix), ["--redis-url", url, "--redis-prefix", prefix],
+            {"fallback_redis_url": url, "fallback_redis_prefix": prefix},
+        )
+    yield chosen
+    for box in chosen.opened:
+        box.close()
+
+
 @pytest.fixture
-def outbox(tmp_path: Path) -> Iterator[Outbox]:
-    box = Outbox(tmp_path / "outbox")
-    yield box
-    box.close()
+def outbox(store: Store) -> FallbackStore:
+    return store.open()
 
 
 def items(n: int) -> list[NewItem]:
@@ -58,7 +95,7 @@ def items(n: int) -> list[NewItem]:
     ]
 
 
-def drain(worker: DeliveryWorker, outbox: Outbox, seconds: float = 20.0) -> None:
+def drain(worker: DeliveryWorker, outbox: FallbackStore, seconds: float = 20.0) -> None:
     end = time.monotonic() + seconds
     while outbox.counts().pending and time.monotonic() < end:
         if not worker.run_once():
@@ -71,7 +108,7 @@ def fast_policy(url: str, **overrides: float) -> DeliveryPolicy:
     return DeliveryPolicy(url=url, **values)  # type: ignore[arg-type]
 
 
-def test_every_item_reaches_a_flaky_receiver_once_by_key(outbox: Outbox, tmp_path: Path) -> None:
+def test_every_item_reaches_a_flaky_receiver_once_by_key(outbox: FallbackStore, tmp_path: Path) -> None:
     url, store, server = serve(tmp_path, fail=0.5, lost_ack=0.3)
     try:
         keys = outbox.enqueue(items(40))
@@ -90,7 +127,7 @@ def test_every_item_reaches_a_flaky_receiver_once_by_key(outbox: Outbox, tmp_pat
 
 
 def test_a_refusing_receiver_dead_letters_at_once_and_a_down_one_after_max_attempts(
-    outbox: Outbox, tmp_path: Path
+    outbox: FallbackStore, tmp_path: Path
 ) -> None:
     # 422 from the receiver (it cannot read the item): retrying will not help
     url, _, server = serve(tmp_path)
@@ -123,50 +160,56 @@ def test_backoff_is_full_jitter_under_a_doubling_cap() -> None:
         assert max(draws) > 0.9 * ceiling and min(draws) < 0.1 * ceiling + 0.01  # spread over the range
 
 
-def test_a_delivery_that_died_holding_its_lease_is_replayed_after_it_expires(tmp_path: Path) -> None:
-    first = Outbox(tmp_path / "outbox")
+def test_a_delivery_that_died_holding_its_lease_is_replayed_after_it_expires(store: Store) -> None:
+    first = store.open()
     keys = first.enqueue(items(3))
     claimed = first.claim(10, lease_s=0.5)
     assert [c.key for c in claimed] and len(claimed) == 3
     first.close()  # the process died mid-delivery: nothing marked
-    second = Outbox(tmp_path / "outbox")  # the restarted server
+    second = store.open()  # the restarted server (or, on Redis, another replica)
     assert second.claim(10, lease_s=0.5) == []  # leases still live: not sent twice at once
     assert second.counts().pending == 3
     time.sleep(0.6)
     again = second.claim(10, lease_s=0.5)
     assert sorted(c.key for c in again) == sorted(keys)
     assert again[0].item.meta["prediction"] == {"verdict": "unknown"} and again[0].item.image_type == "image/png"
-    second.close()
 
 
-def test_enqueue_is_all_or_nothing(outbox: Outbox) -> None:
-    # the third row fails as SQLite binds it, after the first two were inserted in the transaction
+def test_enqueue_is_all_or_nothing(outbox: FallbackStore) -> None:
+    # SQLite: the third row fails as SQLite binds it, after the first two were inserted in the transaction;
+    # Redis: the batch is one script, refused before it is sent
     bad = [*items(2), NewItem({"request_id": "r"}, object(), "image/png")]  # type: ignore[arg-type]
-    with pytest.raises(sqlite3.ProgrammingError):
+    with pytest.raises((sqlite3.ProgrammingError, TypeError)):
         outbox.enqueue(bad)
     assert outbox.counts().pending == 0
     assert len(outbox.enqueue(items(2))) == 2 and outbox.counts().pending == 2  # the outbox still works
 
 
 def test_dead_items_can_be_listed_and_requeued_from_the_command_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from service.fallback import admin
 
-    box = Outbox(tmp_path / "outbox")
+    box = store.open()
     (key,) = box.enqueue(items(1))
     box.failed(key, "HTTP 422 (refused by the receiver)", None)
-    assert admin.main(["--dir", str(tmp_path / "outbox"), "dead"]) == 0
+    assert admin.main([*store.admin_args, "dead"]) == 0
     assert key in capsys.readouterr().out
-    assert admin.main(["--dir", str(tmp_path / "outbox"), "requeue"]) == 0
+    assert admin.main([*store.admin_args, "requeue"]) == 0
     assert "requeued 1" in capsys.readouterr().out
     assert box.item(key)["state"] == "pending" and box.item(key)["attempts"] == 0  # type: ignore[index]
-    assert admin.main(["--dir", str(tmp_path / "elsewhere"), "status"]) == 2
-    assert "no outbox" in capsys.readouterr().err
+    assert admin.main([*store.admin_args, "status"]) == 0
+    assert '"pending": 1' in capsys.readouterr().out
+    if store.kind == "sqlite":
+        assert admin.main(["--dir", str(tmp_path / "elsewhere"), "status"]) == 2
+        assert "no outbox" in capsys.readouterr().err
+    else:
+        assert admin.main(["--redis-url", "redis://127.0.0.1:1/0", "status"]) == 2
+        assert "cannot be used" in capsys.readouterr().err
 
 
 def test_the_predict_route_stores_unknowns_before_answering_and_refuses_when_it_cannot(
-    app_client, sample_images, tmp_path: Path  # type: ignore[no-untyped-def]
+    app_client, sample_images, store: Store  # type: ignore[no-untyped-def]
 ) -> None:
     import io
 
@@ -176,7 +219,7 @@ def test_the_predict_route_stores_unknowns_before_answering_and_refuses_when_it_
 
     settings = {
         "fallback_url": "http://127.0.0.1:9/items",  # nobody listens: items stay pending
-        "fallback_dir": tmp_path / "outbox",
+        **store.settings,
         "operating_point": "wrong-recall=0.995",
         "warmup": False,
     }
