@@ -21,6 +21,7 @@ from offline import attack as attack_job
 from offline.build import build_bundle
 from offline.profiles import STAGE_ORDER, get_profile
 from offline.report import write_report
+from offline.review_refit import refit_from_reviews
 from offline.stages import ModelRequest, accuracy_check, features_stage, mutants_stage, prepare, train_stage
 from offline.sweep import copy_sweep
 from offline.sweep import main as sweep_main
@@ -175,6 +176,17 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> None:
+    if args.reviews is not None:
+        if args.base is None or args.redo != "detectors":
+            raise ConfigError(
+                "--reviews refits a finished bundle's detectors: give --from BUNDLE --redo detectors "
+                "(and --out for the new bundle)"
+            )
+        refit_from_reviews(
+            args.base, args.out, args.reviews, held_out=args.review_held_out, seed=args.review_seed,
+            progress=progress_wanted(),
+        )
+        return
     build_bundle(
         args.out, _source_from(args), _profile_from(args), device=args.device, default_set=args.default_set,
         overwrite=args.overwrite, redo=args.redo, base=args.base, progress=progress_wanted(), model=_model_from(args),
@@ -261,6 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--from", dest="base", type=Path, default=None, metavar="BUNDLE",
         help="start --out as a copy of BUNDLE (new id), e.g. to --redo detectors with other settings",
     )
+    build.add_argument(
+        "--reviews", type=Path, default=None, metavar="DB",
+        help="with --from B --redo detectors: refit B's served signal set with the reviewed rejections of this "
+        "outbox (the server's PREDGATE_FALLBACK_DIR or its outbox.sqlite3); the report says if it helped",
+    )
+    build.add_argument(
+        "--review-held-out", type=float, default=0.5,
+        help="share of the reviews held out to judge the refit (stratified by right/wrong; default 0.5)",
+    )
+    build.add_argument("--review-seed", type=int, default=0, help="seed of the refit / held-out split")
     build.set_defaults(func=cmd_build)
 
     serve = sub.add_parser("serve", help="serve a bundle over HTTP (other settings: PREDGATE_* variables)")

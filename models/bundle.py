@@ -45,6 +45,11 @@ SWEEP_FILE = f"{REPORT_DIR}/sweep_mutants.json"
 REPORT_MARKDOWN_FILE = f"{REPORT_DIR}/report.md"
 ROBUSTNESS_FILE = f"{REPORT_DIR}/robustness.json"
 ROBUSTNESS_MARKDOWN_FILE = f"{REPORT_DIR}/robustness.md"
+# what a refit from reviewed rejections writes (predgate build --from B --reviews DB)
+REVIEWS_REPORT_JSON = f"{REPORT_DIR}/reviews.json"
+REVIEWS_REPORT_MARKDOWN = f"{REPORT_DIR}/reviews.md"
+REVIEWS_REPORT_PLOT = f"{REPORT_DIR}/reviews_roc.png"
+REVIEWS_SECTION = "reviews"  # the manifest section of that refit
 FEATURE_SPLITS = ("fit", "val", "test")
 CNN_TRAIN_INDICES_FILE = "splits/cnn-train-indices.npz"  # --exclude-indices: the images the CNN was trained on
 ADVERSARIAL_DIR = "adversarial"  # also the manifest section that records each attack

@@ -200,7 +200,7 @@ class VariantFit:
         )
 
 
-def _concat_tables(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def concat_tables(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     keys = [k for k in a if k in b and not k.startswith("seconds") and np.ndim(a[k]) >= 1]
     return {k: np.concatenate([a[k], b[k]], axis=1 if k == "mutant_labels" else 0) for k in keys}
 
@@ -343,7 +343,7 @@ def exposure_tables(
             ),
         )
         ex.update(scorers.columns(ex["logits"], ex["penultimate"], ex.get("doctor_pert")))
-        exposed[split] = _concat_tables(tables[split], ex)
+        exposed[split] = concat_tables(tables[split], ex)
     return exposed
 
 
@@ -502,23 +502,27 @@ def adopt(bundle: Bundle, result: OpenWorldResult, keys: list[str], default: str
 def store_sets(
     bundle: Bundle,
     variants: dict[str, VariantFit],
-    scorers: OpenWorldScorers,
+    scorers: OpenWorldScorers | None,
     clean_rows: dict[str, int],
     keys: list[str],
     default: str | None = None,
     chosen_by: str = "open-world report (report/open_world.md)",
+    source: dict[str, Any] | None = None,
 ) -> list[str]:
     """What :func:`adopt` stores, from the fitted variants themselves. ``clean_rows``: per split, how
     many leading rows are the clean split (the exposed variant's splits end with exposure rows); the
     stored scores (the drift monitor's reference is val) are those of the clean rows.
 
     A set of the exposed variant that reads ``cond`` is stored with that variant's own conductance
-    detector (``detectors/conductance-exposed``), which the gate then uses for it.
+    detector (``detectors/conductance-exposed``), which the gate then uses for it. ``scorers`` None:
+    the sets read no open-world signal (a refit of a build set); ``source`` replaces the details that
+    say where a set comes from (default: the open-world variant).
     """
     section = bundle.detectors
     if section is None:
         raise ConfigError("the bundle has no detectors section: build it to the end first")
-    scorers.save(bundle)
+    if scorers is not None:
+        scorers.save(bundle)
     sets = dict(section.signal_sets)
     stored_scores = bundle.read_arrays(SCORES_FILE) if bundle.has_file(SCORES_FILE) else {}
     names = []
@@ -552,7 +556,7 @@ def store_sets(
             details={
                 "val_auroc_by_kind": set_fit.val_auroc_by_kind,
                 "skipped_points": {p: "infeasible on val" for p in OPERATING_POINTS if p not in points},
-                "source": f"open-world ({variant} variant)",
+                **(source or {"source": f"open-world ({variant} variant)"}),
                 **own_cond,
             },
         )
