@@ -61,9 +61,12 @@ def constant(n: int, shape: tuple[int, int, int], seed: int) -> np.ndarray:
     return np.broadcast_to(values, (n, *shape)).copy()
 
 
-def digits(n: int, shape: tuple[int, int, int], seed: int) -> np.ndarray:
-    """scikit-learn's 1,797 handwritten digits (values 0..16), scaled to 0..255 and upscaled."""
+def digits(n: int, shape: tuple[int, int, int], seed: int, part: tuple[int, int] = (0, 1)) -> np.ndarray:
+    """scikit-learn's 1,797 handwritten digits (values 0..16), scaled to 0..255 and upscaled.
+    ``part`` (K, N): draw only from the K-th of N fixed disjoint parts of them."""
     data = load_digits().images  # 1797 x 8 x 8
+    if part != (0, 1):
+        data = data[np.array_split(np.random.default_rng(1234).permutation(len(data)), part[1])[part[0]]]
     rng = np.random.default_rng((seed, 4))
     picked = data[rng.choice(len(data), size=n, replace=n > len(data))]
     small = np.clip(picked * (255.0 / 16.0), 0, 255).astype(np.uint8)[..., None]
