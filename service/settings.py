@@ -187,8 +187,9 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _review_needs_the_sqlite_outbox(self) -> Settings:
-        """The review page stores its labels beside the items in the SQLite outbox's file."""
+    def _redis_outbox_is_usable(self) -> Settings:
+        """A Redis URL the client can read, and no review page on it (the review page stores its labels
+        beside the items in the SQLite outbox's file)."""
         if self.fallback_redis_url is not None:
             url = self.fallback_redis_url.get_secret_value()
             if not url.startswith(("redis://", "rediss://", "unix://")):
