@@ -213,7 +213,11 @@ def fit_variant(
     cond_inputs: str,
     signal_sets: dict[str, tuple[str, ...]],
     progress: bool = False,
+    threshold_rows: int | None = None,
 ) -> VariantFit:
+    """Every seed's detectors on ``tables``, with operating points chosen on val (only its first
+    ``threshold_rows`` rows when given: rows added to val for model selection, e.g. reviewed
+    rejections, then do not move the thresholds' promise)."""
     first = fit_detectors(tables, seed=0, signal_sets=signal_sets, cond_inputs=cond_inputs, progress=progress)
     chosen = {name: s.kind for name, s in first.sets.items()}
     fits = [first] + [
@@ -227,14 +231,15 @@ def fit_variant(
         )
         for s in range(1, seeds)
     ]
-    wrong_val = wrong_labels(tables["val"])
+    rows = slice(None) if threshold_rows is None else slice(0, threshold_rows)
+    wrong_val = wrong_labels(tables["val"])[rows]
     points: dict[tuple[int, str], dict[str, OperatingPoint]] = {}
     for fit in fits:
         for name, set_fit in fit.sets.items():
             chosen_points = {}
             for spec in POINTS:
                 try:
-                    chosen_points[spec] = choose_threshold(set_fit.scores["val"], wrong_val, spec)
+                    chosen_points[spec] = choose_threshold(set_fit.scores["val"][rows], wrong_val, spec)
                 except ConfigError:
                     continue
             points[(fit.seed, name)] = chosen_points

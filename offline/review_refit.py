@@ -3,7 +3,9 @@
 ``predgate build --from BUNDLE --out NEW --redo detectors --reviews DB``: the people behind the review
 page have labelled inputs the gate answered ``unknown`` (docs/fallback.md). Those are exactly the
 inputs the detectors know least about: shifted, unusual, out of the classes. Half of the reviewed
-items (stratified by whether the CNN was right) become extra rows of the detectors' fit split; the
+items (stratified by whether the CNN was right) become extra rows of the detectors' data, two thirds
+of them in the fit split and one third in val (where the classifier's kind is chosen and the
+conductance detector stops early, so that the selection sees the reviewed kind of input too); the
 other half is held out, and the report compares, on it and on the clean test split:
 
 - ``base``: the served set fitted as the base bundle fitted it (same tables, same seeds); this arm is
@@ -56,12 +58,22 @@ from offline.open_world import (
     store_sets,
     suite_evidence,
 )
-from offline.reviews import ReviewedInputs, read_reviews, split_reviews
+from offline.reviews import ReviewedInputs, read_reviews, split_indices, split_reviews
 
 MIN_PER_PART = 5
 """Right and wrong answers each part of the reviews must hold at least (refit and held-out)."""
 
 REFIT_SUFFIX = "reviewed"
+VAL_SHARE = 1 / 3
+"""Share of the refit reviews added to val (model selection and early stopping), the rest to fit."""
+
+
+def take_rows(table: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows ``idx`` of an evidence table (mutant labels are M x N: columns there)."""
+    return {
+        k: (v[:, idx] if k == "mutant_labels" else v[idx]) if np.ndim(v) >= 1 and not k.startswith("seconds") else v
+        for k, v in table.items()
+    }
 
 
 def _say(message: str) -> None:
@@ -285,9 +297,17 @@ def refit_from_reviews(
     _say(f"fitting both arms, {seeds} seeds each")
     base_fit = fit_variant(plan.variant, tables, seeds=seeds, cond_inputs=cond_inputs, signal_sets=sets,
                            progress=progress)
-    with_reviews = {**tables, "fit": concat_tables(tables["fit"], refit_table)}
+    # A third of the refit reviews joins val, where the classifier's kind is chosen and the conductance
+    # detector stops early: selected on clean val alone, the refit would be judged only by what it does
+    # to clean images. Thresholds stay chosen on the base's val rows.
+    fit_rows, val_rows = split_indices(wrong_labels(refit_table), VAL_SHARE, seed + 1)
+    with_reviews = {
+        **tables,
+        "fit": concat_tables(tables["fit"], take_rows(refit_table, fit_rows)),
+        "val": concat_tables(tables["val"], take_rows(refit_table, val_rows)),
+    }
     refit = fit_variant(plan.refit_variant, with_reviews, seeds=seeds, cond_inputs=cond_inputs, signal_sets=sets,
-                        progress=progress)
+                        progress=progress, threshold_rows=len(tables["val"]["label"]))
     stored = bundle.read_arrays(SCORES_FILE)
     reproduced = float(np.max(np.abs(
         base_fit.fits[0].sets[plan.name].scores["test"][: clean_rows["test"]] - stored[scores_key(0, plan.served, "test")]

@@ -140,17 +140,23 @@ def read_reviews(path: Path | str, bundle: Bundle) -> ReviewedInputs:
     )
 
 
+def split_indices(wrong: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rest, part) row indices, ``part`` about ``fraction`` of the rows, stratified by ``wrong``."""
+    rng = np.random.default_rng((seed, 18))
+    rest, part = [], []
+    for value in (False, True):
+        idx = np.flatnonzero(np.asarray(wrong) == value)
+        idx = idx[rng.permutation(len(idx))]
+        cut = round(len(idx) * fraction)
+        part.append(idx[:cut])
+        rest.append(idx[cut:])
+    return np.sort(np.concatenate(rest)), np.sort(np.concatenate(part))
+
+
 def split_reviews(reviewed: ReviewedInputs, held_out: float, seed: int) -> tuple[ReviewedInputs, ReviewedInputs]:
     """(refit, held-out) parts, stratified by whether the CNN was wrong, so both parts hold right and
     wrong answers in the proportions the reviews have."""
     if not 0.0 < held_out < 1.0:
         raise ConfigError(f"--review-held-out must be in (0, 1), got {held_out}")
-    rng = np.random.default_rng((seed, 18))
-    refit_idx, held_idx = [], []
-    for value in (False, True):
-        idx = np.flatnonzero(reviewed.wrong == value)
-        idx = idx[rng.permutation(len(idx))]
-        cut = round(len(idx) * held_out)
-        held_idx.append(idx[:cut])
-        refit_idx.append(idx[cut:])
-    return reviewed.subset(np.sort(np.concatenate(refit_idx))), reviewed.subset(np.sort(np.concatenate(held_idx)))
+    refit_idx, held_idx = split_indices(reviewed.wrong, held_out, seed)
+    return reviewed.subset(refit_idx), reviewed.subset(held_idx)
