@@ -1,6 +1,6 @@
 """Durable fallback delivery with real processes: the server (``python -m service.server``, tiny bundle)
 delivers every ``unknown`` image to the example receiver (examples/fallback_receiver.py), which answers
-503 to a third of the deliveries, loses the acknowledgement of a tenth and is stopped and restarted
+503 to a third of the deliveries, loses the acknowledgement of a quarter and is stopped and restarted
 once; the server is killed with SIGKILL mid-delivery and restarted on the same outbox. Every ``unknown``
 answer's item reaches the receiver, carrying the image as sent, and takes effect once by its key.
 Then the same with two replicas sharing the Redis Streams outbox: one is killed with SIGKILL while it
@@ -30,9 +30,11 @@ pytestmark = pytest.mark.integration
 
 
 def start_receiver(port: int, db: Path, log: Path) -> subprocess.Popen[bytes]:
+    # a lost acknowledgement in a quarter of the stored deliveries: over the 20-30 items of a test the
+    # chance that none is resent (and the "retried" check below has nothing to see) is below 1e-3
     command = [
         sys.executable, str(ROOT / "examples" / "fallback_receiver.py"), "--port", str(port), "--db", str(db),
-        "--fail-rate", "0.33", "--lost-ack-rate", "0.1", "--delay-s", "0.1", "--seed", str(port),
+        "--fail-rate", "0.33", "--lost-ack-rate", "0.25", "--delay-s", "0.1", "--seed", str(port),
     ]
     process = subprocess.Popen(command, stdout=log.open("ab"), stderr=subprocess.STDOUT)
     wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/items", timeout=2).status_code == 200, 30, "the receiver")
