@@ -166,6 +166,10 @@ def evaluate(args: argparse.Namespace) -> None:
             cut = np.quantile(msp, float((~runs[name]["reject"]).mean()))
             chosen["msp_same_coverage"] = _selective(wrong[mask], (msp > cut)[mask])
             row[name] = chosen
+        # the refit at the base's coverage (its threshold moved so it accepts as many stream images)
+        base_coverage = float((~runs[before]["reject"]).mean())
+        cut = np.quantile(runs[after]["score"], base_coverage)
+        row["refit_at_base_coverage"] = _selective(wrong[mask], (runs[after]["score"] > cut)[mask])
         if wrong[mask].any() and (~wrong[mask]).any():
             cmp = paired_bootstrap_auroc(runs[after]["score"][mask], runs[before]["score"][mask], wrong[mask], 1000, 0)
             vs_msp = paired_bootstrap_auroc(runs[after]["score"][mask], msp[mask], wrong[mask], 1000, 0)
