@@ -40,8 +40,8 @@ def review_markdown(summary: dict[str, Any]) -> str:
         (
             f"Bundle `{summary['bundle']}`, derived from `{summary['base_bundle']}`. The served set "
             f"`{summary['served_before']}` ({summary['variant']} variant) was fitted again with reviewed "
-            f"rejections added to its fit split, and is served as `{summary['served_after']}`; the base set "
-            "stays in the bundle."
+            "rejections added to its fit and val splits (thresholds still from the base's val rows), and is "
+            f"served as `{summary['served_after']}`; the base set stays in the bundle."
         ),
         "",
         (
