@@ -109,7 +109,11 @@ def fill(args: argparse.Namespace) -> None:
             body["reviewer"] = "oracle"
             client.put(f"/review/items/{key}/label", json=body).raise_for_status()
         estimate = client.get("/review/items", params={"limit": 1}).json()["estimate"]
-    print(json.dumps({"sent": sent, "reviewed": len(truth), "stream": _kinds(what), "estimate": estimate}, indent=1))
+    print(
+        json.dumps(
+            {"sent": sent, "reviewed": len(truth), "stream": _kinds(what), "estimate": estimate}, indent=1
+        )
+    )
 
 
 def _kinds(what: list[str]) -> dict[str, int]:
@@ -119,7 +123,9 @@ def _kinds(what: list[str]) -> dict[str, int]:
     return kinds
 
 
-def _gate_scores(bundle_path: Path, signal_set: str | None, images: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+def _gate_scores(
+    bundle_path: Path, signal_set: str | None, images: np.ndarray, batch: int
+) -> dict[str, np.ndarray]:
     bundle = load_bundle(bundle_path)
     gate = load_gate(bundle, "cpu", default_set=signal_set)
     parts: dict[str, list[np.ndarray]] = {"score": [], "reject": [], "prediction": [], "logits": []}
@@ -153,11 +159,21 @@ def evaluate(args: argparse.Namespace) -> None:
     prediction = runs[before]["prediction"]
     wrong = labels != prediction
     msp = np.asarray(msp_score(runs[before]["logits"]))
-    regimes = {"all": np.ones(len(labels), bool), "clean": np.array([w == "clean" for w in what]),
-               "shifted": np.array([w not in ("clean", "digits") for w in what]),
-               "no class": np.array([w == "digits" for w in what])}
-    result: dict[str, object] = {"images": len(labels), "stream": _kinds(what), "pool_part": list(args.pool_part),
-                                 "seed": args.seed, "base_set": before, "refit_set": after, "bundle": str(args.bundle.name)}
+    regimes = {
+        "all": np.ones(len(labels), bool),
+        "clean": np.array([w == "clean" for w in what]),
+        "shifted": np.array([w not in ("clean", "digits") for w in what]),
+        "no class": np.array([w == "digits" for w in what]),
+    }
+    result: dict[str, object] = {
+        "images": len(labels),
+        "stream": _kinds(what),
+        "pool_part": list(args.pool_part),
+        "seed": args.seed,
+        "base_set": before,
+        "refit_set": after,
+        "bundle": str(args.bundle.name),
+    }
     for regime, mask in regimes.items():
         row: dict[str, object] = {"n": int(mask.sum()), "wrong": int(wrong[mask].sum())}
         for name in (before, after):
@@ -171,11 +187,19 @@ def evaluate(args: argparse.Namespace) -> None:
         cut = np.quantile(runs[after]["score"], base_coverage)
         row["refit_at_base_coverage"] = _selective(wrong[mask], (runs[after]["score"] > cut)[mask])
         if wrong[mask].any() and (~wrong[mask]).any():
-            cmp = paired_bootstrap_auroc(runs[after]["score"][mask], runs[before]["score"][mask], wrong[mask], 1000, 0)
+            cmp = paired_bootstrap_auroc(
+                runs[after]["score"][mask], runs[before]["score"][mask], wrong[mask], 1000, 0
+            )
             vs_msp = paired_bootstrap_auroc(runs[after]["score"][mask], msp[mask], wrong[mask], 1000, 0)
-            row["auroc"] = {"base": cmp["auroc_b"], "refit": cmp["auroc_a"], "msp": vs_msp["auroc_b"],
-                            "refit_minus_base": cmp["diff"], "ci": list(cmp["ci_diff"]),
-                            "refit_minus_msp": vs_msp["diff"], "ci_msp": list(vs_msp["ci_diff"])}
+            row["auroc"] = {
+                "base": cmp["auroc_b"],
+                "refit": cmp["auroc_a"],
+                "msp": vs_msp["auroc_b"],
+                "refit_minus_base": cmp["diff"],
+                "ci": list(cmp["ci_diff"]),
+                "refit_minus_msp": vs_msp["diff"],
+                "ci_msp": list(vs_msp["ci_diff"]),
+            }
         result[regime] = row
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
@@ -187,17 +211,29 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func in (("fill", fill), ("evaluate", evaluate)):
         cmd = sub.add_parser(name, help=func.__doc__)
-        cmd.add_argument("--bundle", type=Path, required=True,
-                         help="fill: the bundle to serve; evaluate: the bundle built with --reviews")
+        cmd.add_argument(
+            "--bundle",
+            type=Path,
+            required=True,
+            help="fill: the bundle to serve; evaluate: the bundle built with --reviews",
+        )
         cmd.add_argument("--images", type=int, default=4000)
-        cmd.add_argument("--shares", type=float, nargs=3, default=(0.4, 0.5, 0.1),
-                         metavar=("CLEAN", "SHIFT", "UNKNOWN"))
+        cmd.add_argument(
+            "--shares", type=float, nargs=3, default=(0.4, 0.5, 0.1), metavar=("CLEAN", "SHIFT", "UNKNOWN")
+        )
         cmd.add_argument("--seed", type=int, default=0)
         cmd.add_argument("--batch", type=int, default=32)
-        cmd.add_argument("--pool-part", type=_part, default=(0, 2) if name == "fill" else (1, 2), metavar="K/N",
-                         help="which of N disjoint parts of the unused test images (default: fill 0/2, evaluate 1/2)")
+        cmd.add_argument(
+            "--pool-part",
+            type=_part,
+            default=(0, 2) if name == "fill" else (1, 2),
+            metavar="K/N",
+            help="which of N disjoint parts of the unused test images (default: fill 0/2, evaluate 1/2)",
+        )
         cmd.set_defaults(func=func)
-    sub.choices["fill"].add_argument("--out", type=Path, required=True, help="fallback directory for the outbox")
+    sub.choices["fill"].add_argument(
+        "--out", type=Path, required=True, help="fallback directory for the outbox"
+    )
     sub.choices["evaluate"].add_argument("--json", type=Path, required=True, help="where the figures go")
     args = parser.parse_args()
     args.func(args)

@@ -71,7 +71,9 @@ VAL_SHARE = 1 / 3
 def take_rows(table: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
     """Rows ``idx`` of an evidence table (mutant labels are M x N: columns there)."""
     return {
-        k: (v[:, idx] if k == "mutant_labels" else v[idx]) if np.ndim(v) >= 1 and not k.startswith("seconds") else v
+        k: (v[:, idx] if k == "mutant_labels" else v[idx])
+        if np.ndim(v) >= 1 and not k.startswith("seconds")
+        else v
         for k, v in table.items()
     }
 
@@ -115,8 +117,12 @@ def served_set(bundle: Bundle) -> ServedSet:
     if origin:
         base = section.signal_sets.get(origin["served"])
         if base is None:
-            raise BundleError(f"the default set {info.name!r} refits {origin['served']!r}, which the bundle lacks")
-        return ServedSet(origin["served"], origin["variant"], origin["name"], tuple(base.signals), base.default_point)
+            raise BundleError(
+                f"the default set {info.name!r} refits {origin['served']!r}, which the bundle lacks"
+            )
+        return ServedSet(
+            origin["served"], origin["variant"], origin["name"], tuple(base.signals), base.default_point
+        )
     source = str(info.details.get("source", ""))
     variant = "clean"
     if source.startswith("open-world ("):
@@ -153,22 +159,50 @@ def _tables(
     if plan.variant == "exposed":
         profile_seed = int((bundle.manifest.get("profile") or {}).get("seed", 0))
         tables = exposure_tables(
-            bundle, extractor, splits, tables, scorers, perturbed, stopping, exposure_images=1000,
-            seed=profile_seed, batch_size=batch_size, with_lcr=needs_lcr(plan.signals),
+            bundle,
+            extractor,
+            splits,
+            tables,
+            scorers,
+            perturbed,
+            stopping,
+            exposure_images=1000,
+            seed=profile_seed,
+            batch_size=batch_size,
+            with_lcr=needs_lcr(plan.signals),
         )
     elif plan.variant != "clean":
-        raise BundleError(f"the default set comes from an open-world variant {plan.variant!r} this refit cannot rebuild")
+        raise BundleError(
+            f"the default set comes from an open-world variant {plan.variant!r} this refit cannot rebuild"
+        )
     return tables, scorers, perturbed, clean_rows
 
 
 def _review_table(
-    bundle: Bundle, plan: ServedSet, extractor: EvidenceExtractor, stopping: Any, scorers: OpenWorldScorers | None,
-    perturbed: Any, reviewed: ReviewedInputs, *, batch_size: int, progress: bool, desc: str,
+    bundle: Bundle,
+    plan: ServedSet,
+    extractor: EvidenceExtractor,
+    stopping: Any,
+    scorers: OpenWorldScorers | None,
+    perturbed: Any,
+    reviewed: ReviewedInputs,
+    *,
+    batch_size: int,
+    progress: bool,
+    desc: str,
 ) -> dict[str, np.ndarray]:
     """The reviewed images' evidence, computed by the bundle's own extractor (as the server does)."""
     table = suite_evidence(
-        extractor, bundle.normalisation, perturbed, reviewed.images, reviewed.labels, stopping,
-        batch_size=batch_size, progress=progress, desc=desc, with_lcr=needs_lcr(plan.signals),
+        extractor,
+        bundle.normalisation,
+        perturbed,
+        reviewed.images,
+        reviewed.labels,
+        stopping,
+        batch_size=batch_size,
+        progress=progress,
+        desc=desc,
+        with_lcr=needs_lcr(plan.signals),
     )
     if scorers is not None:
         table.update(scorers.columns(table["logits"], table["penultimate"], table.get("doctor_pert")))
@@ -188,8 +222,15 @@ def _at_point(scores: np.ndarray, wrong: np.ndarray, threshold: float) -> dict[s
 
 
 def _compare(
-    base: VariantFit, refit: VariantFit, plan: ServedSet, held: dict[str, np.ndarray], test: dict[str, np.ndarray],
-    *, num_classes: int, cond_inputs: str, n_boot: int,
+    base: VariantFit,
+    refit: VariantFit,
+    plan: ServedSet,
+    held: dict[str, np.ndarray],
+    test: dict[str, np.ndarray],
+    *,
+    num_classes: int,
+    cond_inputs: str,
+    n_boot: int,
 ) -> list[dict[str, Any]]:
     """Per seed: AUROC of both arms (and MSP) on the held-out reviews and on clean test, paired
     bootstrap CIs of refit - base and refit - MSP, and what each arm's threshold accepts."""
@@ -206,15 +247,26 @@ def _compare(
         }
         row: dict[str, Any] = {"seed": seed, "scores": scores}
         for part, wrong in (("held_out", held_wrong), ("test", test_wrong)):
-            vs_base = paired_bootstrap_auroc(scores["reviewed"][part], scores["base"][part], wrong, n_boot, seed)
+            vs_base = paired_bootstrap_auroc(
+                scores["reviewed"][part], scores["base"][part], wrong, n_boot, seed
+            )
             vs_msp = paired_bootstrap_auroc(scores["reviewed"][part], msp[part], wrong, n_boot, seed)
             row[part] = {
-                "auroc": {"reviewed": vs_base["auroc_a"], "base": vs_base["auroc_b"], "msp": vs_msp["auroc_b"]},
-                "diff_vs_base": vs_base["diff"], "ci_vs_base": list(vs_base["ci_diff"]),
-                "diff_vs_msp": vs_msp["diff"], "ci_vs_msp": list(vs_msp["ci_diff"]),
+                "auroc": {
+                    "reviewed": vs_base["auroc_a"],
+                    "base": vs_base["auroc_b"],
+                    "msp": vs_msp["auroc_b"],
+                },
+                "diff_vs_base": vs_base["diff"],
+                "ci_vs_base": list(vs_base["ci_diff"]),
+                "diff_vs_msp": vs_msp["diff"],
+                "ci_vs_msp": list(vs_msp["ci_diff"]),
                 "at_point": {
-                    arm: _at_point(scores[arm][part], wrong, fit.points[(seed, plan.name)][plan.point].threshold)
-                    if plan.point in fit.points[(seed, plan.name)] else None  # infeasible on this arm's val
+                    arm: _at_point(
+                        scores[arm][part], wrong, fit.points[(seed, plan.name)][plan.point].threshold
+                    )
+                    if plan.point in fit.points[(seed, plan.name)]
+                    else None  # infeasible on this arm's val
                     for arm, fit in (("base", base), ("reviewed", refit))
                 },
             }
@@ -237,11 +289,21 @@ def verdict(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         text = "the refit hurt: held-out reviewed AUROC below the base's (CI < 0 on at least one seed)"
     else:
         text = "no gain shown: the held-out reviewed AUROC's CI includes 0 on at least one seed"
-    text += "; clean test AUROC " + ("fell (CI < 0 on a seed)" if clean_worse else "did not fall significantly")
-    text += "; " + ("above MSP on the held-out reviews on every seed" if beats_msp else
-                    "NOT above MSP on the held-out reviews on every seed (softmax confidence is as good or better)")
-    return {"helped": helped, "hurt": hurt, "clean_test_worse": clean_worse, "beats_msp_on_held_out": beats_msp,
-            "text": text}
+    text += "; clean test AUROC " + (
+        "fell (CI < 0 on a seed)" if clean_worse else "did not fall significantly"
+    )
+    text += "; " + (
+        "above MSP on the held-out reviews on every seed"
+        if beats_msp
+        else "NOT above MSP on the held-out reviews on every seed (softmax confidence is as good or better)"
+    )
+    return {
+        "helped": helped,
+        "hurt": hurt,
+        "clean_test_worse": clean_worse,
+        "beats_msp_on_held_out": beats_msp,
+        "text": text,
+    }
 
 
 def _prepare_out(base: Path, out: Path) -> Bundle:
@@ -280,23 +342,46 @@ def refit_from_reviews(
     )
     refit_part, held_part = split_reviews(reviewed, held_out, seed)
     _check_parts(refit_part, held_part, len(reviewed), reviewed.skipped)
-    _say(f"refitting {plan.served!r} ({plan.variant} variant of {plan.name}) with {len(refit_part)} reviews; "
-         f"{len(held_part)} held out")
+    _say(
+        f"refitting {plan.served!r} ({plan.variant} variant of {plan.name}) with {len(refit_part)} reviews; "
+        f"{len(held_part)} held out"
+    )
     extractor = load_extractor(bundle)
     stopping = load_early_stopping(bundle)
     tables, scorers, perturbed, clean_rows = _tables(bundle, plan, extractor, stopping, batch_size=batch_size)
-    refit_table = _review_table(bundle, plan, extractor, stopping, scorers, perturbed, refit_part,
-                                batch_size=batch_size, progress=progress, desc="evidence (refit reviews)")
-    held_table = _review_table(bundle, plan, extractor, stopping, scorers, perturbed, held_part,
-                               batch_size=batch_size, progress=progress, desc="evidence (held-out reviews)")
+    refit_table = _review_table(
+        bundle,
+        plan,
+        extractor,
+        stopping,
+        scorers,
+        perturbed,
+        refit_part,
+        batch_size=batch_size,
+        progress=progress,
+        desc="evidence (refit reviews)",
+    )
+    held_table = _review_table(
+        bundle,
+        plan,
+        extractor,
+        stopping,
+        scorers,
+        perturbed,
+        held_part,
+        batch_size=batch_size,
+        progress=progress,
+        desc="evidence (held-out reviews)",
+    )
     section = bundle.detectors
     assert section is not None
     cond_inputs = section.conductance.inputs if section.conductance else DEFAULT_COND_INPUTS
     seeds = len(section.seeds)
     sets = {plan.name: plan.signals}
     _say(f"fitting both arms, {seeds} seeds each")
-    base_fit = fit_variant(plan.variant, tables, seeds=seeds, cond_inputs=cond_inputs, signal_sets=sets,
-                           progress=progress)
+    base_fit = fit_variant(
+        plan.variant, tables, seeds=seeds, cond_inputs=cond_inputs, signal_sets=sets, progress=progress
+    )
     # A third of the refit reviews joins val, where the classifier's kind is chosen and the conductance
     # detector stops early: selected on clean val alone, the refit would be judged only by what it does
     # to clean images. Thresholds stay chosen on the base's val rows.
@@ -306,26 +391,57 @@ def refit_from_reviews(
         "fit": concat_tables(tables["fit"], take_rows(refit_table, fit_rows)),
         "val": concat_tables(tables["val"], take_rows(refit_table, val_rows)),
     }
-    refit = fit_variant(plan.refit_variant, with_reviews, seeds=seeds, cond_inputs=cond_inputs, signal_sets=sets,
-                        progress=progress, threshold_rows=len(tables["val"]["label"]))
+    refit = fit_variant(
+        plan.refit_variant,
+        with_reviews,
+        seeds=seeds,
+        cond_inputs=cond_inputs,
+        signal_sets=sets,
+        progress=progress,
+        threshold_rows=len(tables["val"]["label"]),
+    )
     stored = bundle.read_arrays(SCORES_FILE)
-    reproduced = float(np.max(np.abs(
-        base_fit.fits[0].sets[plan.name].scores["test"][: clean_rows["test"]] - stored[scores_key(0, plan.served, "test")]
-    )))
+    reproduced = float(
+        np.max(
+            np.abs(
+                base_fit.fits[0].sets[plan.name].scores["test"][: clean_rows["test"]]
+                - stored[scores_key(0, plan.served, "test")]
+            )
+        )
+    )
     num_classes = int(bundle.manifest["architecture"]["num_classes"])
-    per_seed = _compare(base_fit, refit, plan, held_table, tables["test"], num_classes=num_classes,
-                        cond_inputs=cond_inputs, n_boot=n_boot)
+    per_seed = _compare(
+        base_fit,
+        refit,
+        plan,
+        held_table,
+        tables["test"],
+        num_classes=num_classes,
+        cond_inputs=cond_inputs,
+        n_boot=n_boot,
+    )
     judged = verdict(per_seed)
-    prediction_changed = int((held_table["prediction"] != held_part.predicted).sum()
-                             + (refit_table["prediction"] != refit_part.predicted).sum())
+    prediction_changed = int(
+        (held_table["prediction"] != held_part.predicted).sum()
+        + (refit_table["prediction"] != refit_part.predicted).sum()
+    )
     key = f"{plan.refit_variant}/{plan.name}"
     counts = {
-        "reviewed": len(reviewed), "refit": len(refit_part), "held_out": len(held_part),
-        "wrong": int(reviewed.wrong.sum()), "none_of_these": int((reviewed.labels < 0).sum()),
-        "skipped": reviewed.skipped, "prediction_changed": prediction_changed,
+        "reviewed": len(reviewed),
+        "refit": len(refit_part),
+        "held_out": len(held_part),
+        "wrong": int(reviewed.wrong.sum()),
+        "none_of_these": int((reviewed.labels < 0).sum()),
+        "skipped": reviewed.skipped,
+        "prediction_changed": prediction_changed,
     }
     store_sets(
-        bundle, {plan.refit_variant: refit}, scorers, clean_rows, [key], default=key,
+        bundle,
+        {plan.refit_variant: refit},
+        scorers,
+        clean_rows,
+        [key],
+        default=key,
         chosen_by=f"refit from reviews ({REVIEWS_REPORT_JSON})",
         source={
             "source": f"refit of {plan.served} with reviewed rejections",
@@ -336,18 +452,29 @@ def refit_from_reviews(
     summary = {
         "base_bundle": load_bundle(base, verify=False).manifest["bundle_id"],
         "bundle": bundle.manifest["bundle_id"],
-        "served_before": plan.served, "served_after": plan.refit_name, "variant": plan.variant,
-        "operating_point": plan.point, "seeds": seeds, "n_boot": n_boot, "held_out_fraction": held_out,
-        "split_seed": seed, "reviews_file": Path(reviews).name, "counts": counts,
+        "served_before": plan.served,
+        "served_after": plan.refit_name,
+        "variant": plan.variant,
+        "operating_point": plan.point,
+        "seeds": seeds,
+        "n_boot": n_boot,
+        "held_out_fraction": held_out,
+        "split_seed": seed,
+        "reviews_file": Path(reviews).name,
+        "counts": counts,
         "base_arm_max_abs_diff_vs_stored": reproduced,
         "per_seed": [{k: v for k, v in row.items() if k != "scores"} for row in per_seed],
         "verdict": judged,
         "seconds": time.perf_counter() - start,
     }
     write_review_report(bundle, summary, per_seed, held_table, wrong_labels(held_table))
-    bundle.set(REVIEWS_SECTION, {k: summary[k] for k in ("served_before", "served_after", "counts", "verdict")})
+    bundle.set(
+        REVIEWS_SECTION, {k: summary[k] for k in ("served_before", "served_after", "counts", "verdict")}
+    )
     bundle.mark_stage("detectors:reviews", seconds=summary["seconds"])
     bundle.save()
     _say(judged["text"])
-    _say(f"default signal set: {plan.refit_name} (the base set {plan.served!r} stays; PREDGATE_SIGNAL_SET switches)")
+    _say(
+        f"default signal set: {plan.refit_name} (the base set {plan.served!r} stays; PREDGATE_SIGNAL_SET switches)"
+    )
     return summary

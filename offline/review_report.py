@@ -103,7 +103,10 @@ def review_markdown(summary: dict[str, Any]) -> str:
 
 
 def write_review_report(
-    bundle: Bundle, summary: dict[str, Any], per_seed: list[dict[str, Any]], held: dict[str, np.ndarray],
+    bundle: Bundle,
+    summary: dict[str, Any],
+    per_seed: list[dict[str, Any]],
+    held: dict[str, np.ndarray],
     wrong: np.ndarray,
 ) -> None:
     """JSON, markdown and the seed-0 ROC of both arms and MSP on the held-out reviews."""
@@ -116,7 +119,9 @@ def write_review_report(
             f"refit ({summary['served_after']})": seed0["reviewed"]["held_out"],
             "MSP": np.asarray(msp_score(held["logits"])),
         },
-        wrong, bundle.path / REVIEWS_REPORT_PLOT, "held-out reviewed rejections (seed 0)",
+        wrong,
+        bundle.path / REVIEWS_REPORT_PLOT,
+        "held-out reviewed rejections (seed 0)",
     )
     bundle.record_file(REVIEWS_REPORT_MARKDOWN)
     bundle.record_file(REVIEWS_REPORT_PLOT)

@@ -55,7 +55,11 @@ class ReviewedInputs:
     def subset(self, idx: np.ndarray) -> ReviewedInputs:
         idx = np.asarray(idx, dtype=np.int64)
         return ReviewedInputs(
-            self.images[idx], self.labels[idx], self.predicted[idx], [self.keys[i] for i in idx], dict(self.skipped)
+            self.images[idx],
+            self.labels[idx],
+            self.predicted[idx],
+            [self.keys[i] for i in idx],
+            dict(self.skipped),
         )
 
     def as_arrays(self, class_names: list[str]) -> ImageArrays:
@@ -104,7 +108,9 @@ def read_reviews(path: Path | str, bundle: Bundle) -> ReviewedInputs:
     class_names = bundle.class_names
     _, height, width = bundle.input_shape
     # as a server with the default resize policy decodes (crop fits only square inputs)
-    contract = InputContract.from_shape(bundle.input_shape, "crop" if height == width else "refuse", DEFAULT_MAX_PIXELS)
+    contract = InputContract.from_shape(
+        bundle.input_shape, "crop" if height == width else "refuse", DEFAULT_MAX_PIXELS
+    )
     skipped: Counter[str] = Counter()
     images, labels, predicted, keys = [], [], [], []
     for key, meta_text, image, media_type, label in rows:
@@ -153,7 +159,9 @@ def split_indices(wrong: np.ndarray, fraction: float, seed: int) -> tuple[np.nda
     return np.sort(np.concatenate(rest)), np.sort(np.concatenate(part))
 
 
-def split_reviews(reviewed: ReviewedInputs, held_out: float, seed: int) -> tuple[ReviewedInputs, ReviewedInputs]:
+def split_reviews(
+    reviewed: ReviewedInputs, held_out: float, seed: int
+) -> tuple[ReviewedInputs, ReviewedInputs]:
     """(refit, held-out) parts, stratified by whether the CNN was wrong, so both parts hold right and
     wrong answers in the proportions the reviews have."""
     if not 0.0 < held_out < 1.0:

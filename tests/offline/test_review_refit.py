@@ -58,8 +58,10 @@ def write_reviews(bundle_path: Path, directory: Path, n: int = 80) -> dict[str, 
     names = bundle.class_names
     items = []
     for i, guess in enumerate(predicted):
-        meta = {"bundle_id": bundle.manifest["bundle_id"],
-                "prediction": {"label": int(guess), "primary_label": int(guess), "class_name": names[int(guess)]}}
+        meta = {
+            "bundle_id": bundle.manifest["bundle_id"],
+            "prediction": {"label": int(guess), "primary_label": int(guess), "class_name": names[int(guess)]},
+        }
         if i == len(predicted) - 1:
             meta["prediction"]["class_name"] = "a class of another bundle"
         blob = (_npy(x[i].numpy()), "application/x-npy") if i % 10 == 3 else (_png(images[i]), "image/png")
@@ -79,7 +81,9 @@ def reviews_dir(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return directory, write_reviews(tiny_bundle, directory)
 
 
-def test_reviews_are_read_back_as_the_server_stored_them(tiny_bundle: Path, reviews_dir: tuple[Path, dict[str, int]]) -> None:
+def test_reviews_are_read_back_as_the_server_stored_them(
+    tiny_bundle: Path, reviews_dir: tuple[Path, dict[str, int]]
+) -> None:
     directory, truth = reviews_dir
     bundle = load_bundle(tiny_bundle)
     reviewed = read_reviews(directory, bundle)
@@ -96,7 +100,9 @@ def test_reviews_are_read_back_as_the_server_stored_them(tiny_bundle: Path, revi
 
 def _held_out_auroc(bundle_path: Path, images: np.ndarray, wrong: np.ndarray) -> float:
     bundle = load_bundle(bundle_path)
-    return float(roc_auc_score(wrong, load_gate(bundle).run(bundle.normalisation.apply(images)).unified_score))
+    return float(
+        roc_auc_score(wrong, load_gate(bundle).run(bundle.normalisation.apply(images)).unified_score)
+    )
 
 
 @pytest.mark.parametrize("default", ["build", "exposed"])
@@ -110,7 +116,9 @@ def test_build_from_reviews_refits_the_served_set_and_reports_it(
         fit_default_set(load_bundle(base), "exposed/cond+feat+softmax", exposure_images=60)
     before = served_set(load_bundle(base)).served
     out = tmp_path / "refit"
-    code = main(["build", "--from", str(base), "--out", str(out), "--redo", "detectors", "--reviews", str(directory)])
+    code = main(
+        ["build", "--from", str(base), "--out", str(out), "--redo", "detectors", "--reviews", str(directory)]
+    )
     assert code == 0
     refitted = load_bundle(out)
     detectors = refitted.manifest["detectors"]
@@ -121,7 +129,10 @@ def test_build_from_reviews_refits_the_served_set_and_reports_it(
     assert report["base_arm_max_abs_diff_vs_stored"] < 1e-6, "the base arm is not the served set"
     assert report["counts"]["skipped"] == {"made against another class list": 1}
     assert report["counts"]["prediction_changed"] == 0
-    assert "Verdict" in (out / "report" / "reviews.md").read_text() and (out / "report" / "reviews_roc.png").is_file()
+    assert (
+        "Verdict" in (out / "report" / "reviews.md").read_text()
+        and (out / "report" / "reviews_roc.png").is_file()
+    )
     # the held-out AUROCs the report states are those of the two bundles' served gates
     reviewed = read_reviews(directory, refitted)
     _, held = split_reviews(reviewed, 0.5, seed=0)
@@ -132,7 +143,10 @@ def test_build_from_reviews_refits_the_served_set_and_reports_it(
 
 
 def test_build_from_reviews_says_what_is_missing(
-    tiny_bundle: Path, reviews_dir: tuple[Path, dict[str, int]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_bundle: Path,
+    reviews_dir: tuple[Path, dict[str, int]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     directory, _ = reviews_dir
     assert main(["build", "--out", str(tmp_path / "a"), "--reviews", str(directory)]) == 2
