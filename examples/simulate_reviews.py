@@ -34,10 +34,10 @@ from tqdm import tqdm
 from models.bundle import load_bundle
 from models.data import DataSource, Splits
 from models.gate import load_gate
-from models.metrics import paired_bootstrap_auroc
-from models.scores import msp_score
+from models.metrics import bootstrap_indices
 from offline.corruptions import corrupt_images
 from offline.open_world_suites import EVAL_KINDS
+from offline.review_refit import auroc_comparison, baseline_scores
 from offline.unknown_inputs import digits
 from service.main import create_app
 from service.settings import Settings
@@ -148,17 +148,49 @@ def _selective(wrong: np.ndarray, reject: np.ndarray) -> dict[str, float]:
     }
 
 
+def accept_lowest(scores: np.ndarray, n: int) -> np.ndarray:
+    """Accept the ``n`` images with the lowest risk score (stable order): any score at a given coverage."""
+    accepted = np.zeros(len(scores), dtype=bool)
+    accepted[np.argsort(scores, kind="stable")[:n]] = True
+    return accepted
+
+
+def paired_selective_ci(
+    accepted_a: np.ndarray, accepted_b: np.ndarray, wrong: np.ndarray, n_boot: int = 1000, seed: int = 0
+) -> dict[str, float | list[float]]:
+    """Selective accuracy of a minus b (the accepted sets fixed) with a paired percentile bootstrap 95% CI:
+    each replicate resamples the images once for both."""
+
+    def sel_acc(accepted: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        return ((counts * (accepted & ~wrong)).sum(1)) / np.maximum((counts * accepted).sum(1), 1)
+
+    diffs = []
+    for idx in bootstrap_indices(len(wrong), n_boot, seed):
+        counts = np.stack([np.bincount(row, minlength=len(wrong)) for row in idx])
+        diffs.append(sel_acc(accepted_a, counts) - sel_acc(accepted_b, counts))
+    both = np.concatenate(diffs)
+    full = float(1 - wrong[accepted_a].mean() - (1 - wrong[accepted_b].mean()))
+    return {"diff": full, "ci": [float(v) for v in np.percentile(both, [2.5, 97.5])]}
+
+
 def evaluate(args: argparse.Namespace) -> None:
-    """Both sets of the refitted bundle (the base set and its refit) on a fresh stream nobody reviewed,
-    against MSP at each one's coverage; paired bootstrap CIs of the AUROC differences."""
+    """Both sets of the refitted bundle (the base set and its refit) on a fresh stream nobody reviewed:
+    AUROC against the base, MSP and DOCTOR with paired CIs, and every score at the base gate's coverage
+    with a paired CI of the selective-accuracy difference."""
     images, labels, what = stream(args.bundle, args.images, args.seed, tuple(args.shares), args.pool_part)
     bundle = load_bundle(args.bundle)
     after = bundle.manifest["detectors"]["default_set"]
     before = bundle.manifest["detectors"]["signal_sets"][after]["refit_of"]["served"]
     runs = {name: _gate_scores(args.bundle, name, images, args.batch) for name in (before, after)}
-    prediction = runs[before]["prediction"]
-    wrong = labels != prediction
-    msp = np.asarray(msp_score(runs[before]["logits"]))
+    wrong = labels != runs[before]["prediction"]
+    others = {"base": runs[before]["score"], **baseline_scores(runs[before]["logits"])}
+    # every score accepting as many stream images as the base gate does at its operating point
+    n_accepted = int((~runs[before]["reject"]).sum())
+    at_base_coverage = {"base": ~runs[before]["reject"]}
+    at_base_coverage.update(
+        {name: accept_lowest(score, n_accepted) for name, score in {"reviewed": runs[after]["score"], **others}.items()
+         if name != "base"}
+    )
     regimes = {
         "all": np.ones(len(labels), bool),
         "clean": np.array([w == "clean" for w in what]),
@@ -166,40 +198,23 @@ def evaluate(args: argparse.Namespace) -> None:
         "no class": np.array([w == "digits" for w in what]),
     }
     result: dict[str, object] = {
-        "images": len(labels),
-        "stream": _kinds(what),
-        "pool_part": list(args.pool_part),
-        "seed": args.seed,
-        "base_set": before,
-        "refit_set": after,
-        "bundle": str(args.bundle.name),
+        "images": len(labels), "stream": _kinds(what), "pool_part": list(args.pool_part), "seed": args.seed,
+        "base_set": before, "refit_set": after, "bundle": str(args.bundle.name),
+        "base_coverage": n_accepted / len(labels),
     }
     for regime, mask in regimes.items():
         row: dict[str, object] = {"n": int(mask.sum()), "wrong": int(wrong[mask].sum())}
-        for name in (before, after):
-            chosen = _selective(wrong[mask], runs[name]["reject"][mask])
-            # MSP accepting as many images of the whole stream as this set does
-            cut = np.quantile(msp, float((~runs[name]["reject"]).mean()))
-            chosen["msp_same_coverage"] = _selective(wrong[mask], (msp > cut)[mask])
-            row[name] = chosen
-        # the refit at the base's coverage (its threshold moved so it accepts as many stream images)
-        base_coverage = float((~runs[before]["reject"]).mean())
-        cut = np.quantile(runs[after]["score"], base_coverage)
-        row["refit_at_base_coverage"] = _selective(wrong[mask], (runs[after]["score"] > cut)[mask])
-        if wrong[mask].any() and (~wrong[mask]).any():
-            cmp = paired_bootstrap_auroc(
-                runs[after]["score"][mask], runs[before]["score"][mask], wrong[mask], 1000, 0
-            )
-            vs_msp = paired_bootstrap_auroc(runs[after]["score"][mask], msp[mask], wrong[mask], 1000, 0)
-            row["auroc"] = {
-                "base": cmp["auroc_b"],
-                "refit": cmp["auroc_a"],
-                "msp": vs_msp["auroc_b"],
-                "refit_minus_base": cmp["diff"],
-                "ci": list(cmp["ci_diff"]),
-                "refit_minus_msp": vs_msp["diff"],
-                "ci_msp": list(vs_msp["ci_diff"]),
+        row["at_own_threshold"] = {name: _selective(wrong[mask], runs[name]["reject"][mask]) for name in (before, after)}
+        row["at_base_coverage"] = {name: _selective(wrong[mask], ~acc[mask]) for name, acc in at_base_coverage.items()}
+        if regime == "all":
+            row["refit_minus_at_base_coverage"] = {
+                name: paired_selective_ci(at_base_coverage["reviewed"], acc, wrong)
+                for name, acc in at_base_coverage.items() if name != "reviewed"
             }
+        if wrong[mask].any() and (~wrong[mask]).any():
+            row["auroc"] = auroc_comparison(
+                runs[after]["score"][mask], {k: v[mask] for k, v in others.items()}, wrong[mask], 1000, 0
+            )
         result[regime] = row
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))

@@ -63,6 +63,19 @@ def apply_default_set(bundle: Bundle, chosen: str | None, *, seed: int, progress
     bundle.save()
 
 
+def derive_from(base: Path, out: Path) -> bool:
+    """Start ``out`` as a copy of ``base`` (its own id, ``derived_from`` naming the base); True when it
+    copied. An ``out`` copied from ``base`` earlier is kept (a variant build resumes); any other is refused.
+    Only ids are read here: :meth:`Bundle.copy_to` verifies the base's files, and the caller opens ``out``."""
+    base_bundle = load_bundle(base, verify=False)
+    if not (Path(out) / MANIFEST_NAME).exists():
+        base_bundle.copy_to(out)
+        return True
+    if load_bundle(out, verify=False).manifest.get("derived_from") != base_bundle.manifest["bundle_id"]:
+        raise BundleError(f"{out} exists and was not copied from {base}: use another --out")
+    return False
+
+
 def build_bundle(
     out: Path,
     source: DataSource,
@@ -87,14 +100,8 @@ def build_bundle(
     Between training and the mutants the CNN's accuracy is checked (:func:`accuracy_check`)."""
     request = model or ModelRequest(arch=arch, layer=layer, weights=weights)
     t0 = time.perf_counter()
-    if base is not None:
-        # Only ids are read here: copy_to verifies the base's files, and prepare opens ``out``.
-        base_bundle = load_bundle(base, verify=False)
-        if not (Path(out) / MANIFEST_NAME).exists():
-            _say(f"copying {base} to {out}")
-            base_bundle.copy_to(out)
-        elif load_bundle(out, verify=False).manifest.get("derived_from") != base_bundle.manifest["bundle_id"]:
-            raise BundleError(f"{out} exists and was not copied from {base}: use another --out")
+    if base is not None and derive_from(base, out):
+        _say(f"copied {base} to {out}")
 
     def stage(name: str) -> float:
         _say(f"{name} ... (t={time.perf_counter() - t0:.0f}s)")

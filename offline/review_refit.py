@@ -11,7 +11,7 @@ other half is held out, and the report compares, on it and on the clean test spl
 - ``base``: the served set fitted as the base bundle fitted it (same tables, same seeds); this arm is
   checked against the base bundle's stored scores, so the comparison is against what is served;
 - ``reviewed``: the same fit with the refit half of the reviews added to the fit split;
-- MSP, the free softmax baseline, on the same images.
+- MSP and DOCTOR, the free softmax baselines, on the same images.
 
 Every detector seed is fitted in both arms; a gain is claimed only where the paired bootstrap CI of
 the held-out AUROC difference is above 0 for every seed. The refitted set is stored as a new signal
@@ -32,7 +32,6 @@ import numpy as np
 
 from models.bundle import (
     DEFAULT_COND_INPUTS,
-    MANIFEST_NAME,
     REVIEWS_REPORT_JSON,
     REVIEWS_SECTION,
     SCORES_FILE,
@@ -47,8 +46,10 @@ from models.evidence import EvidenceExtractor
 from models.gate import load_early_stopping, load_extractor
 from models.metrics import accuracy_with_fallback, paired_bootstrap_auroc, wrong_labels
 from models.open_world_evidence import OpenWorldScorers
-from models.scores import msp_score
+from models.operating_points import OperatingPoint
+from models.scores import doctor, msp_score
 from models.signals import OPEN_WORLD_SIGNALS, needs_lcr
+from offline.build import derive_from
 from offline.open_world import (
     VariantFit,
     concat_tables,
@@ -209,16 +210,39 @@ def _review_table(
     return table
 
 
-def _at_point(scores: np.ndarray, wrong: np.ndarray, threshold: float) -> dict[str, Any]:
-    rejected = scores >= threshold
+def _at_point(scores: np.ndarray, wrong: np.ndarray, point: OperatingPoint) -> dict[str, Any]:
+    """What the arm's threshold accepts, by the gate's own verdict rule (:meth:`OperatingPoint.reject`)."""
+    rejected = point.reject(scores)
     accepted = ~rejected
-    out = accuracy_with_fallback(wrong, rejected)
     return {
-        **out,
+        **accuracy_with_fallback(wrong, rejected),
         "accepted": int(accepted.sum()),
         "accepted_right": int((accepted & ~wrong).sum()),
         "accepted_wrong": int((accepted & wrong).sum()),
     }
+
+
+SOFTMAX_BASELINES = {"msp": msp_score, "doctor": doctor}
+"""The free scores a refit must also beat: maximum softmax probability and DOCTOR, from the same logits."""
+
+
+def auroc_comparison(
+    refit: np.ndarray, others: dict[str, np.ndarray], wrong: np.ndarray, n_boot: int, seed: int
+) -> dict[str, Any]:
+    """AUROC of ``refit`` and of every score in ``others`` on the same images, with the paired bootstrap
+    CI of refit - each (``diff_vs_<name>``, ``ci_vs_<name>``). Used by the report and the stream check."""
+    out: dict[str, Any] = {"auroc": {}}
+    for name, other in others.items():
+        cmp = paired_bootstrap_auroc(refit, other, wrong, n_boot, seed)
+        out["auroc"]["reviewed"] = cmp["auroc_a"]
+        out["auroc"][name] = cmp["auroc_b"]
+        out[f"diff_vs_{name}"] = cmp["diff"]
+        out[f"ci_vs_{name}"] = list(cmp["ci_diff"])
+    return out
+
+
+def baseline_scores(logits: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: np.asarray(score(logits)) for name, score in SOFTMAX_BASELINES.items()}
 
 
 def _compare(
@@ -232,43 +256,26 @@ def _compare(
     cond_inputs: str,
     n_boot: int,
 ) -> list[dict[str, Any]]:
-    """Per seed: AUROC of both arms (and MSP) on the held-out reviews and on clean test, paired
-    bootstrap CIs of refit - base and refit - MSP, and what each arm's threshold accepts."""
-    held_wrong, test_wrong = wrong_labels(held), wrong_labels(test)
-    msp = {"held_out": np.asarray(msp_score(held["logits"])), "test": np.asarray(msp_score(test["logits"]))}
+    """Per seed: AUROC of both arms, MSP and DOCTOR on the held-out reviews and on clean test, paired
+    bootstrap CIs of refit - each, and what each arm's threshold accepts."""
+    parts = {"held_out": held, "test": test}
+    wrong = {part: wrong_labels(table) for part, table in parts.items()}
+    free = {part: baseline_scores(table["logits"]) for part, table in parts.items()}
     per_seed = []
     for seed in range(len(base.fits)):
         scores = {
-            arm: {
-                "held_out": fit.scores(seed, plan.name, held, num_classes, cond_inputs),
-                "test": fit.scores(seed, plan.name, test, num_classes, cond_inputs),
-            }
+            arm: {part: fit.scores(seed, plan.name, table, num_classes, cond_inputs) for part, table in parts.items()}
             for arm, fit in (("base", base), ("reviewed", refit))
         }
         row: dict[str, Any] = {"seed": seed, "scores": scores}
-        for part, wrong in (("held_out", held_wrong), ("test", test_wrong)):
-            vs_base = paired_bootstrap_auroc(
-                scores["reviewed"][part], scores["base"][part], wrong, n_boot, seed
-            )
-            vs_msp = paired_bootstrap_auroc(scores["reviewed"][part], msp[part], wrong, n_boot, seed)
-            row[part] = {
-                "auroc": {
-                    "reviewed": vs_base["auroc_a"],
-                    "base": vs_base["auroc_b"],
-                    "msp": vs_msp["auroc_b"],
-                },
-                "diff_vs_base": vs_base["diff"],
-                "ci_vs_base": list(vs_base["ci_diff"]),
-                "diff_vs_msp": vs_msp["diff"],
-                "ci_vs_msp": list(vs_msp["ci_diff"]),
-                "at_point": {
-                    arm: _at_point(
-                        scores[arm][part], wrong, fit.points[(seed, plan.name)][plan.point].threshold
-                    )
-                    if plan.point in fit.points[(seed, plan.name)]
-                    else None  # infeasible on this arm's val
-                    for arm, fit in (("base", base), ("reviewed", refit))
-                },
+        for part in parts:
+            others = {"base": scores["base"][part], **free[part]}
+            row[part] = auroc_comparison(scores["reviewed"][part], others, wrong[part], n_boot, seed)
+            row[part]["at_point"] = {
+                arm: _at_point(scores[arm][part], wrong[part], fit.points[(seed, plan.name)][plan.point])
+                if plan.point in fit.points[(seed, plan.name)]
+                else None  # infeasible on this arm's val
+                for arm, fit in (("base", base), ("reviewed", refit))
             }
         per_seed.append(row)
     return per_seed
@@ -276,44 +283,34 @@ def _compare(
 
 def verdict(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """What the seeds say together: a gain only where every seed's CI is above 0."""
-    held = [row["held_out"]["ci_vs_base"] for row in per_seed]
-    test = [row["test"]["ci_vs_base"] for row in per_seed]
-    held_msp = [row["held_out"]["ci_vs_msp"] for row in per_seed]
-    helped = all(low > 0 for low, _ in held)
-    hurt = any(high < 0 for _, high in held)
-    clean_worse = any(high < 0 for _, high in test)
-    beats_msp = all(low > 0 for low, _ in held_msp)
+
+    def every_seed_above(part: str, name: str) -> bool:
+        return all(row[part][f"ci_vs_{name}"][0] > 0 for row in per_seed)
+
+    helped = every_seed_above("held_out", "base")
+    hurt = any(row["held_out"]["ci_vs_base"][1] < 0 for row in per_seed)
+    clean_worse = any(row["test"]["ci_vs_base"][1] < 0 for row in per_seed)
+    beats_free = every_seed_above("held_out", "msp") and every_seed_above("held_out", "doctor")
     if helped:
         text = "the refit helped: held-out reviewed AUROC above the base's on every seed (paired bootstrap CI > 0)"
     elif hurt:
         text = "the refit hurt: held-out reviewed AUROC below the base's (CI < 0 on at least one seed)"
     else:
         text = "no gain shown: the held-out reviewed AUROC's CI includes 0 on at least one seed"
-    text += "; clean test AUROC " + (
-        "fell (CI < 0 on a seed)" if clean_worse else "did not fall significantly"
-    )
+    text += "; clean test AUROC " + ("fell (CI < 0 on a seed)" if clean_worse else "did not fall significantly")
     text += "; " + (
-        "above MSP on the held-out reviews on every seed"
-        if beats_msp
-        else "NOT above MSP on the held-out reviews on every seed (softmax confidence is as good or better)"
+        "above MSP and DOCTOR on the held-out reviews on every seed"
+        if beats_free
+        else "NOT above both MSP and DOCTOR on the held-out reviews on every seed (softmax confidence is as good "
+        "or better)"
     )
     return {
         "helped": helped,
         "hurt": hurt,
         "clean_test_worse": clean_worse,
-        "beats_msp_on_held_out": beats_msp,
+        "beats_msp_and_doctor_on_held_out": beats_free,
         "text": text,
     }
-
-
-def _prepare_out(base: Path, out: Path) -> Bundle:
-    base_bundle = load_bundle(base, verify=False)
-    if not (Path(out) / MANIFEST_NAME).exists():
-        _say(f"copying {base} to {out}")
-        base_bundle.copy_to(out)
-    elif load_bundle(out, verify=False).manifest.get("derived_from") != base_bundle.manifest["bundle_id"]:
-        raise BundleError(f"{out} exists and was not copied from {base}: use another --out")
-    return load_bundle(out)
 
 
 def refit_from_reviews(
@@ -333,7 +330,9 @@ def refit_from_reviews(
     from offline.review_report import write_review_report  # matplotlib only when writing the report
 
     start = time.perf_counter()
-    bundle = _prepare_out(base, out)
+    if derive_from(base, out):
+        _say(f"copied {base} to {out}")
+    bundle = load_bundle(out)
     plan = served_set(bundle)
     reviewed = read_reviews(reviews, bundle)
     _say(
@@ -349,29 +348,12 @@ def refit_from_reviews(
     extractor = load_extractor(bundle)
     stopping = load_early_stopping(bundle)
     tables, scorers, perturbed, clean_rows = _tables(bundle, plan, extractor, stopping, batch_size=batch_size)
-    refit_table = _review_table(
-        bundle,
-        plan,
-        extractor,
-        stopping,
-        scorers,
-        perturbed,
-        refit_part,
-        batch_size=batch_size,
-        progress=progress,
-        desc="evidence (refit reviews)",
-    )
-    held_table = _review_table(
-        bundle,
-        plan,
-        extractor,
-        stopping,
-        scorers,
-        perturbed,
-        held_part,
-        batch_size=batch_size,
-        progress=progress,
-        desc="evidence (held-out reviews)",
+    refit_table, held_table = (
+        _review_table(
+            bundle, plan, extractor, stopping, scorers, perturbed, part,
+            batch_size=batch_size, progress=progress, desc=f"evidence ({name} reviews)",
+        )
+        for part, name in ((refit_part, "refit"), (held_part, "held-out"))
     )
     section = bundle.detectors
     assert section is not None

@@ -2,7 +2,7 @@
 
 Written into the refitted bundle (``report/reviews.{json,md}`` and ``report/reviews_roc.png``): the
 verdict first (stated plainly when there is no gain, or when softmax confidence does as well), then
-per seed the held-out reviewed AUROC of the base arm, the refit and MSP with paired bootstrap CIs, the
+per seed the held-out reviewed AUROC of the base arm, the refit, MSP and DOCTOR with paired bootstrap CIs, the
 same on the clean test split (a refit must not buy the reviewed inputs with the clean ones), and what
 each arm's threshold accepts.
 """
@@ -62,16 +62,20 @@ def review_markdown(summary: dict[str, Any]) -> str:
             f"{summary['n_boot']} replicates)"
         ),
         "",
-        "| seed | images | base | refit | MSP | refit - base [95% CI] | refit - MSP [95% CI] |",
-        "|---:|---|---:|---:|---:|---|---|",
+        (
+            "| seed | images | base | refit | MSP | DOCTOR | refit - base [95% CI] | refit - MSP [95% CI] "
+            "| refit - DOCTOR [95% CI] |"
+        ),
+        "|---:|---|---:|---:|---:|---:|---|---|---|",
     ]
     for row in summary["per_seed"]:
         for part, images in PARTS.items():
             got = row[part]
             lines.append(
                 f"| {row['seed']} | {images} | {fmt(got['auroc']['base'])} | {fmt(got['auroc']['reviewed'])} | "
-                f"{fmt(got['auroc']['msp'])} | {got['diff_vs_base']:+.4f} {signed_ci(got['ci_vs_base'])} | "
-                f"{got['diff_vs_msp']:+.4f} {signed_ci(got['ci_vs_msp'])} |"
+                f"{fmt(got['auroc']['msp'])} | {fmt(got['auroc']['doctor'])} | "
+                + " | ".join(f"{got[f'diff_vs_{n}']:+.4f} {signed_ci(got[f'ci_vs_{n}'])}" for n in ("base", "msp", "doctor"))
+                + " |"
             )
     lines += [
         "",

@@ -19,7 +19,8 @@ from sklearn.metrics import roc_auc_score
 from cli.main import main
 from models.bundle import load_bundle
 from models.data import load_splits
-from models.gate import load_gate
+from models.gate import GateOutput, load_gate
+from models.scores import doctor, msp_score
 from offline.corruptions import corrupt_images
 from offline.open_world import fit_default_set
 from offline.review_refit import served_set
@@ -98,11 +99,9 @@ def test_reviews_are_read_back_as_the_server_stored_them(
     assert abs(held.wrong.mean() - reviewed.wrong.mean()) < 0.05  # stratified
 
 
-def _held_out_auroc(bundle_path: Path, images: np.ndarray, wrong: np.ndarray) -> float:
+def _served(bundle_path: Path, images: np.ndarray) -> GateOutput:
     bundle = load_bundle(bundle_path)
-    return float(
-        roc_auc_score(wrong, load_gate(bundle).run(bundle.normalisation.apply(images)).unified_score)
-    )
+    return load_gate(bundle).run(bundle.normalisation.apply(images))
 
 
 @pytest.mark.parametrize("default", ["build", "exposed"])
@@ -136,9 +135,16 @@ def test_build_from_reviews_refits_the_served_set_and_reports_it(
     # the held-out AUROCs the report states are those of the two bundles' served gates
     reviewed = read_reviews(directory, refitted)
     _, held = split_reviews(reviewed, 0.5, seed=0)
-    seed0 = report["per_seed"][0]["held_out"]["auroc"]
-    assert abs(_held_out_auroc(out, held.images, held.wrong) - seed0["reviewed"]) < 1e-6
-    assert abs(_held_out_auroc(base, held.images, held.wrong) - seed0["base"]) < 1e-6
+    seed0 = report["per_seed"][0]["held_out"]
+    refit_gate, base_gate = _served(out, held.images), _served(base, held.images)
+    assert abs(roc_auc_score(held.wrong, refit_gate.unified_score) - seed0["auroc"]["reviewed"]) < 1e-6
+    assert abs(roc_auc_score(held.wrong, base_gate.unified_score) - seed0["auroc"]["base"]) < 1e-6
+    # the free baselines are computed from the same logits (sklearn on MSP and DOCTOR)
+    assert abs(roc_auc_score(held.wrong, msp_score(base_gate.logits)) - seed0["auroc"]["msp"]) < 1e-6
+    assert abs(roc_auc_score(held.wrong, doctor(base_gate.logits)) - seed0["auroc"]["doctor"]) < 1e-6
+    # what the report says each threshold accepts is what the served gates' verdicts accept
+    for arm, served_gate in (("reviewed", refit_gate), ("base", base_gate)):
+        assert seed0["at_point"][arm]["accepted"] == int((~served_gate.reject).sum())
     assert len(report["per_seed"]) == len(detectors["seeds"])
 
 
