@@ -229,6 +229,16 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+REQUEST_ERRORS: dict[int, str] = {
+    400: "X-Request-Timeout is not a positive number of seconds",
+    401: "missing or wrong bearer token (when the server has an API key)",
+    408: "the body did not arrive within the body timeout",
+    415: "unsupported content type",
+    429: "the API key's rate limit (rate_limit_per_s, burst rate_limit_burst) is spent (see Retry-After)",
+}
+"""Errors every route that reads an image body can answer (middleware, auth, rate limit, body reading)."""
+
+
 def error_responses(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
     """A route's documented error statuses (FastAPI ``responses=``), each with the one error body."""
     return {code: {"model": ErrorResponse, "description": text} for code, text in descriptions.items()}

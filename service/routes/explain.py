@@ -19,19 +19,15 @@ from service.errors import DeadlineExceeded
 from service.explaining import explain_images
 from service.parsing import parse_single
 from service.routes.predict import IMAGE_MEDIA_TYPES, REQUEST_HEADERS
-from service.schemas import ExplainJSON, ExplainMethod, Explanation, error_responses
+from service.schemas import REQUEST_ERRORS, ExplainJSON, ExplainMethod, Explanation, error_responses
 
 router = APIRouter(tags=["explain"], dependencies=[Depends(require_api_key)])
 
 _ERRORS = error_responses(
     {
-        400: "X-Request-Timeout is not a positive number of seconds",
-        401: "missing or wrong bearer token (when the server has an API key)",
-        408: "the body did not arrive within the body timeout",
+        **REQUEST_ERRORS,
         413: "body over the limit",
-        415: "unsupported content type",
         422: "unreadable input, an unknown method, or a body option (options are query parameters here)",
-        429: "the API key's rate limit is spent (see Retry-After)",
         503: "not ready yet or shutting down (see Retry-After)",
         504: "the request's deadline (X-Request-Timeout) passed before the explanation started",
     }

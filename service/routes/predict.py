@@ -25,6 +25,7 @@ from service.fallback.outbox import NewItem
 from service.fallback.store import FallbackStore
 from service.parsing import ParsedRequest, parse_batch, parse_single
 from service.schemas import (
+    REQUEST_ERRORS,
     BatchJSON,
     CascadeOpinion,
     ClassProbability,
@@ -46,12 +47,8 @@ router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
 
 _ERRORS = error_responses(
     {
-        400: "X-Request-Timeout is not a positive number of seconds",
-        401: "missing or wrong bearer token (when the server has an API key)",
-        408: "the body did not arrive within the body timeout",
+        **REQUEST_ERRORS,
         413: "body or image count over the limit",
-        415: "unsupported content type",
-        429: "the API key's rate limit (rate_limit_per_s, burst rate_limit_burst) is spent (see Retry-After)",
         422: "unreadable input or unknown signal set / operating point",
         503: (
             "queue full, not ready, shutting down, a gate batch stuck past the watchdog, out of memory on a "
