@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +199,14 @@ def test_bundle_file_names_and_stored_tables(tmp_path: Path) -> None:
     bundle.write_detector_state(signal_set_stem("msp"), {"kind": "x"}, {"w": np.ones(2)})
     config, arrays = bundle.read_detector_state(signal_set_stem("msp"))
     assert config == {"kind": "x"} and arrays["w"].tolist() == [1.0, 1.0]
+
+
+def test_bundle_files_are_readable_by_other_users_under_a_usual_umask(tmp_path: Path) -> None:
+    """A container's service user reads a mounted bundle: its files must not keep mkstemp's 0600."""
+    old = os.umask(0o022)
+    try:
+        _make_bundle(tmp_path / "b")
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "b").rglob("*") if p.is_file()]
+    assert files and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}
