@@ -88,3 +88,21 @@ hostile: setup
 load: setup
 	$(PY) -m bench.load --url http://127.0.0.1:$(PORT) --concurrency 64 --seconds 60 --deadline-every 10 \
 		--deadline-s 0.25 --json reports/load.json
+
+# Containers (docs/containers.md). docker-base: a local base image from Debian packages (debootstrap, as
+# root; skipped when it exists, FORCE=1 rebuilds) for machines that cannot pull from Docker Hub.
+# docker-test: build the CPU image on that base (legacy builder) and check it against a local server:
+# readiness, same /predict answers, non-root, read-only root, graceful SIGTERM, size and start-up time
+# (reports/scaling/docker-test.json). Minutes and GBs of downloads the first time: not part of `make test`.
+# EXTRA_CA_FILE: PEM of the CAs the build must trust (a TLS-inspecting proxy's); empty for none.
+.PHONY: docker-base docker-test
+DOCKER_BASE_IMAGE ?= predgate-base:bookworm
+DOCKER_IMAGE ?= predgate:cpu
+EXTRA_CA_FILE ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
+
+docker-base:
+	$(SUDO) env BASE_IMAGE=$(DOCKER_BASE_IMAGE) FORCE=$(FORCE) deploy/docker/build-base.sh
+
+docker-test: setup
+	$(PY) deploy/docker/docker_test.py --image $(DOCKER_IMAGE) --base-image $(DOCKER_BASE_IMAGE) \
+		--bundle $(BUNDLE) --extra-ca-file "$(EXTRA_CA_FILE)"
