@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,16 @@ from models.bundle import (
 )
 from models.data import load_splits
 from models.errors import ConfigError
+from models.preprocess import Normalisation
+from offline.ray_engine import (
+    RayEngine,
+    add_engine_arguments,
+    chunk_rows,
+    engine_from,
+    ray_module,
+    resolve,
+    tag_rows,
+)
 
 log = logging.getLogger("predgate.attack")
 
@@ -46,8 +57,12 @@ def run_attack(
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
+    engine: RayEngine | None = None,
 ) -> dict[str, Any]:
-    """Attack the first ``images`` test images (all when None) chunk by chunk; returns the summary."""
+    """Attack the first ``images`` test images (all when None) chunk by chunk; returns the summary.
+
+    With a Ray ``engine`` the missing chunks run on its actors, each seeded as here (``seed +
+    chunk``), so the stored images are the same; ``seconds`` is then the wall time of the pool."""
     test = load_splits(bundle)["test"]
     n = len(test) if images is None else min(int(images), len(test))
     if n < 1 or chunk_size < 1:
@@ -59,31 +74,37 @@ def run_attack(
             f"{ADVERSARIAL_DIR}/{spec.tag} was made with {record['settings']}, not {settings}: "
             "rerun with the same settings or remove its files"
         )
-    model = bundle.load_model(device).eval()
-    norm = bundle.normalisation
     chunks = range(-(-n // chunk_size))
     seconds = float(record["seconds"]) if record else 0.0
-    for chunk in tqdm(chunks, desc=f"attack {spec.tag}", disable=not progress, unit="chunk"):
-        name = adversarial_chunk_file(spec.tag, chunk)
-        if bundle.has_file(name) and (bundle.path / name).exists():
-            continue
-        idx = np.arange(chunk * chunk_size, min((chunk + 1) * chunk_size, len(test)))
-        start = time.perf_counter()
-        adv = attack_batch(spec, model, norm, test.images[idx], test.labels[idx], seed=seed + chunk, device=device)
-        seconds += time.perf_counter() - start
-        rounded = to_uint8(adv)
-        bundle.write_arrays(
-            name,
-            {
-                "index": idx,
-                "pixels": adv.numpy().astype(np.float32),
-                "images": rounded,
-                "clean_prediction": predict_pixels(model, norm, to_pixels(test.images[idx])),
-                "adv_prediction": predict_pixels(model, norm, to_pixels(rounded)),
-            },
-        )
+    missing = [c for c in chunks if not _chunk_stored(bundle, spec.tag, c)]
+
+    def store(chunk: int, arrays: dict[str, np.ndarray], took: float) -> None:
+        nonlocal seconds
+        seconds += took
+        bundle.write_arrays(adversarial_chunk_file(spec.tag, chunk), arrays)
         bundle.set(ADVERSARIAL_DIR, {**(bundle.get(ADVERSARIAL_DIR) or {}), spec.tag: {"settings": settings, "seconds": seconds}})
         bundle.save()
+
+    if engine is not None and missing:
+        ray = ray_module()
+        engine.start()
+        start = time.perf_counter()
+        kwargs = {
+            "bundle_path": str(bundle.path), "spec": asdict(spec), "images": ray.put(test.images),
+            "labels": ray.put(test.labels), "chunk_size": chunk_size, "seed": seed,
+        }
+        for out in tqdm(engine.map_chunks(AttackWorker, kwargs, missing), total=len(missing),
+                        desc=f"attack {spec.tag} (ray)", disable=not progress, unit="chunk"):
+            now = time.perf_counter()
+            store(int(out["chunk"][0]), {k: out[k] for k in CHUNK_COLUMNS}, now - start)  # wall time, all actors
+            start = now
+    elif missing:
+        model = bundle.load_model(device).eval()
+        for chunk in tqdm(missing, desc=f"attack {spec.tag}", disable=not progress, unit="chunk"):
+            idx = np.arange(chunk * chunk_size, min((chunk + 1) * chunk_size, len(test)))
+            start = time.perf_counter()
+            arrays = attack_chunk(spec, model, bundle.normalisation, test.images, test.labels, idx, seed + chunk, device)
+            store(chunk, arrays, time.perf_counter() - start)
     table = load_adversarial(bundle, spec.tag, n)
     correct = table["clean_prediction"] == test.labels[table["index"]]
     fooled = correct & (table["adv_prediction"] != test.labels[table["index"]])
@@ -99,6 +120,57 @@ def run_attack(
     bundle.set(ADVERSARIAL_DIR, {**(bundle.get(ADVERSARIAL_DIR) or {}), spec.tag: summary})
     bundle.save()
     return summary
+
+
+CHUNK_COLUMNS = ("index", "pixels", "images", "clean_prediction", "adv_prediction")
+
+
+def _chunk_stored(bundle: Bundle, tag: str, chunk: int) -> bool:
+    name = adversarial_chunk_file(tag, chunk)
+    return bundle.has_file(name) and (bundle.path / name).exists()
+
+
+def attack_chunk(
+    spec: AttackSpec,
+    model: torch.nn.Module,
+    normalisation: Normalisation,
+    images: np.ndarray,
+    labels: np.ndarray,
+    idx: np.ndarray,
+    seed: int,
+    device: str,
+) -> dict[str, np.ndarray]:
+    """One chunk's stored columns (:data:`CHUNK_COLUMNS`): the same for the local and the Ray path."""
+    adv = attack_batch(spec, model, normalisation, images[idx], labels[idx], seed=seed, device=device)
+    rounded = to_uint8(adv)
+    return {
+        "index": idx,
+        "pixels": adv.numpy().astype(np.float32),
+        "images": rounded,
+        "clean_prediction": predict_pixels(model, normalisation, to_pixels(images[idx])),
+        "adv_prediction": predict_pixels(model, normalisation, to_pixels(rounded)),
+    }
+
+
+class AttackWorker:
+    """A Ray actor holding the bundle's CNN; one call attacks one chunk (see :func:`attack_chunk`)."""
+
+    def __init__(
+        self, bundle_path: str, spec: dict[str, Any], images: np.ndarray, labels: np.ndarray,
+        chunk_size: int, seed: int, device: str,
+    ) -> None:
+        bundle = load_bundle(bundle_path)
+        self.model = bundle.load_model(device).eval()
+        self.normalisation, self.spec, self.device = bundle.normalisation, AttackSpec(**spec), device
+        self.images, self.labels, self.chunk_size, self.seed = resolve(images), resolve(labels), chunk_size, seed
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        chunk = int(batch["id"][0])
+        idx = chunk_rows(chunk, self.chunk_size, len(self.images))
+        out = attack_chunk(
+            self.spec, self.model, self.normalisation, self.images, self.labels, idx, self.seed + chunk, self.device,
+        )
+        return tag_rows(chunk, out)
 
 
 def load_adversarial(bundle: Bundle, tag: str, images: int | None = None) -> dict[str, np.ndarray]:
@@ -125,6 +197,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=100, help="images per resumable chunk")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    add_engine_arguments(parser)
 
 
 def spec_from(args: argparse.Namespace) -> AttackSpec:
@@ -136,7 +209,7 @@ def run(args: argparse.Namespace, progress: bool) -> None:
     spec = spec_from(args)
     summary = run_attack(
         load_bundle(args.bundle), spec, images=args.images, chunk_size=args.chunk_size, seed=args.seed,
-        device=args.device, progress=progress,
+        device=args.device, progress=progress, engine=engine_from(args),
     )
     print(
         f"{spec.tag}: {summary['images']} images, success rate {summary['success_rate']:.4f} "

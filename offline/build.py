@@ -10,6 +10,7 @@ from models.data import DataSource
 from models.errors import BundleError, ConfigError
 from offline.open_world import fit_default_set
 from offline.profiles import STAGE_ORDER, BuildProfile
+from offline.ray_engine import RayEngine
 from offline.report import write_report
 from offline.stages import (
     ModelRequest,
@@ -91,12 +92,14 @@ def build_bundle(
     base: Path | None = None,
     progress: bool = True,
     model: ModelRequest | None = None,
+    engine: RayEngine | None = None,
 ) -> Bundle:
     """Run the stages that are not done yet (and ``redo`` with every later one); returns the bundle.
 
     ``base``: start ``out`` as a copy of that bundle (its own id; see :meth:`Bundle.copy_to`), so a
     variant recomputes only the ``redo`` stage and the ones after it. ``model``: the model and its
     preprocessing (:class:`ModelRequest`); it replaces ``arch``, ``layer`` and ``weights`` when given.
+    ``engine``: extract the features on Ray (:mod:`offline.ray_engine`) instead of in this process.
     Between training and the mutants the CNN's accuracy is checked (:func:`accuracy_check`)."""
     request = model or ModelRequest(arch=arch, layer=layer, weights=weights)
     t0 = time.perf_counter()
@@ -154,7 +157,7 @@ def build_bundle(
     stage("features: fit, val, test")
     features_stage(
         bundle, arrays, early_stopping_alpha=profile.lcr_sprt_alpha, early_stopping_chunk=profile.lcr_chunk,
-        progress=progress,
+        progress=progress, engine=engine,
     )
     chosen = default_set or profile.default_set
     open_world_default = chosen is not None and "/" in chosen  # VARIANT/SET: an open-world set
