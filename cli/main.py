@@ -20,6 +20,7 @@ from offline import adaptive_job, open_world_job, robustness_report, shift_job
 from offline import attack as attack_job
 from offline.build import build_bundle
 from offline.profiles import STAGE_ORDER, get_profile
+from offline.ray_engine import add_engine_arguments, engine_from
 from offline.report import write_report
 from offline.review_refit import refit_from_reviews
 from offline.stages import ModelRequest, accuracy_check, features_stage, mutants_stage, prepare, train_stage
@@ -113,6 +114,12 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         "--cond-inputs", default=None, choices=["conductance", "conductance+class"],
         help="what the conductance detector reads: conductance alone (the paper's, default) or with the predicted class",
     )
+    parser.add_argument(
+        "--adv-train", default=None, choices=["pgd-linf", "pgd-l2"],
+        help="adversarial training: every batch replaced by its PGD version (Madry et al.; the seeds' robust models)",
+    )
+    parser.add_argument("--adv-eps", type=float, default=None, help="adversarial training radius in [0, 1] pixels")
+    parser.add_argument("--adv-steps", type=int, default=None, help="PGD steps of adversarial training (default 7)")
     parser.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples of the report")
     parser.add_argument("--detector-seeds", type=int, default=None, help="seeds the detectors are fitted with")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
@@ -130,7 +137,7 @@ def _profile_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         lcr_sprt_alpha=args.lcr_sprt, lcr_chunk=args.lcr_chunk, cond_inputs=args.cond_inputs,
         optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
         augment=None if args.augment is None else args.augment == "on", n_boot=args.n_boot,
-        detector_seeds=args.detector_seeds,
+        detector_seeds=args.detector_seeds, adv_train=args.adv_train, adv_eps=args.adv_eps, adv_steps=args.adv_steps,
     )
 
 
@@ -190,6 +197,7 @@ def cmd_build(args: argparse.Namespace) -> None:
     build_bundle(
         args.out, _source_from(args), _profile_from(args), device=args.device, default_set=args.default_set,
         overwrite=args.overwrite, redo=args.redo, base=args.base, progress=progress_wanted(), model=_model_from(args),
+        engine=engine_from(args),
     )
 
 
@@ -226,7 +234,7 @@ def cmd_features(args: argparse.Namespace) -> None:
     profile = bundle.manifest["profile"]
     features_stage(
         bundle, arrays, batch_size=args.batch_size, early_stopping_alpha=profile.get("lcr_sprt_alpha"),
-        early_stopping_chunk=profile.get("lcr_chunk", 10), progress=progress_wanted(),
+        early_stopping_chunk=profile.get("lcr_chunk", 10), progress=progress_wanted(), engine=engine_from(args),
     )
     print(f"features written to {bundle.path / 'features'}")
 
@@ -283,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of the reviews held out to judge the refit (stratified by right/wrong; default 0.5)",
     )
     build.add_argument("--review-seed", type=int, default=0, help="seed of the refit / held-out split")
+    add_engine_arguments(build)
     build.set_defaults(func=cmd_build)
 
     serve = sub.add_parser("serve", help="serve a bundle over HTTP (other settings: PREDGATE_* variables)")
@@ -314,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--bundle", type=Path, required=True)
     features.add_argument("--batch-size", type=int, default=256)
     features.add_argument("--redo", action="store_true", help="extract again (and clear later stages)")
+    add_engine_arguments(features)
     features.set_defaults(func=cmd_features)
 
     sweep = sub.add_parser("sweep", help="LCR by mutation operator and rate (python -m offline.sweep --help)")

@@ -41,6 +41,11 @@ class BuildProfile:
     lr: float | None = None
     weight_decay: float = 5e-4
     augment: bool | None = None
+    # Adversarial training: "pgd-linf" or "pgd-l2" at radius adv_eps with adv_steps steps (the seeds'
+    # 7-step PGD); None trains naturally.
+    adv_train: str | None = None
+    adv_eps: float = 0.1
+    adv_steps: int = 7
     n_boot: int = 1000
     detector_seeds: int = 3
     # The signal set the server uses by default: a build set ("cond+lcr") or an open-world one as
@@ -70,7 +75,7 @@ STAGE_OF_FIELD: dict[str, str] = {
     "cnn_train": "prepare", "fit": "prepare", "val": "prepare", "test": "prepare", "seed": "prepare",
     "fit_is_cnn_train": "prepare", "val_from": "prepare",
     "epochs": "train", "batch_size": "train", "optimizer": "train", "lr": "train", "weight_decay": "train",
-    "augment": "train",
+    "augment": "train", "adv_train": "train", "adv_eps": "train", "adv_steps": "train",
     "n_mutants": "mutants", "operator": "mutants", "mutation_rate": "mutants", "mutant_modules": "mutants",
     "lcr_sprt_alpha": "features", "lcr_chunk": "features",
     "detector_seeds": "detectors", "cond_inputs": "detectors",

@@ -68,6 +68,7 @@ from offline.features import apply_early_stopping, extract_features
 from offline.fit import fit_detectors
 from offline.import_weights import ImportedWeights, check_reference, load_into, read_weights
 from offline.profiles import STAGE_ORDER, BuildProfile, fixed_fields_differ
+from offline.ray_engine import RayEngine, extract_features_on_ray
 from offline.train import DEFAULT_LR, TrainConfig, accuracy, build_seeded_model, predict_logits, train_model
 
 log = logging.getLogger("predgate.build")
@@ -319,7 +320,8 @@ def train_config(bundle: Bundle, profile: BuildProfile) -> TrainConfig:
     return TrainConfig(
         epochs=profile.epochs, batch_size=profile.batch_size, max_lr=profile.lr or DEFAULT_LR[profile.optimizer],
         weight_decay=profile.weight_decay, flip=flip, crop_padding=padding, seed=profile.seed,
-        optimizer=profile.optimizer,
+        optimizer=profile.optimizer, adv_attack=profile.adv_train,
+        adv_eps=profile.adv_eps if profile.adv_train else 0.0, adv_steps=profile.adv_steps,
     )
 
 
@@ -576,22 +578,32 @@ def features_stage(
     early_stopping_alpha: float | None = None,
     early_stopping_chunk: int = 10,
     progress: bool = True,
+    engine: RayEngine | None = None,
 ) -> None:
     """Evidence for fit, val and test (resumable per split), then the LCR setting (see
-    :func:`lcr_setting_stage`)."""
+    :func:`lcr_setting_stage`). With a Ray ``engine`` the chunks of each split spread over its
+    actors (:mod:`offline.ray_engine`); the columns are the same."""
     extractor = None
     for split in FEATURE_SPLITS:
         stage = f"features:{split}"
         if bundle.stage_done(stage):
             continue
-        extractor = extractor or load_extractor(bundle)
         start = time.perf_counter()
+        if engine is not None:
+            feats, seconds = extract_features_on_ray(
+                engine, str(bundle.path), arrays[split].images, arrays[split].labels,
+                with_lcr=bundle.has_file(MUTANTS_FILE), batch_size=batch_size,
+            )
+            bundle.write_features(split, feats)
+            bundle.mark_stage(stage, images=len(arrays[split]), seconds=seconds, engine="ray")
+            continue
+        extractor = extractor or load_extractor(bundle)
         feats = extract_features(
             extractor, bundle.normalisation, arrays[split], with_lcr=extractor.ensemble is not None,
             batch_size=batch_size, progress=progress, desc=f"features {split}",
         )
         bundle.write_features(split, feats)
-        bundle.mark_stage(stage, images=len(arrays[split]), seconds=time.perf_counter() - start)
+        bundle.mark_stage(stage, images=len(arrays[split]), seconds=time.perf_counter() - start, engine="local")
     lcr_setting_stage(bundle, alpha=early_stopping_alpha, chunk_size=early_stopping_chunk)
 
 

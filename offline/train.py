@@ -16,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models.architectures import ModelSpec
+from models.attacks import AttackSpec, PixelModel, make_attack, to_pixels
 from models.data import ImageArrays
 from models.devices import resolve_device
 from models.errors import ConfigError
@@ -37,9 +38,33 @@ class TrainConfig:
     crop_padding: int = 0
     seed: int = 0
     optimizer: str = "sgd"  # or "adam", "adamw"
+    # Adversarial training (Madry et al. 2018, as the seeds train their robust models): each batch
+    # is replaced by its PGD version ("pgd-linf" or "pgd-l2", radius adv_eps in [0, 1] pixel units,
+    # adv_steps steps of adv_alpha, None: 2.5 * eps / steps) before the update. None: natural training.
+    adv_attack: str | None = None
+    adv_eps: float = 0.0
+    adv_steps: int = 7
+    adv_alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.adv_attack is not None:
+            if self.adv_attack not in ADV_TRAIN_ATTACKS:
+                raise ConfigError(
+                    f"adversarial training takes {list(ADV_TRAIN_ATTACKS)}, not {self.adv_attack!r}"
+                )
+            self.adv_spec()  # checks the budget
+
+    def adv_spec(self) -> AttackSpec | None:
+        """The attack each training batch is replaced by, or None for natural training."""
+        if self.adv_attack is None:
+            return None
+        return AttackSpec(self.adv_attack, eps=self.adv_eps, steps=self.adv_steps, alpha=self.adv_alpha)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+ADV_TRAIN_ATTACKS = ("pgd-linf", "pgd-l2")
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -138,9 +163,14 @@ def train_model(
         torch.set_rng_state(state["torch_rng"])
         result = TrainResult(state["epochs_done"], state["history"], state["wall_seconds"])
     loss_fn = nn.CrossEntropyLoss()
+    # Adversarial training attacks the model in eval mode (torchattacks switches the wrapper to eval
+    # for the attack and back to train for the update), so the attack's forwards leave BN alone.
+    spec = config.adv_spec()
+    pixel_model = PixelModel(model, normalisation).to(device) if spec is not None else None
+    attack = make_attack(spec, pixel_model) if spec is not None and pixel_model is not None else None
     for epoch in range(result.epochs_done, config.epochs):
         start = time.perf_counter()
-        model.train()
+        (pixel_model or model).train()
         order = torch.randperm(len(train), generator=generator)
         seen = correct = 0
         loss_sum = 0.0
@@ -148,9 +178,11 @@ def train_model(
         for step in bar:
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
             raw = augment_images(raw_images[idx], config.flip, config.crop_padding, generator)
-            xb = normalisation.apply(raw).to(device)
             yb = y_train[idx].to(device)
-            logits = model(xb)
+            if attack is not None and pixel_model is not None:
+                logits = pixel_model(attack(to_pixels(raw).to(device), yb))
+            else:
+                logits = model(normalisation.apply(raw).to(device))
             loss = loss_fn(logits, yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from models.architectures import build_model
+from models.attacks import PixelModel, to_pixels
 from models.data import ImageArrays
 from models.errors import ConfigError
 from models.preprocess import Normalisation
@@ -145,3 +146,40 @@ def test_the_same_seed_gives_the_same_initial_cnn_in_every_process() -> None:
     torch.manual_seed(5)
     build_seeded_model("resnet20", 10, 1, 0)
     assert torch.equal(torch.rand(3), expected)
+
+
+def _robust_accuracy(model: torch.nn.Module, norm: Normalisation, data: ImageArrays, eps: float) -> float:
+    """Accuracy under a 10-step PGD-linf made by torchattacks directly (not through predgate)."""
+    import torchattacks
+
+    pixel_model = PixelModel(model, norm).eval()
+    x, y = to_pixels(data.images), torch.from_numpy(data.labels)
+    torch.manual_seed(1)
+    adv = torchattacks.PGD(pixel_model, eps=eps, alpha=2.5 * eps / 10, steps=10, random_start=True)(x, y)
+    with torch.no_grad():
+        return float((pixel_model(adv).argmax(1) == y).float().mean())
+
+
+def test_adversarial_training_makes_the_model_robust_where_natural_training_does_not() -> None:
+    data, test = _toy_data(160), _toy_data(120, seed=1)
+    norm = Normalisation.from_images(data.images)
+    robust = {}
+    for attack in (None, "pgd-linf"):
+        model = _fresh_model()
+        config = TrainConfig(
+            epochs=3, batch_size=32, max_lr=0.05, adv_attack=attack, adv_eps=0.15 if attack else 0.0, adv_steps=3,
+        )
+        train_model(model, data, norm, config, progress=False, device=torch.device("cpu"))
+        assert accuracy(model, norm.apply(test.images), torch.from_numpy(test.labels)) > 0.9
+        robust[attack] = _robust_accuracy(model, norm, test, eps=0.15)
+    assert robust["pgd-linf"] > 0.9 > robust[None] + 0.3, robust
+
+
+def test_adversarial_training_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="adversarial training takes"):
+        TrainConfig(adv_attack="fgsm", adv_eps=0.1)
+    with pytest.raises(ConfigError, match="eps > 0"):
+        TrainConfig(adv_attack="pgd-l2", adv_eps=0.0)
+    assert TrainConfig().adv_spec() is None
+    spec = TrainConfig(adv_attack="pgd-l2", adv_eps=0.5, adv_steps=7).adv_spec()
+    assert spec is not None and (spec.name, spec.eps, spec.steps) == ("pgd-l2", 0.5, 7)
