@@ -16,7 +16,7 @@ from models.bundle import load_bundle
 from models.data import DataSource, load_splits
 from models.errors import ConfigError, PredgateError
 from models.progress import install_line_progress, progress_wanted
-from offline import adaptive_job, open_world_job, robustness_report, shift_job
+from offline import adaptive_job, attribution_job, open_world_job, robustness_report, shift_job
 from offline import attack as attack_job
 from offline.build import build_bundle
 from offline.profiles import STAGE_ORDER, get_profile
@@ -346,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("attack", attack_job, "adversarial versions of the test split (torchattacks), into the bundle"),
         ("robustness", robustness_report, "every signal set on the bundle's adversarial images vs MSP"),
         ("adaptive", adaptive_job, "white-box PGD that knows the gate: what survives, per signal set vs MSP"),
+        ("attribution", attribution_job, "attribution maps of natural vs robust models on clean vs adversarial inputs"),
     )
     for name, job, help_text in jobs:
         job_parser = sub.add_parser(name, help=help_text)
