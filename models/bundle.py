@@ -45,6 +45,15 @@ SWEEP_FILE = f"{REPORT_DIR}/sweep_mutants.json"
 REPORT_MARKDOWN_FILE = f"{REPORT_DIR}/report.md"
 ROBUSTNESS_FILE = f"{REPORT_DIR}/robustness.json"
 ROBUSTNESS_MARKDOWN_FILE = f"{REPORT_DIR}/robustness.md"
+# predgate attribution writes these into its --out folder (default: the bundle's report/).
+ATTRIBUTION_JSON_NAME = "attribution.json"
+ATTRIBUTION_MARKDOWN_NAME = "attribution.md"
+
+
+def attribution_grid_name(method: str) -> str:
+    """The grid PNG of one attribution method."""
+    return f"attribution-{method}.png"
+
 # what a refit from reviewed rejections writes (predgate build --from B --reviews DB)
 REVIEWS_REPORT_JSON = f"{REPORT_DIR}/reviews.json"
 REVIEWS_REPORT_MARKDOWN = f"{REPORT_DIR}/reviews.md"

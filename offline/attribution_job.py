@@ -15,7 +15,7 @@ versions of ``--tag`` (``predgate attack``, made against that model):
   of the input with small noise: computable from the input alone) separates the successful
   adversarial inputs from the clean correct ones: AUROC against MSP's, with a paired bootstrap CI.
 
-Writes ``attribution.{json,md}`` and one grid PNG per method (rows: model x clean / adversarial;
+Writes ``attribution.json`` / ``.md`` and one grid PNG per method (rows: model x clean / adversarial;
 columns: example images) into ``--out`` (default ``BUNDLE/report``).
 """
 
@@ -36,7 +36,14 @@ import torch
 from tqdm import tqdm
 
 from models.attribution_metrics import attribution_instability, cleanliness, heat_maps, top_k_overlap
-from models.bundle import REPORT_DIR, Bundle, load_bundle
+from models.bundle import (
+    ATTRIBUTION_JSON_NAME,
+    ATTRIBUTION_MARKDOWN_NAME,
+    REPORT_DIR,
+    Bundle,
+    attribution_grid_name,
+    load_bundle,
+)
 from models.data import load_splits
 from models.errors import ConfigError
 from models.explanations import METHODS, Explainer
@@ -211,10 +218,10 @@ def attribution_report(
             n_boot=n_boot, progress=progress,
         )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "attribution.json").write_text(json.dumps(result, indent=2))
-    write_markdown(result, out / "attribution.md")
+    (out / ATTRIBUTION_JSON_NAME).write_text(json.dumps(result, indent=2))
+    write_markdown(result, out / ATTRIBUTION_MARKDOWN_NAME)
     for method in methods:
-        write_grid(examples, method, out / f"attribution-{method}.png")
+        write_grid(examples, method, out / attribution_grid_name(method))
     return result
 
 
@@ -250,4 +257,4 @@ def run(args: argparse.Namespace, progress: bool) -> None:
         named, args.tag, out, images=args.images, methods=args.methods, k_share=args.k_share,
         noise_std=args.noise_std, ig_steps=args.ig_steps, n_boot=args.n_boot, progress=progress, command=command,
     )
-    print(f"attribution report written to {out / 'attribution.md'}")
+    print(f"attribution report written to {out / ATTRIBUTION_MARKDOWN_NAME}")
