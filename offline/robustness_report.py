@@ -204,13 +204,19 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
     lines += ["", "## At the operating points", "",
               "Rejected share of successful adversarial inputs / of clean correct inputs; accuracy among the",
               "accepted inputs of the clean + adversarial mix.", ""]
-    points = list(next(iter(next(iter(result["attacks"].values()))["sets"].values()))["operating_points"])
+    # The union over sets: a set may lack a point its scores cannot reach (e.g. a risk target on val).
+    points = list(dict.fromkeys(
+        point for r in result["attacks"].values() for row in r["sets"].values() for point in row["operating_points"]
+    ))
     for point in points:
         lines += [f"### {point}", "", "| attack | set | reject adv | reject clean correct | acc. accepted (mix) |",
                   "| --- | --- | --- | --- | --- |"]
         for tag, r in result["attacks"].items():
             for s, row in r["sets"].items():
-                p = row["operating_points"][point]
+                p = row["operating_points"].get(point)
+                if p is None:
+                    lines.append(f"| {tag} | {s} | not stored for this set | - | - |")
+                    continue
                 f = lambda v: "-" if v is None else f"{v:.3f}"
                 lines.append(
                     f"| {tag} | {s} | {f(p['reject_successful_adv'])} | {f(p['reject_clean_correct'])} "
