@@ -120,7 +120,9 @@ class GateScorer:
             return
         self.signals = sets[name].signals
         self.classifier = load_detector(bundle, sets[name].stem)
-        self.cond_detector = load_detector(bundle, detectors.conductance.stem) if "cond" in self.signals else None
+        self.cond_detector = (
+            load_detector(bundle, detectors.conductance.stem) if "cond" in self.signals else None
+        )
         self.cond_inputs = detectors.conductance.inputs
         self.num_classes = int(bundle.manifest["architecture"]["num_classes"])
         self.stored = bundle.read_arrays(SCORES_FILE) if bundle.has_file(SCORES_FILE) else {}
@@ -133,7 +135,10 @@ class GateScorer:
         if self.cond_detector is not None:
             if (split, n) not in self._cond:
                 x = conductance_inputs(
-                    features["conductance"][:n], features["prediction"][:n], self.cond_inputs, self.num_classes
+                    features["conductance"][:n],
+                    features["prediction"][:n],
+                    self.cond_inputs,
+                    self.num_classes,
                 )
                 self._cond[(split, n)] = self.cond_detector.decision_function(x)
             cond = self._cond[(split, n)]

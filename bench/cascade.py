@@ -50,7 +50,9 @@ def _check_same_task(primary: Bundle, second: Bundle) -> None:
     if primary.manifest["dataset"].get("source") != second.manifest["dataset"].get("source"):
         problems.append("data sources differ")
     if primary.manifest.get("splits") != second.manifest.get("splits"):
-        problems.append("splits differ (seed or sizes): the cascade's CNN may have trained on the primary's test images")
+        problems.append(
+            "splits differ (seed or sizes): the cascade's CNN may have trained on the primary's test images"
+        )
     if problems:
         raise SystemExit(f"bench.cascade: {primary.path} and {second.path}: " + "; ".join(problems))
 
@@ -59,7 +61,9 @@ def _verdicts(bundle: Bundle, signal_set: str | None, point: str | None) -> dict
     """The stored test-split predictions and the served detector's reject decisions at ``point``."""
     detectors = bundle.detectors
     if detectors is None or not bundle.has_file(SCORES_FILE):
-        raise SystemExit(f"bench.cascade: {bundle.path} is not finished (no detectors or scores); build it first")
+        raise SystemExit(
+            f"bench.cascade: {bundle.path} is not finished (no detectors or scores); build it first"
+        )
     info = detectors.signal_set(signal_set)
     gate_point = load_gate_point(bundle, info.name, point)
     features = bundle.read_features("test")
@@ -81,11 +85,15 @@ def load_gate_point(bundle: Bundle, signal_set: str, point: str | None) -> dict[
     info = bundle.detectors.signal_sets[signal_set]
     name = point or info.default_point
     if name not in info.operating_points:
-        raise SystemExit(f"bench.cascade: {bundle.path} set {signal_set}: no point {name!r}; stored: {sorted(info.operating_points)}")
+        raise SystemExit(
+            f"bench.cascade: {bundle.path} set {signal_set}: no point {name!r}; stored: {sorted(info.operating_points)}"
+        )
     return {"name": name, "threshold": float(info.operating_points[name]["threshold"])}
 
 
-def _stage_costs(gate: Gate, bundle: Bundle, images: np.ndarray, signal_set: str, repeats: int) -> dict[str, float]:
+def _stage_costs(
+    gate: Gate, bundle: Bundle, images: np.ndarray, signal_set: str, repeats: int
+) -> dict[str, float]:
     """This gate's stage costs on ``images`` measured now (:func:`models.costs.stage_costs`), and the
     forward-equivalents (of its own CNN) per verdict with ``signal_set``: both models are priced in the
     same process under the same load, rather than taken from two reports made at different times."""
@@ -95,16 +103,27 @@ def _stage_costs(gate: Gate, bundle: Bundle, images: np.ndarray, signal_set: str
 
 def _parity(gate: Gate, bundle: Bundle, images: np.ndarray, side: dict[str, Any]) -> int:
     """Live gate on ``images`` (the first test images) must reject exactly what the stored scores reject."""
-    out = gate.run(bundle.normalisation.apply(images), signal_set=side["signal_set"], operating_point=side["operating_point"])
+    out = gate.run(
+        bundle.normalisation.apply(images),
+        signal_set=side["signal_set"],
+        operating_point=side["operating_point"],
+    )
     n = len(images)
-    if not (np.array_equal(out.reject, side["reject"][:n]) and np.array_equal(out.prediction, side["prediction"][:n])):
+    if not (
+        np.array_equal(out.reject, side["reject"][:n])
+        and np.array_equal(out.prediction, side["prediction"][:n])
+    ):
         raise SystemExit(f"bench.cascade: {bundle.path}: the live gate disagrees with the stored test scores")
     return n
 
 
 def _wall_per_image(
-    gates: dict[str, Gate], bundles: dict[str, Bundle], sides: dict[str, dict[str, Any]], images: np.ndarray,
-    batch_size: int, repeats: int,
+    gates: dict[str, Gate],
+    bundles: dict[str, Bundle],
+    sides: dict[str, dict[str, Any]],
+    images: np.ndarray,
+    batch_size: int,
+    repeats: int,
 ) -> dict[str, float]:
     """Median over ``repeats`` of wall seconds per image: each gate alone on ``images``, and the system
     (primary on all, the cascade gate on the primary's rejects of each batch), as the server runs it."""
@@ -112,16 +131,18 @@ def _wall_per_image(
     def run(name: str, x: np.ndarray) -> Any:
         side = sides[name]
         return gates[name].run(
-            bundles[name].normalisation.apply(x), signal_set=side["signal_set"], operating_point=side["operating_point"]
+            bundles[name].normalisation.apply(x),
+            signal_set=side["signal_set"],
+            operating_point=side["operating_point"],
         )
 
     def alone(name: str) -> None:
         for start in range(0, len(images), batch_size):
-            run(name, images[start:start + batch_size])
+            run(name, images[start : start + batch_size])
 
     def system() -> None:
         for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size]
+            batch = images[start : start + batch_size]
             rejected = run("primary", batch).reject
             if rejected.any():
                 run("cascade", batch[rejected])
@@ -146,7 +167,11 @@ def _answers(primary: dict[str, Any], second: dict[str, Any]) -> dict[str, dict[
         "primary": {"accepted": p_acc, "correct": p_ok},
         "cascade": {"accepted": c_acc, "correct": c_ok},
         # the server's label: the cascade's where it decided, the primary's otherwise (also when unknown)
-        "system": {"accepted": p_acc | c_acc, "correct": np.where(by_cascade, c_ok, p_ok), "by_cascade": by_cascade},
+        "system": {
+            "accepted": p_acc | c_acc,
+            "correct": np.where(by_cascade, c_ok, p_ok),
+            "by_cascade": by_cascade,
+        },
     }
 
 
@@ -164,10 +189,16 @@ def _figures(accepted: np.ndarray, correct: np.ndarray) -> dict[str, float]:
 def _bootstrap(answers: dict[str, dict[str, np.ndarray]], n_boot: int, seed: int) -> dict[str, Any]:
     """Paired percentile CIs of system minus each model alone, for selective accuracy and coverage."""
     n = len(answers["system"]["accepted"])
-    diffs: dict[str, list[np.ndarray]] = {f"{m}_vs_{o}": [] for o in ("primary", "cascade") for m in ("selective_accuracy", "coverage")}
+    diffs: dict[str, list[np.ndarray]] = {
+        f"{m}_vs_{o}": [] for o in ("primary", "cascade") for m in ("selective_accuracy", "coverage")
+    }
     for idx in bootstrap_indices(n, n_boot, seed):
         rows = np.repeat(np.arange(idx.shape[0]), n)
-        counts = np.bincount(rows * n + idx.ravel(), minlength=idx.shape[0] * n).reshape(idx.shape[0], n).astype(float)
+        counts = (
+            np.bincount(rows * n + idx.ravel(), minlength=idx.shape[0] * n)
+            .reshape(idx.shape[0], n)
+            .astype(float)
+        )
         per: dict[str, dict[str, np.ndarray]] = {}
         for side in SIDES:
             acc, ok = answers[side]["accepted"], answers[side]["correct"]
@@ -223,7 +254,9 @@ def measure(
     figures["system"]["decided_by_cascade_share"] = float(answers["system"]["by_cascade"].mean())
 
     stages = {
-        name: _stage_costs(gates[name], bundles[name], images[:batch_size], sides[name]["signal_set"], repeats)
+        name: _stage_costs(
+            gates[name], bundles[name], images[:batch_size], sides[name]["signal_set"], repeats
+        )
         for name in ("primary", "cascade")
     }
     fwd_p, fwd_c = stages["primary"]["forward_s"], stages["cascade"]["forward_s"]
@@ -238,12 +271,14 @@ def measure(
         figures[side]["wall_ms_per_image"] = 1000.0 * wall[side]
     return {
         "primary": {
-            "bundle": str(primary_path), "bundle_id": bundles["primary"].manifest["bundle_id"],
+            "bundle": str(primary_path),
+            "bundle_id": bundles["primary"].manifest["bundle_id"],
             **{k: sides["primary"][k] for k in ("signal_set", "operating_point", "threshold")},
             "cost_fe_own": cost_p,
         },
         "cascade": {
-            "bundle": str(cascade_path), "bundle_id": bundles["cascade"].manifest["bundle_id"],
+            "bundle": str(cascade_path),
+            "bundle_id": bundles["cascade"].manifest["bundle_id"],
             **{k: sides["cascade"][k] for k in ("signal_set", "operating_point", "threshold")},
             "cost_fe_own": cost_c,
         },
@@ -251,7 +286,12 @@ def measure(
         "parity_checked_images": checked,
         "forward_seconds": {"primary": fwd_p, "cascade": fwd_c, "ratio": ratio, "batch_size": batch_size},
         "stage_costs": stages,
-        "timing": {"images": len(timing), "batch_size": batch_size, "repeats": repeats, "threads": torch.get_num_threads()},
+        "timing": {
+            "images": len(timing),
+            "batch_size": batch_size,
+            "repeats": repeats,
+            "threads": torch.get_num_threads(),
+        },
         "figures": figures,
         "n_boot": n_boot,
         "ci95_system_minus": _bootstrap(answers, n_boot, seed=0),
@@ -261,16 +301,22 @@ def measure(
 def markdown(result: dict[str, Any]) -> str:
     p, c, f, ci = result["primary"], result["cascade"], result["figures"], result["ci95_system_minus"]
     lines = [
-        (f"Test split: {result['n_test']} images. Primary `{p['bundle']}` ({p['signal_set']} at {p['operating_point']}), "
-        f"cascade `{c['bundle']}` ({c['signal_set']} at {c['operating_point']}). Cost in forward passes of the "
-        f"primary CNN (the cascade CNN's forward = {result['forward_seconds']['ratio']:.2f} of them); wall time per "
-        f"image of the gates on this CPU ({result['timing']['images']} images, batches of {result['timing']['batch_size']}, "
-        f"{result['timing']['threads']} threads, median of {result['timing']['repeats']})."),
+        (
+            f"Test split: {result['n_test']} images. Primary `{p['bundle']}` ({p['signal_set']} at {p['operating_point']}), "
+            f"cascade `{c['bundle']}` ({c['signal_set']} at {c['operating_point']}). Cost in forward passes of the "
+            f"primary CNN (the cascade CNN's forward = {result['forward_seconds']['ratio']:.2f} of them); wall time per "
+            f"image of the gates on this CPU ({result['timing']['images']} images, batches of {result['timing']['batch_size']}, "
+            f"{result['timing']['threads']} threads, median of {result['timing']['repeats']})."
+        ),
         "",
         "| | coverage | selective accuracy | overall accuracy | to fallback | accepted errors | cost (fwd-eq) | wall ms/image |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    names = {"primary": "(a) primary alone", "cascade": "(b) cascade model alone", "system": "(c) cascade system"}
+    names = {
+        "primary": "(a) primary alone",
+        "cascade": "(b) cascade model alone",
+        "system": "(c) cascade system",
+    }
     for side in SIDES:
         r = f[side]
         lines.append(
@@ -295,7 +341,9 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cascade", description=__doc__.splitlines()[0])
-    parser.add_argument("--primary", type=Path, required=True, help="the first bundle (the server's --bundle)")
+    parser.add_argument(
+        "--primary", type=Path, required=True, help="the first bundle (the server's --bundle)"
+    )
     parser.add_argument("--cascade", type=Path, required=True, help="the second bundle (cascade_bundle)")
     parser.add_argument("--primary-signal-set", default=None)
     parser.add_argument("--primary-operating-point", default=None)
@@ -306,14 +354,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--parity-images", type=int, default=64, help="first test images run through both live gates")
+    parser.add_argument(
+        "--parity-images", type=int, default=64, help="first test images run through both live gates"
+    )
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     parser.add_argument("--markdown", default=None, help="write the table as markdown here")
     args = parser.parse_args(argv)
     result = measure(
-        args.primary, args.cascade, primary_set=args.primary_signal_set, primary_point=args.primary_operating_point,
-        cascade_set=args.cascade_signal_set, cascade_point=args.cascade_operating_point, n_boot=args.n_boot,
-        timing_images=args.timing_images, batch_size=args.batch_size, repeats=args.repeats, threads=args.threads,
+        args.primary,
+        args.cascade,
+        primary_set=args.primary_signal_set,
+        primary_point=args.primary_operating_point,
+        cascade_set=args.cascade_signal_set,
+        cascade_point=args.cascade_operating_point,
+        n_boot=args.n_boot,
+        timing_images=args.timing_images,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        threads=args.threads,
         parity_images=args.parity_images,
     )
     code = finish(result, "bench.cascade", argv, args.out, markdown)

@@ -25,7 +25,9 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def finish(result: dict, prog: str, argv: list[str] | None, out: str | None, render: Callable[[dict], str]) -> int:
+def finish(
+    result: dict, prog: str, argv: list[str] | None, out: str | None, render: Callable[[dict], str]
+) -> int:
     """Record the command, write the JSON when asked, print the table: the tail every benchmark shares."""
     result["command"] = f"python -m {prog} " + " ".join(sys.argv[1:] if argv is None else argv)
     if out:

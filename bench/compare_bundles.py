@@ -49,8 +49,13 @@ def compare(a: Path, b: Path, n_boot: int = 1000, max_loss: float = 0.005) -> di
     feats = load_features(bundle_a, ("val", "test"))
     for split, f in feats.items():
         other = bundle_b.read_features(split)
-        if not (np.array_equal(f["label"], other["label"]) and np.array_equal(f["prediction"], other["prediction"])):
-            raise SystemExit(f"{a} and {b} differ in {split} labels or predictions: not the same CNN and splits")
+        if not (
+            np.array_equal(f["label"], other["label"])
+            and np.array_equal(f["prediction"], other["prediction"])
+        ):
+            raise SystemExit(
+                f"{a} and {b} differ in {split} labels or predictions: not the same CNN and splits"
+            )
     wrong = {s: wrong_labels(f) for s, f in feats.items()}
     cost_a = {r["signal_set"]: r["cost_fe"] for r in metrics_a["evidence_value"]}
     cost_b = {r["signal_set"]: r["cost_fe"] for r in metrics_b["evidence_value"]}
@@ -62,23 +67,42 @@ def compare(a: Path, b: Path, n_boot: int = 1000, max_loss: float = 0.005) -> di
         val, test = scores_key(0, name, "val"), scores_key(0, name, "test")
         val_a, val_b = (auroc(s[val], wrong["val"]) for s in (scores_a, scores_b))
         boot = paired_bootstrap_auroc(scores_b[test], scores_a[test], wrong["test"], n_boot=n_boot)
-        rows.append({
-            "signal_set": name, "val_auroc_a": val_a, "val_auroc_b": val_b, "val_loss": val_a - val_b,
-            "test_auroc_a": boot["auroc_b"], "test_auroc_b": boot["auroc_a"], "test_diff": boot["diff"],
-            "test_ci_diff": list(boot["ci_diff"]), "cost_fe_a": cost_a.get(name), "cost_fe_b": cost_b.get(name),
-            "adopt": bool(val_a - val_b <= max_loss),
-        })
+        rows.append(
+            {
+                "signal_set": name,
+                "val_auroc_a": val_a,
+                "val_auroc_b": val_b,
+                "val_loss": val_a - val_b,
+                "test_auroc_a": boot["auroc_b"],
+                "test_auroc_b": boot["auroc_a"],
+                "test_diff": boot["diff"],
+                "test_ci_diff": list(boot["ci_diff"]),
+                "cost_fe_a": cost_a.get(name),
+                "cost_fe_b": cost_b.get(name),
+                "adopt": bool(val_a - val_b <= max_loss),
+            }
+        )
     lcr = {
-        side: (bundle.manifest.get("lcr") or {}) | {"mutants": bundle.manifest.get("mutants", {}).get("modules")}
+        side: (bundle.manifest.get("lcr") or {})
+        | {"mutants": bundle.manifest.get("mutants", {}).get("modules")}
         for side, bundle in (("a", bundle_a), ("b", bundle_b))
     }
-    return {"a": str(a), "b": str(b), "n_boot": n_boot, "max_loss": max_loss, "lcr_settings": lcr, "rows": rows}
+    return {
+        "a": str(a),
+        "b": str(b),
+        "n_boot": n_boot,
+        "max_loss": max_loss,
+        "lcr_settings": lcr,
+        "rows": rows,
+    }
 
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
-        (f"a = `{result['a']}`, b = `{result['b']}`; loss = val AUROC a - b (adopt b where <= {result['max_loss']}); "
-        f"test difference b - a with a paired {result['n_boot']}-resample bootstrap 95% CI."),
+        (
+            f"a = `{result['a']}`, b = `{result['b']}`; loss = val AUROC a - b (adopt b where <= {result['max_loss']}); "
+            f"test difference b - a with a paired {result['n_boot']}-resample bootstrap 95% CI."
+        ),
         "",
         "| signal set | val AUROC a | val AUROC b | val loss | test AUROC a | test AUROC b | test diff b - a [95% CI] | cost a (fwd-eq) | cost b (fwd-eq) | loss <= max |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -95,14 +119,18 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.compare_bundles", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.compare_bundles", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--a", type=Path, required=True, help="reference bundle (e.g. the full LCR)")
     parser.add_argument("--b", type=Path, required=True, help="candidate bundle (the cheaper setting)")
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--max-loss", type=float, default=0.005)
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
-    return finish(compare(args.a, args.b, args.n_boot, args.max_loss), "bench.compare_bundles", argv, args.out, markdown)
+    return finish(
+        compare(args.a, args.b, args.n_boot, args.max_loss), "bench.compare_bundles", argv, args.out, markdown
+    )
 
 
 if __name__ == "__main__":

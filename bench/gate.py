@@ -190,7 +190,9 @@ def _detectors(subject: Subject, x: torch.Tensor) -> Callable[[], object]:
     assert subject.gate is not None
     gate = subject.gate
     chosen = gate.signal_set(None)
-    if any(sig in OPEN_WORLD_SIGNALS for sig in chosen.signals):  # their columns need the probe: time the paper's
+    if any(
+        sig in OPEN_WORLD_SIGNALS for sig in chosen.signals
+    ):  # their columns need the probe: time the paper's
         chosen = gate.signal_set(PAPER_SET)
     evidence = subject.extractor(x, conductance=True, lcr=subject.n_mutants > 0)
     logits = evidence.logits.numpy()

@@ -182,24 +182,35 @@ def table(outcomes: list[Outcome]) -> str:
     lines = [f"{'case':40} {'group':13} {'status':>6} {'error type':24} {'ms':>8}  result"]
     for o in outcomes:
         result = "ok" if o.ok else f"FAIL: {o.problem}"
-        lines.append(f"{o.name:40} {o.group:13} {o.status:>6} {o.error_type or '-':24} {1000 * o.seconds:8.1f}  {result}")
+        lines.append(
+            f"{o.name:40} {o.group:13} {o.status:>6} {o.error_type or '-':24} {1000 * o.seconds:8.1f}  {result}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--allow-remote", action="store_true", help="allow a non-loopback host")
     parser.add_argument("--server-pid", type=int, help="sample this local process's resident memory")
     parser.add_argument("--api-key", help="bearer token, when the server has keys")
-    parser.add_argument("--max-payload-bytes", type=int, default=8 * 1024 * 1024, help="the server's body cap")
+    parser.add_argument(
+        "--max-payload-bytes", type=int, default=8 * 1024 * 1024, help="the server's body cap"
+    )
     parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="the server's pixel cap")
-    parser.add_argument("--json", type=Path, default=Path("reports/hostile.json"), help="where to write the results")
+    parser.add_argument(
+        "--json", type=Path, default=Path("reports/hostile.json"), help="where to write the results"
+    )
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args(argv)
     host = urlsplit(args.url).hostname or ""
     if not is_loopback(host) and not args.allow_remote:
-        print(f"refusing to send hostile input to {host!r}: not a loopback address (--allow-remote)", file=sys.stderr)
+        print(
+            f"refusing to send hostile input to {host!r}: not a loopback address (--allow-remote)",
+            file=sys.stderr,
+        )
         return 2
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     with httpx.Client(base_url=args.url, timeout=args.timeout, headers=headers) as client:
@@ -222,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         "passed": len(outcomes) - len(failed),
         "failed": len(failed),
         "server_errors": len(server_errors),
-        "statuses": {str(s): sum(o.status == s for o in outcomes) for s in sorted({o.status for o in outcomes})},
+        "statuses": {
+            str(s): sum(o.status == s for o in outcomes) for s in sorted({o.status for o in outcomes})
+        },
         "alive_problems": alive_problems,
         "rss_start_mib": getattr(sampler, "start_mib", None),
         "rss_peak_mib": sampler.peak_mib if sampler else None,
@@ -233,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary['server_errors']} 5xx; statuses {summary['statuses']}; liveness problems: {len(alive_problems)}"
     )
     if sampler:
-        print(f"server RSS: {summary['rss_start_mib']:.0f} MiB at start, peak {summary['rss_peak_mib']:.0f} MiB")
+        print(
+            f"server RSS: {summary['rss_start_mib']:.0f} MiB at start, peak {summary['rss_peak_mib']:.0f} MiB"
+        )
     for problem in alive_problems:
         print("  " + problem)
     args.json.parent.mkdir(parents=True, exist_ok=True)

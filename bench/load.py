@@ -135,7 +135,9 @@ async def worker(
             after_sigterm = run.sigterm_at is not None and since >= run.sigterm_at
             kind = "refused" if after_sigterm else "lost"
             detail = f"{type(exc).__name__}: {exc}"
-            run.outcomes.append(Outcome(kind, None, now - started, started - clock["begin"], detail, not never_sent))
+            run.outcomes.append(
+                Outcome(kind, None, now - started, started - clock["begin"], detail, not never_sent)
+            )
             if after_sigterm:
                 return  # the server is going away: this client stops
             continue
@@ -166,7 +168,9 @@ async def send_sigterm(pid: int, after: float, run: Run, clock: dict[str, float]
 
 
 async def drive(args: argparse.Namespace) -> tuple[Run, float, dict[str, Any]]:
-    limits = httpx.Limits(max_connections=args.concurrency + 2, max_keepalive_connections=args.concurrency + 2)
+    limits = httpx.Limits(
+        max_connections=args.concurrency + 2, max_keepalive_connections=args.concurrency + 2
+    )
     async with httpx.AsyncClient(base_url=args.url, timeout=args.timeout, limits=limits) as client:
         summary = (await client.get("/v1/bundle")).raise_for_status().json()
         images = pngs(list(summary["input_shape"]), 16)
@@ -174,7 +178,9 @@ async def drive(args: argparse.Namespace) -> tuple[Run, float, dict[str, Any]]:
         loop = asyncio.get_running_loop()
         clock = {"begin": loop.time(), "sent": 0}
         clock["end"] = clock["begin"] + args.seconds
-        tasks = [asyncio.create_task(worker(i, client, images, run, clock, args)) for i in range(args.concurrency)]
+        tasks = [
+            asyncio.create_task(worker(i, client, images, run, clock, args)) for i in range(args.concurrency)
+        ]
         tasks.append(asyncio.create_task(sample_depth(client, run, clock)))
         if args.sigterm_after is not None:
             tasks.append(asyncio.create_task(send_sigterm(args.server_pid, args.sigterm_after, run, clock)))
@@ -207,7 +213,8 @@ def summarise(run: Run, wall: float, args: argparse.Namespace, summary: dict[str
         "wall_seconds": wall,
         "requests": len(run.outcomes),
         **{kind: kinds.get(kind, 0) for kind in ("ok", "shed", "expired", "unexpected", "lost", "refused")},
-        "with_deadline": args.deadline_every and f"every {args.deadline_every}th request: {args.deadline_s:g} s",
+        "with_deadline": args.deadline_every
+        and f"every {args.deadline_every}th request: {args.deadline_s:g} s",
         "statuses": dict(Counter(str(o.status) for o in run.outcomes)),
         "throughput_ok_per_s": len(ok) / wall if wall > 0 else None,
         "latency_ok_ms": percentiles_ms(ok),
@@ -217,7 +224,9 @@ def summarise(run: Run, wall: float, args: argparse.Namespace, summary: dict[str
         "problems": [asdict(o) for o in run.outcomes if o.kind in ("unexpected", "lost")][:50],
     }
     if run.sigterm_at is not None:
-        in_flight = [o for o in run.outcomes if o.reached and o.started < run.sigterm_at < o.started + o.seconds]
+        in_flight = [
+            o for o in run.outcomes if o.reached and o.started < run.sigterm_at < o.started + o.seconds
+        ]
         result["sigterm_at_s"] = run.sigterm_at
         result["in_flight_at_sigterm"] = len(in_flight)
         result["in_flight_answered"] = sum(1 for o in in_flight if o.status is not None)
@@ -243,18 +252,29 @@ def render(result: dict[str, Any]) -> str:
         ("unexpected", str(result["unexpected"])),
         ("lost", str(result["lost"])),
         ("ok per second", f"{result['throughput_ok_per_s']:.1f}"),
-        ("ok latency p50 / p90 / p99 / max ms", f"{ms(ok['p50'])} / {ms(ok['p90'])} / {ms(ok['p99'])} / {ms(ok['max'])}"),
+        (
+            "ok latency p50 / p90 / p99 / max ms",
+            f"{ms(ok['p50'])} / {ms(ok['p90'])} / {ms(ok['p99'])} / {ms(ok['max'])}",
+        ),
         ("shed latency p50 / p99 ms", f"{ms(shed['p50'])} / {ms(shed['p99'])}"),
-        ("queue depth max (sampled)", "-" if result["queue_depth_max"] is None else f"{result['queue_depth_max']:.0f}"),
+        (
+            "queue depth max (sampled)",
+            "-" if result["queue_depth_max"] is None else f"{result['queue_depth_max']:.0f}",
+        ),
     ]
     if "sigterm_at_s" in result:
         rows += [
             ("SIGTERM at s", f"{result['sigterm_at_s']:.1f}"),
-            ("in flight at SIGTERM / answered", f"{result['in_flight_at_sigterm']} / {result['in_flight_answered']}"),
+            (
+                "in flight at SIGTERM / answered",
+                f"{result['in_flight_at_sigterm']} / {result['in_flight_answered']}",
+            ),
             ("answered after SIGTERM / refused", f"{result['answered_after_sigterm']} / {result['refused']}"),
         ]
     if result.get("rss_peak_mib") is not None:
-        rows.append(("server RSS start / peak MiB", f"{result['rss_start_mib']:.0f} / {result['rss_peak_mib']:.0f}"))
+        rows.append(
+            ("server RSS start / peak MiB", f"{result['rss_start_mib']:.0f} / {result['rss_peak_mib']:.0f}")
+        )
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     for problem in result["problems"][:10]:
@@ -269,10 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--timeout", type=float, default=60.0, help="client timeout per request (s)")
     parser.add_argument("--backoff-s", type=float, default=0.05, help="pause after a 503 (s)")
-    parser.add_argument("--deadline-every", type=int, default=0, help="every K-th request sends X-Request-Timeout")
+    parser.add_argument(
+        "--deadline-every", type=int, default=0, help="every K-th request sends X-Request-Timeout"
+    )
     parser.add_argument("--deadline-s", type=float, default=0.05, help="its X-Request-Timeout (s)")
     parser.add_argument("--api-key")
-    parser.add_argument("--server-pid", type=int, help="the server's pid on this machine: RSS and --sigterm-after")
+    parser.add_argument(
+        "--server-pid", type=int, help="the server's pid on this machine: RSS and --sigterm-after"
+    )
     parser.add_argument("--sigterm-after", type=float, help="send the server SIGTERM after this many seconds")
     parser.add_argument("--json", help="write the result here")
     parser.add_argument("--allow-remote", action="store_true")
@@ -283,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.sigterm_after is not None and args.server_pid is None:
         parser.error("--sigterm-after needs --server-pid")
-    sampler = RssSampler(args.server_pid, period=0.25) if args.server_pid and args.sigterm_after is None else None
+    sampler = (
+        RssSampler(args.server_pid, period=0.25) if args.server_pid and args.sigterm_after is None else None
+    )
     started = time.time()
     if sampler is not None:
         with sampler:

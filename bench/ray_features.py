@@ -42,13 +42,25 @@ def cleared_copy(bundle: Path, out: Path, split: str) -> Path:
 
 def run_features(bundle: Path, split: str, batch_size: int, engine_args: list[str]) -> dict[str, Any]:
     """One ``predgate features`` run; its wall time and the stage's own seconds."""
-    command = [sys.executable, "-m", "cli.main", "features", "--bundle", str(bundle), "--batch-size", str(batch_size)]
+    command = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "features",
+        "--bundle",
+        str(bundle),
+        "--batch-size",
+        str(batch_size),
+    ]
     start = time.perf_counter()
     subprocess.run([*command, *engine_args], check=True, env={**os.environ, "PREDGATE_NO_PROGRESS": "1"})
     wall = time.perf_counter() - start
     info = load_bundle(bundle).manifest["stages"][f"features:{split}"]
     return {
-        "engine_args": engine_args, "images": int(info["images"]), "seconds": float(info["seconds"]), "wall_s": wall,
+        "engine_args": engine_args,
+        "images": int(info["images"]),
+        "seconds": float(info["seconds"]),
+        "wall_s": wall,
         "images_per_s": float(info["images"]) / float(info["seconds"]),
     }
 
@@ -68,17 +80,23 @@ def render(result: dict[str, Any]) -> str:
     ]
     for name in ("local", "ray"):
         r = result[name]
-        rows.append(f"| {name} {' '.join(r['engine_args'])} | {r['images']} | {r['seconds']:.1f} | "
-                    f"{r['images_per_s']:.1f} | {r['wall_s']:.1f} |")
+        rows.append(
+            f"| {name} {' '.join(r['engine_args'])} | {r['images']} | {r['seconds']:.1f} | "
+            f"{r['images_per_s']:.1f} | {r['wall_s']:.1f} |"
+        )
     eq = result["equality"]
     rows.append("")
-    rows.append(f"ray / local images/s: **{result['ratio']:.2f}x**; results equal: {eq['equal']} "
-                f"(labels equal {eq['labels_equal']}, max float difference {eq['max_float_diff']:.2e})")
+    rows.append(
+        f"ray / local images/s: **{result['ratio']:.2f}x**; results equal: {eq['equal']} "
+        f"(labels equal {eq['labels_equal']}, max float difference {eq['max_float_diff']:.2e})"
+    )
     return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.ray_features", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.ray_features", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--split", default="test", choices=["fit", "val", "test"])
     parser.add_argument("--batch-size", type=int, default=128, help="images per chunk, both engines")
@@ -89,10 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         local = cleared_copy(args.bundle, Path(tmp) / "local", args.split)
         on_ray = cleared_copy(args.bundle, Path(tmp) / "ray", args.split)
         result: dict[str, Any] = {
-            "bundle": str(args.bundle), "split": args.split, "batch_size": args.batch_size,
-            "cpus": os.cpu_count(), "n_mutants": (load_bundle(args.bundle).get("mutants") or {}).get("count"),
+            "bundle": str(args.bundle),
+            "split": args.split,
+            "batch_size": args.batch_size,
+            "cpus": os.cpu_count(),
+            "n_mutants": (load_bundle(args.bundle).get("mutants") or {}).get("count"),
             "local": run_features(local, args.split, args.batch_size, []),
-            "ray": run_features(on_ray, args.split, args.batch_size, ["--engine", "ray", "--ray-actors", str(args.ray_actors)]),
+            "ray": run_features(
+                on_ray, args.split, args.batch_size, ["--engine", "ray", "--ray-actors", str(args.ray_actors)]
+            ),
         }
         result["equality"] = compare(local, on_ray, args.split)
     result["ratio"] = result["ray"]["images_per_s"] / result["local"]["images_per_s"]

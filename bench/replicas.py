@@ -47,7 +47,9 @@ _SOCKET = re.compile(r"stats socket \S+")
 _RESOLVERS = re.compile(r"^resolvers docker\n(?:[ \t]+.*\n)+", re.MULTILINE)
 
 
-def loopback_config(ports: Sequence[int], listen_port: int, stats_socket: Path, text: str | None = None) -> str:
+def loopback_config(
+    ports: Sequence[int], listen_port: int, stats_socket: Path, text: str | None = None
+) -> str:
     """The shipped HAProxy config with loopback servers ``r0..`` on ``ports`` and the listener on
     ``listen_port``; everything else (retries, checks, timeouts, balancing) stays as shipped."""
     text = HAPROXY_CONFIG.read_text() if text is None else text
@@ -128,7 +130,9 @@ def cluster(
     haproxy = shutil.which("haproxy")
     if haproxy is None:
         raise RuntimeError("haproxy not found (Debian package haproxy; make system-deps)")
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("PREDGATE_", "PROMETHEUS_MULTIPROC"))}
+    base_env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PREDGATE_", "PROMETHEUS_MULTIPROC"))
+    }
     base_env.update(PREDGATE_DEVICE="cpu", PREDGATE_LOG_LEVEL="warning", OMP_NUM_THREADS="1", **(env or {}))
     ports = [free_port() for _ in range(n_replicas)]
     replicas: list[subprocess.Popen[bytes]] = []
@@ -138,16 +142,30 @@ def cluster(
             with open(workdir / f"replica{i}.log", "wb") as log:
                 replicas.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "service.server", "--bundle", str(bundle), "--host", "127.0.0.1",
-                         "--port", str(port)],
-                        cwd=ROOT, env=base_env, stdout=log, stderr=subprocess.STDOUT,
+                        [
+                            sys.executable,
+                            "-m",
+                            "service.server",
+                            "--bundle",
+                            str(bundle),
+                            "--host",
+                            "127.0.0.1",
+                            "--port",
+                            str(port),
+                        ],
+                        cwd=ROOT,
+                        env=base_env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
                     )
                 )
         for i, (port, process) in enumerate(zip(ports, replicas, strict=True)):
 
             def ready(port: int = port, process: subprocess.Popen[bytes] = process, i: int = i) -> bool:
                 if process.poll() is not None:
-                    raise RuntimeError(f"replica {i} exited:\n{(workdir / f'replica{i}.log').read_text()[-3000:]}")
+                    raise RuntimeError(
+                        f"replica {i} exited:\n{(workdir / f'replica{i}.log').read_text()[-3000:]}"
+                    )
                 return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
 
             _wait(ready, ready_timeout, f"replica {i} to be ready")
@@ -155,7 +173,9 @@ def cluster(
         config = workdir / "haproxy.cfg"
         config.write_text(loopback_config(ports, listen, stats_socket, haproxy_config))
         with open(workdir / "haproxy.log", "wb") as log:
-            balancer = subprocess.Popen([haproxy, "-db", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
+            balancer = subprocess.Popen(
+                [haproxy, "-db", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT
+            )
 
         def all_up() -> bool:
             if balancer is not None and balancer.poll() is not None:
@@ -203,8 +223,10 @@ def load(
             while (started := time.perf_counter()) < stop_at:
                 try:
                     r = client.post(
-                        f"{url}/predict", content=images[i % len(images)],
-                        headers={"content-type": "image/png"}, params=params,
+                        f"{url}/predict",
+                        content=images[i % len(images)],
+                        headers={"content-type": "image/png"},
+                        params=params,
                     )
                     status, error = r.status_code, None if r.status_code == 200 else f"HTTP {r.status_code}"
                 except httpx.HTTPError as exc:
@@ -303,7 +325,9 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         f"{result['replicas']} replicas behind HAProxy, {result['concurrency']} clients, {result['seconds']:.0f} s, "
         f"signal set {result['signal_set']}; {result['killed_replica']} got SIG{result['kill_signal']} "
-        f"at {result['killed_at_s']:.1f} s" if result.get("killed_at_s") is not None else "no replica killed",
+        f"at {result['killed_at_s']:.1f} s"
+        if result.get("killed_at_s") is not None
+        else "no replica killed",
         f"{'phase':<12} {'requests':>9} {'ok':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}",
     ]
     for phase in ("before_kill", "after_kill", "overall"):
@@ -334,9 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
     result = run(
-        args.bundle, replicas=args.replicas, seconds=args.seconds,
-        kill_after=args.kill_after if args.kill_after >= 0 else None, kill_signal=args.kill_signal,
-        concurrency=args.concurrency, signal_set=args.signal_set,
+        args.bundle,
+        replicas=args.replicas,
+        seconds=args.seconds,
+        kill_after=args.kill_after if args.kill_after >= 0 else None,
+        kill_signal=args.kill_signal,
+        concurrency=args.concurrency,
+        signal_set=args.signal_set,
     )
     return finish(result, "bench.replicas", argv, args.out, render)
 

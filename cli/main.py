@@ -31,62 +31,102 @@ from service.settings import Settings
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "cifar10", "imagefolder"])
-    parser.add_argument("--data-root", default=None, help="data directory (default: the data set's standard place)")
     parser.add_argument(
-        "--image-size", type=int, default=None, help="imagefolder: side of the square images decoded (default: --input-size)"
+        "--dataset", default="fashion-mnist", choices=["fashion-mnist", "cifar10", "imagefolder"]
+    )
+    parser.add_argument(
+        "--data-root", default=None, help="data directory (default: the data set's standard place)"
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="imagefolder: side of the square images decoded (default: --input-size)",
     )
     parser.add_argument("--profile", default="quick", help="quick (default) or full; flags below override it")
     model = parser.add_argument_group("the model (README: Bring your own model)")
     model.add_argument(
-        "--arch", default="resnet20",
+        "--arch",
+        default="resnet20",
         help="resnet20, a torchvision model name, timm:NAME (a timm model, no download) or package.module:Class "
         "(a class or function of your own, found on --code-path or installed)",
     )
-    model.add_argument("--arch-kwargs", default=None, metavar="JSON", help="keyword arguments of --arch, as a JSON object")
-    model.add_argument("--code-path", default=None, metavar="DIR", help="folder to import --arch package.module from")
     model.add_argument(
-        "--weights", type=Path, default=None,
+        "--arch-kwargs", default=None, metavar="JSON", help="keyword arguments of --arch, as a JSON object"
+    )
+    model.add_argument(
+        "--code-path", default=None, metavar="DIR", help="folder to import --arch package.module from"
+    )
+    model.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
         help="import instead of training: safetensors, a state_dict (torch.save(model.state_dict())), a TorchScript "
         "file or a torch.export program (.pt2); loaded into --arch",
     )
-    model.add_argument("--layer", default=None, help="conductance layer (default: the architecture's last feature map)")
     model.add_argument(
-        "--mean", type=float, nargs="+", default=None,
+        "--layer", default=None, help="conductance layer (default: the architecture's last feature map)"
+    )
+    model.add_argument(
+        "--mean",
+        type=float,
+        nargs="+",
+        default=None,
         help="the model's normalisation mean in [0, 1] pixel units, one value or one per channel "
         "(default: timm's config for imported timm weights, else the cnn-train statistics)",
     )
-    model.add_argument("--std", type=float, nargs="+", default=None, help="the model's normalisation std (as --mean)")
     model.add_argument(
-        "--input-size", type=int, default=None,
+        "--std", type=float, nargs="+", default=None, help="the model's normalisation std (as --mean)"
+    )
+    model.add_argument(
+        "--input-size",
+        type=int,
+        default=None,
         help="side of the square input the model takes: images are scaled and centre-cropped as the server does",
     )
     model.add_argument(
-        "--channels", type=int, default=None, choices=[1, 3],
+        "--channels",
+        type=int,
+        default=None,
+        choices=[1, 3],
         help="channels the model takes: grey is repeated into RGB, RGB turned to luma, as the server does "
         "(imagefolder: also how images are decoded; default 3 there, the data's elsewhere)",
     )
     model.add_argument(
-        "--exclude-indices", "--cnn-train-indices", dest="exclude_indices", type=Path, default=None, metavar="FILE",
+        "--exclude-indices",
+        "--cnn-train-indices",
+        dest="exclude_indices",
+        type=Path,
+        default=None,
+        metavar="FILE",
         help="indices (into the training files) of the images the model was trained on: cnn-train is drawn from "
         "them, fit and val from the rest (text, .json or .npy)",
     )
     model.add_argument(
-        "--expected-accuracy", type=float, default=None,
+        "--expected-accuracy",
+        type=float,
+        default=None,
         help="accuracy the model's provenance claims: the build warns when val accuracy is far below it",
     )
     model.add_argument(
-        "--allow-low-accuracy", action="store_true",
+        "--allow-low-accuracy",
+        action="store_true",
         help="build on even when the CNN is near chance (the build stops there by default)",
     )
     training = parser.add_argument_group("training (defaults: the profile's)")
     training.add_argument("--epochs", type=int, default=None)
-    training.add_argument("--optimizer", default=None, choices=["sgd", "adam", "adamw"], help="sgd (Nesterov, default)")
-    training.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.1 SGD, 1e-3 Adam/AdamW)")
+    training.add_argument(
+        "--optimizer", default=None, choices=["sgd", "adam", "adamw"], help="sgd (Nesterov, default)"
+    )
+    training.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate (default 0.1 SGD, 1e-3 Adam/AdamW)"
+    )
     training.add_argument("--batch-size", type=int, default=None)
     training.add_argument("--weight-decay", type=float, default=None)
     training.add_argument(
-        "--augment", default=None, choices=["on", "off"],
+        "--augment",
+        default=None,
+        choices=["on", "off"],
         help="flips and 4-pixel crops on or off (default: on for natural images, off for Fashion-MNIST)",
     )
     parser.add_argument("--cnn-train", type=int, default=None, help="cnn-train split size")
@@ -95,33 +135,56 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test", type=int, default=None, help="test split size")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument(
-        "--fit-from-cnn-train", action="store_true", default=None,
+        "--fit-from-cnn-train",
+        action="store_true",
+        default=None,
         help="the paper's setting: detectors learn from (a --fit sized subset of) the CNN's training images",
     )
     parser.add_argument("--n-mutants", type=int, default=None)
-    parser.add_argument("--operator", default=None, choices=["NAI", "GF", "WS", "NS"], help="mutation operator")
-    parser.add_argument("--mutation-rate", type=float, default=None, help="share of all conv filters per mutant")
     parser.add_argument(
-        "--mutant-modules", nargs="+", default=None,
+        "--operator", default=None, choices=["NAI", "GF", "WS", "NS"], help="mutation operator"
+    )
+    parser.add_argument(
+        "--mutation-rate", type=float, default=None, help="share of all conv filters per mutant"
+    )
+    parser.add_argument(
+        "--mutant-modules",
+        nargs="+",
+        default=None,
         help="mutate only convs inside these modules (e.g. layer3): mutants share the computed prefix",
     )
     parser.add_argument(
-        "--lcr-sprt", type=float, default=None, metavar="ALPHA",
+        "--lcr-sprt",
+        type=float,
+        default=None,
+        metavar="ALPHA",
         help="stop LCR early: SPRT with alpha = beta = ALPHA over chunks of mutants, p0/p1 from the fit split",
     )
-    parser.add_argument("--lcr-chunk", type=int, default=None, help="mutants per chunk of the early-stopping LCR")
     parser.add_argument(
-        "--cond-inputs", default=None, choices=["conductance", "conductance+class"],
+        "--lcr-chunk", type=int, default=None, help="mutants per chunk of the early-stopping LCR"
+    )
+    parser.add_argument(
+        "--cond-inputs",
+        default=None,
+        choices=["conductance", "conductance+class"],
         help="what the conductance detector reads: conductance alone (the paper's, default) or with the predicted class",
     )
     parser.add_argument(
-        "--adv-train", default=None, choices=["pgd-linf", "pgd-l2"],
+        "--adv-train",
+        default=None,
+        choices=["pgd-linf", "pgd-l2"],
         help="adversarial training: every batch replaced by its PGD version (Madry et al.; the seeds' robust models)",
     )
-    parser.add_argument("--adv-eps", type=float, default=None, help="adversarial training radius in [0, 1] pixels")
-    parser.add_argument("--adv-steps", type=int, default=None, help="PGD steps of adversarial training (default 7)")
+    parser.add_argument(
+        "--adv-eps", type=float, default=None, help="adversarial training radius in [0, 1] pixels"
+    )
+    parser.add_argument(
+        "--adv-steps", type=int, default=None, help="PGD steps of adversarial training (default 7)"
+    )
     parser.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples of the report")
-    parser.add_argument("--detector-seeds", type=int, default=None, help="seeds the detectors are fitted with")
+    parser.add_argument(
+        "--detector-seeds", type=int, default=None, help="seeds the detectors are fitted with"
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--out", type=Path, required=True, help="bundle directory (e.g. bundles/NAME)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
@@ -130,14 +193,30 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 def _profile_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     profile = get_profile(args.dataset, args.profile)
     return profile.with_overrides(
-        epochs=args.epochs, cnn_train=args.cnn_train, fit=args.fit, val=args.val, test=args.test, seed=args.seed,
-        n_mutants=args.n_mutants, operator=args.operator, mutation_rate=args.mutation_rate,
+        epochs=args.epochs,
+        cnn_train=args.cnn_train,
+        fit=args.fit,
+        val=args.val,
+        test=args.test,
+        seed=args.seed,
+        n_mutants=args.n_mutants,
+        operator=args.operator,
+        mutation_rate=args.mutation_rate,
         fit_is_cnn_train=args.fit_from_cnn_train,
         mutant_modules=tuple(args.mutant_modules) if args.mutant_modules else None,
-        lcr_sprt_alpha=args.lcr_sprt, lcr_chunk=args.lcr_chunk, cond_inputs=args.cond_inputs,
-        optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
-        augment=None if args.augment is None else args.augment == "on", n_boot=args.n_boot,
-        detector_seeds=args.detector_seeds, adv_train=args.adv_train, adv_eps=args.adv_eps, adv_steps=args.adv_steps,
+        lcr_sprt_alpha=args.lcr_sprt,
+        lcr_chunk=args.lcr_chunk,
+        cond_inputs=args.cond_inputs,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        weight_decay=args.weight_decay,
+        augment=None if args.augment is None else args.augment == "on",
+        n_boot=args.n_boot,
+        detector_seeds=args.detector_seeds,
+        adv_train=args.adv_train,
+        adv_eps=args.adv_eps,
+        adv_steps=args.adv_steps,
     )
 
 
@@ -157,10 +236,18 @@ def _model_from(args: argparse.Namespace) -> ModelRequest:
         if not isinstance(kwargs, dict):
             raise ConfigError(f"--arch-kwargs must be a JSON object, got {type(kwargs).__name__}")
     return ModelRequest(
-        arch=args.arch, arch_kwargs=kwargs, code_path=args.code_path, layer=args.layer, weights=args.weights,
-        mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None,
-        input_size=args.input_size, channels=args.channels, exclude_indices=args.exclude_indices,
-        expected_accuracy=args.expected_accuracy, allow_low_accuracy=args.allow_low_accuracy,
+        arch=args.arch,
+        arch_kwargs=kwargs,
+        code_path=args.code_path,
+        layer=args.layer,
+        weights=args.weights,
+        mean=tuple(args.mean) if args.mean else None,
+        std=tuple(args.std) if args.std else None,
+        input_size=args.input_size,
+        channels=args.channels,
+        exclude_indices=args.exclude_indices,
+        expected_accuracy=args.expected_accuracy,
+        allow_low_accuracy=args.allow_low_accuracy,
     )
 
 
@@ -169,8 +256,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     request = _model_from(args)
     bundle, arrays = prepare(args.out, _source_from(args), profile, overwrite=args.overwrite, model=request)
     train_stage(
-        bundle, arrays, epochs=profile.epochs, seed=profile.seed, batch_size=profile.batch_size, weights=args.weights,
-        device=args.device, progress=progress_wanted(), profile=profile,
+        bundle,
+        arrays,
+        epochs=profile.epochs,
+        seed=profile.seed,
+        batch_size=profile.batch_size,
+        weights=args.weights,
+        device=args.device,
+        progress=progress_wanted(),
+        profile=profile,
     )
     info = bundle.manifest["training"]
     print(
@@ -190,13 +284,25 @@ def cmd_build(args: argparse.Namespace) -> None:
                 "(and --out for the new bundle)"
             )
         refit_from_reviews(
-            args.base, args.out, args.reviews, held_out=args.review_held_out, seed=args.review_seed,
+            args.base,
+            args.out,
+            args.reviews,
+            held_out=args.review_held_out,
+            seed=args.review_seed,
             progress=progress_wanted(),
         )
         return
     build_bundle(
-        args.out, _source_from(args), _profile_from(args), device=args.device, default_set=args.default_set,
-        overwrite=args.overwrite, redo=args.redo, base=args.base, progress=progress_wanted(), model=_model_from(args),
+        args.out,
+        _source_from(args),
+        _profile_from(args),
+        device=args.device,
+        default_set=args.default_set,
+        overwrite=args.overwrite,
+        redo=args.redo,
+        base=args.base,
+        progress=progress_wanted(),
+        model=_model_from(args),
         engine=engine_from(args),
     )
 
@@ -217,9 +323,14 @@ def cmd_mutants(args: argparse.Namespace) -> None:
     bundle, arrays = _open_for_stage(args, "mutants")
     profile = bundle.manifest["profile"]
     mutants_stage(
-        bundle, arrays, operator=args.operator or profile["operator"], rate=args.rate or profile["mutation_rate"],
-        n_mutants=args.n or profile["n_mutants"], seed=profile["seed"],
-        modules=args.modules or profile.get("mutant_modules"), progress=progress_wanted(),
+        bundle,
+        arrays,
+        operator=args.operator or profile["operator"],
+        rate=args.rate or profile["mutation_rate"],
+        n_mutants=args.n or profile["n_mutants"],
+        seed=profile["seed"],
+        modules=args.modules or profile.get("mutant_modules"),
+        progress=progress_wanted(),
     )
     info = bundle.manifest["mutants"]
     print(
@@ -233,8 +344,13 @@ def cmd_features(args: argparse.Namespace) -> None:
     bundle, arrays = _open_for_stage(args, "features")
     profile = bundle.manifest["profile"]
     features_stage(
-        bundle, arrays, batch_size=args.batch_size, early_stopping_alpha=profile.get("lcr_sprt_alpha"),
-        early_stopping_chunk=profile.get("lcr_chunk", 10), progress=progress_wanted(), engine=engine_from(args),
+        bundle,
+        arrays,
+        batch_size=args.batch_size,
+        early_stopping_alpha=profile.get("lcr_sprt_alpha"),
+        early_stopping_chunk=profile.get("lcr_chunk", 10),
+        progress=progress_wanted(),
+        engine=engine_from(args),
     )
     print(f"features written to {bundle.path / 'features'}")
 
@@ -248,14 +364,21 @@ def cmd_report(args: argparse.Namespace) -> None:
     if args.sweep_from is not None:
         copy_sweep(load_bundle(args.sweep_from), bundle)
     arrays = load_splits(bundle)
-    out = write_report(bundle, val_images=arrays["val"].images, n_boot=args.n_boot, progress=progress_wanted())
+    out = write_report(
+        bundle, val_images=arrays["val"].images, n_boot=args.n_boot, progress=progress_wanted()
+    )
     print(f"report written to {out}")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {
-        "bundle": args.bundle, "host": args.host, "port": args.port, "signal_set": args.signal_set,
-        "operating_point": args.operating_point, "device": args.device, "backend": args.backend,
+        "bundle": args.bundle,
+        "host": args.host,
+        "port": args.port,
+        "signal_set": args.signal_set,
+        "operating_point": args.operating_point,
+        "device": args.device,
+        "backend": args.backend,
         "cascade_bundle": args.cascade_bundle,
     }
     return serve(Settings(**{k: v for k, v in overrides.items() if v is not None}))
@@ -274,20 +397,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(build)
     build.add_argument("--default-set", default=None, help="signal set the server uses by default (cond+lcr)")
     build.add_argument(
-        "--redo", default=None, choices=["conductance", "mutants", "features", "detectors", "report"],
+        "--redo",
+        default=None,
+        choices=["conductance", "mutants", "features", "detectors", "report"],
         help="run this stage and every later one again (earlier stages stay as built)",
     )
     build.add_argument(
-        "--from", dest="base", type=Path, default=None, metavar="BUNDLE",
+        "--from",
+        dest="base",
+        type=Path,
+        default=None,
+        metavar="BUNDLE",
         help="start --out as a copy of BUNDLE (new id), e.g. to --redo detectors with other settings",
     )
     build.add_argument(
-        "--reviews", type=Path, default=None, metavar="DB",
+        "--reviews",
+        type=Path,
+        default=None,
+        metavar="DB",
         help="with --from B --redo detectors: refit B's served signal set with the reviewed rejections of this "
         "outbox (the server's PREDGATE_FALLBACK_DIR or its outbox.sqlite3); the report says if it helped",
     )
     build.add_argument(
-        "--review-held-out", type=float, default=0.5,
+        "--review-held-out",
+        type=float,
+        default=0.5,
         help="share of the reviews held out to judge the refit (stratified by right/wrong; default 0.5)",
     )
     build.add_argument("--review-seed", type=int, default=0, help="seed of the refit / held-out split")
@@ -299,13 +433,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--signal-set", default=None, help="signal set for verdicts (default: the bundle's)")
-    serve.add_argument("--operating-point", default=None, help="stored operating point (default: equal-recall)")
+    serve.add_argument(
+        "--operating-point", default=None, help="stored operating point (default: equal-recall)"
+    )
     serve.add_argument("--device", default=None, help="auto, cpu or cuda")
     serve.add_argument(
         "--backend", default=None, choices=["torch", "onnx"], help="torch (default) or onnx (ONNX Runtime)"
     )
     serve.add_argument(
-        "--cascade-bundle", type=Path, default=None,
+        "--cascade-bundle",
+        type=Path,
+        default=None,
         help="second bundle that decides the images the first answers unknown (PREDGATE_CASCADE_BUNDLE)",
     )
     serve.set_defaults(func=cmd_serve)
@@ -334,7 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--bundle", type=Path, required=True)
     report.add_argument("--n-boot", type=int, default=1000)
     report.add_argument(
-        "--sweep-from", type=Path, default=None,
+        "--sweep-from",
+        type=Path,
+        default=None,
         help="include the mutation sweep run on this bundle (it must hold the same CNN weights)",
     )
     report.set_defaults(func=cmd_report)
@@ -346,7 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("attack", attack_job, "adversarial versions of the test split (torchattacks), into the bundle"),
         ("robustness", robustness_report, "every signal set on the bundle's adversarial images vs MSP"),
         ("adaptive", adaptive_job, "white-box PGD that knows the gate: what survives, per signal set vs MSP"),
-        ("attribution", attribution_job, "attribution maps of natural vs robust models on clean vs adversarial inputs"),
+        (
+            "attribution",
+            attribution_job,
+            "attribution maps of natural vs robust models on clean vs adversarial inputs",
+        ),
     )
     for name, job, help_text in jobs:
         job_parser = sub.add_parser(name, help=help_text)

@@ -48,16 +48,25 @@ class Store:
             else:
                 self.db.execute(
                     "INSERT INTO received VALUES (?, ?, ?, ?, ?, 1)",
-                    (key, item.get("request_id"), item["prediction"]["verdict"],
-                     len(base64.b64decode(item["image"]["base64"], validate=True)), time.time()),
+                    (
+                        key,
+                        item.get("request_id"),
+                        item["prediction"]["verdict"],
+                        len(base64.b64decode(item["image"]["base64"], validate=True)),
+                        time.time(),
+                    ),
                 )
             self.db.execute("COMMIT")
             return not seen
 
     def listing(self) -> dict:
         with self.lock:
-            rows = self.db.execute("SELECT key, request_id, verdict, image_bytes, deliveries FROM received").fetchall()
-        return {k: {"request_id": r, "verdict": v, "image_bytes": b, "deliveries": d} for k, r, v, b, d in rows}
+            rows = self.db.execute(
+                "SELECT key, request_id, verdict, image_bytes, deliveries FROM received"
+            ).fetchall()
+        return {
+            k: {"request_id": r, "verdict": v, "image_bytes": b, "deliveries": d} for k, r, v, b, d in rows
+        }
 
 
 def make_handler(store: Store, fail_rate: float, lost_ack_rate: float, delay_s: float, rng: random.Random):
@@ -74,7 +83,9 @@ def make_handler(store: Store, fail_rate: float, lost_ack_rate: float, delay_s: 
             self.wfile.write(data)
 
         def do_GET(self) -> None:
-            self._send(200, store.listing()) if self.path == "/items" else self._send(404, {"error": "not found"})
+            self._send(200, store.listing()) if self.path == "/items" else self._send(
+                404, {"error": "not found"}
+            )
 
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", "0"))

@@ -59,7 +59,8 @@ def main() -> None:
         env = {**os.environ, "PREDGATE_REVIEW": "1", "PREDGATE_FALLBACK_DIR": str(Path(scratch) / "outbox")}
         server = subprocess.Popen(
             [sys.executable, "-m", "service.server", "--bundle", str(args.bundle), "--port", str(port)],
-            cwd=ROOT, env=env,
+            cwd=ROOT,
+            env=env,
         )
         try:
             for _ in range(600):
@@ -77,18 +78,29 @@ def main() -> None:
 
             options = webdriver.ChromeOptions()
             options.binary_location = "/usr/bin/chromium"
-            for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,1000"):
+            for flag in (
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-dev-shm-usage",
+                "--window-size=1100,1000",
+            ):
                 options.add_argument(flag)
-            driver = webdriver.Chrome(options=options, service=Service(executable_path="/usr/bin/chromedriver"))
+            driver = webdriver.Chrome(
+                options=options, service=Service(executable_path="/usr/bin/chromedriver")
+            )
             try:
                 driver.get(f"{base}/review")
                 first = driver.find_element(By.CSS_SELECTOR, "section.item")
-                index = next(i for i, a in enumerate(answers) if a["verdict"] == "unknown")  # the page's first
+                index = next(
+                    i for i, a in enumerate(answers) if a["verdict"] == "unknown"
+                )  # the page's first
                 truth = int(read_idx(args.data / "t10k-labels-idx1-ubyte.gz")[index])
                 Select(first.find_element(By.NAME, "label")).select_by_value(str(truth))
                 first.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
                 WebDriverWait(driver, 20).until(
-                    expected_conditions.text_to_be_present_in_element((By.CSS_SELECTOR, "section.item .status"), "saved")
+                    expected_conditions.text_to_be_present_in_element(
+                        (By.CSS_SELECTOR, "section.item .status"), "saved"
+                    )
                 )
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 driver.save_screenshot(str(args.out))

@@ -188,8 +188,11 @@ def evaluate(args: argparse.Namespace) -> None:
     n_accepted = int((~runs[before]["reject"]).sum())
     at_base_coverage = {"base": ~runs[before]["reject"]}
     at_base_coverage.update(
-        {name: accept_lowest(score, n_accepted) for name, score in {"reviewed": runs[after]["score"], **others}.items()
-         if name != "base"}
+        {
+            name: accept_lowest(score, n_accepted)
+            for name, score in {"reviewed": runs[after]["score"], **others}.items()
+            if name != "base"
+        }
     )
     regimes = {
         "all": np.ones(len(labels), bool),
@@ -198,18 +201,28 @@ def evaluate(args: argparse.Namespace) -> None:
         "no class": np.array([w == "digits" for w in what]),
     }
     result: dict[str, object] = {
-        "images": len(labels), "stream": _kinds(what), "pool_part": list(args.pool_part), "seed": args.seed,
-        "base_set": before, "refit_set": after, "bundle": str(args.bundle.name),
+        "images": len(labels),
+        "stream": _kinds(what),
+        "pool_part": list(args.pool_part),
+        "seed": args.seed,
+        "base_set": before,
+        "refit_set": after,
+        "bundle": str(args.bundle.name),
         "base_coverage": n_accepted / len(labels),
     }
     for regime, mask in regimes.items():
         row: dict[str, object] = {"n": int(mask.sum()), "wrong": int(wrong[mask].sum())}
-        row["at_own_threshold"] = {name: _selective(wrong[mask], runs[name]["reject"][mask]) for name in (before, after)}
-        row["at_base_coverage"] = {name: _selective(wrong[mask], ~acc[mask]) for name, acc in at_base_coverage.items()}
+        row["at_own_threshold"] = {
+            name: _selective(wrong[mask], runs[name]["reject"][mask]) for name in (before, after)
+        }
+        row["at_base_coverage"] = {
+            name: _selective(wrong[mask], ~acc[mask]) for name, acc in at_base_coverage.items()
+        }
         if regime == "all":
             row["refit_minus_at_base_coverage"] = {
                 name: paired_selective_ci(at_base_coverage["reviewed"], acc, wrong)
-                for name, acc in at_base_coverage.items() if name != "reviewed"
+                for name, acc in at_base_coverage.items()
+                if name != "reviewed"
             }
         if wrong[mask].any() and (~wrong[mask]).any():
             row["auroc"] = auroc_comparison(

@@ -63,7 +63,7 @@ def _wrong_probability(detector: _Detector, x: Tensor) -> Tensor:
             rotation = torch.as_tensor(estimator.rotations_[i], dtype=torch.float64)
             scaling = torch.as_tensor(estimator.scalings_[i], dtype=torch.float64)
             centred = z - torch.as_tensor(estimator.means_[i], dtype=torch.float64)
-            norm2 = ((centred @ (rotation * scaling ** -0.5)) ** 2).sum(1)
+            norm2 = ((centred @ (rotation * scaling**-0.5)) ** 2).sum(1)
             log_post.append(-0.5 * (norm2 + torch.log(scaling).sum()) + float(np.log(estimator.priors_[i])))
         return torch.sigmoid(log_post[1] - log_post[0])
     raise ConfigError(f"the adaptive attack differentiates MLP, LDA and QDA detectors, not kind {kind!r}")
@@ -86,8 +86,10 @@ class _Capture:
     def __init__(self, layer: nn.Module, head: nn.Module) -> None:
         self.activation: Tensor | None = None
         self.features: Tensor | None = None
-        self._handles = [layer.register_forward_hook(self._keep_activation),
-                         head.register_forward_hook(self._keep_features)]
+        self._handles = [
+            layer.register_forward_hook(self._keep_activation),
+            head.register_forward_hook(self._keep_features),
+        ]
 
     def _keep_activation(self, module: nn.Module, inputs: object, output: Tensor) -> None:
         if self.activation is None:
@@ -138,7 +140,9 @@ class DifferentiableGate:
         self.set: SignalSet = gate.signal_set(signal_set)
         reason = differentiable(self.set)
         if reason is not None:
-            raise ConfigError(f"the adaptive attack cannot differentiate signal set {self.set.name!r}: {reason}")
+            raise ConfigError(
+                f"the adaptive attack cannot differentiate signal set {self.set.name!r}: {reason}"
+            )
         self.model = gate.extractor.model
         if "cond" in self.set.signals and not isinstance(gate.extractor.conductance, ShortcutConductance):
             raise ConfigError(
@@ -221,7 +225,9 @@ class DifferentiableGate:
         for name in self.set.signals:
             if name == "cond":
                 assert capture.activation is not None
-                columns[name] = self._cond_score(self._conductance(capture.activation, prediction), prediction)
+                columns[name] = self._cond_score(
+                    self._conductance(capture.activation, prediction), prediction
+                )
             elif name == "lcr":
                 columns[name] = self._lcr(z, prediction, hard_lcr)
             elif name in SOFTMAX_SIGNALS:

@@ -255,7 +255,10 @@ class ModelSpec:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "name": self.name, "num_classes": self.num_classes, "in_channels": self.in_channels, "source": self.source,
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "in_channels": self.in_channels,
+            "source": self.source,
         }
         if self.kwargs:
             out["kwargs"] = dict(self.kwargs)
@@ -269,8 +272,11 @@ class ModelSpec:
     def from_dict(cls, raw: dict[str, Any]) -> ModelSpec:
         try:
             return cls(
-                name=str(raw["name"]), num_classes=int(raw["num_classes"]), in_channels=int(raw["in_channels"]),
-                kwargs=dict(raw.get("kwargs") or {}), code_path=raw.get("code_path"),
+                name=str(raw["name"]),
+                num_classes=int(raw["num_classes"]),
+                in_channels=int(raw["in_channels"]),
+                kwargs=dict(raw.get("kwargs") or {}),
+                code_path=raw.get("code_path"),
                 code_sha256=raw.get("code_sha256"),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -284,12 +290,13 @@ class ModelSpec:
             raise ConfigError(f"--arch-kwargs must be JSON values: {exc}") from exc
         source = self.source
         if source == "timm":
-            return _build_timm(self.name[len(TIMM_PREFIX):], self.num_classes, self.in_channels, self.kwargs)
+            return _build_timm(self.name[len(TIMM_PREFIX) :], self.num_classes, self.in_channels, self.kwargs)
         if source == "import":
             factory, file = import_factory(self.name, self._code_path_here())
             if self.code_sha256 is not None and file is not None and _file_sha256(file) != self.code_sha256:
                 log.warning(
-                    "%s has changed since the bundle was built (sha256 differs): the weights may not mean the same", file
+                    "%s has changed since the bundle was built (sha256 differs): the weights may not mean the same",
+                    file,
                 )
             return _call_factory(factory, self.name, self.kwargs)
         return _build_table_model(self.name, self.num_classes, self.in_channels, self.kwargs)
@@ -305,7 +312,9 @@ class ModelSpec:
         module = self.name.rpartition(":")[0]
         relative = Path(*module.split(".")).with_suffix(".py")
         for folder in os.environ.get(CODE_PATH_ENV, "").split(os.pathsep):
-            if folder and ((Path(folder) / relative).is_file() or (Path(folder) / relative.with_suffix("")).is_dir()):
+            if folder and (
+                (Path(folder) / relative).is_file() or (Path(folder) / relative.with_suffix("")).is_dir()
+            ):
                 return folder
         raise ConfigError(
             f"the bundle's model code ({self.name}) was recorded at {recorded}, which does not exist here: copy "
@@ -362,14 +371,18 @@ def import_factory(arch: str, code_path: str | None = None) -> tuple[Callable[..
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        where = f"on --code-path {folder}" if folder else "in the environment (add its folder with --code-path)"
+        where = (
+            f"on --code-path {folder}" if folder else "in the environment (add its folder with --code-path)"
+        )
         raise ConfigError(f"--arch {arch!r}: cannot import module {module_name!r} {where}: {exc}") from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
             public = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
             close = difflib.get_close_matches(part, public, n=5, cutoff=0.4) or public[:8]
-            raise ConfigError(f"--arch {arch!r}: module {module_name!r} has no {attr!r}; closest names: {close}")
+            raise ConfigError(
+                f"--arch {arch!r}: module {module_name!r} has no {attr!r}; closest names: {close}"
+            )
         obj = getattr(obj, part)
     if not callable(obj):
         raise ConfigError(f"--arch {arch!r}: {attr} is a {type(obj).__name__}, not a class or function")
@@ -399,7 +412,9 @@ def _build_timm(name: str, num_classes: int, in_channels: int, kwargs: dict[str,
         raise ConfigError(f"--arch timm:{name}: timm has no model {name!r}; closest: {close}")
     options = {"pretrained": False, "num_classes": num_classes, "in_chans": in_channels, **kwargs}
     if options.get("pretrained"):
-        raise ConfigError("timm models are built with pretrained=False (no download): give the weights with --weights")
+        raise ConfigError(
+            "timm models are built with pretrained=False (no download): give the weights with --weights"
+        )
     try:
         return timm.create_model(name, **options)  # type: ignore[no-any-return]
     except TypeError as exc:
@@ -492,5 +507,7 @@ def pick_layer(model: nn.Module, arch: str, input_shape: tuple[int, int, int]) -
         for handle in handles:
             handle.remove()
     if not order:
-        raise ConfigError(f"--arch {arch}: no module gives a feature map (N x C x h x w); name the layer with --layer")
+        raise ConfigError(
+            f"--arch {arch}: no module gives a feature map (N x C x h x w); name the layer with --layer"
+        )
     return order[-1], "the last module that gives a feature map"

@@ -50,7 +50,9 @@ class AttackSpec:
         if self.name not in ATTACKS:
             raise ConfigError(f"unknown attack {self.name!r}; valid: {list(ATTACKS)}")
         if self.eps <= 0 or self.steps < 1:
-            raise ConfigError(f"attack budget must have eps > 0 and steps >= 1, got eps={self.eps}, steps={self.steps}")
+            raise ConfigError(
+                f"attack budget must have eps > 0 and steps >= 1, got eps={self.eps}, steps={self.steps}"
+            )
 
     @property
     def step_size(self) -> float:
@@ -125,11 +127,16 @@ def attack_batch(
     return adv.detach().cpu()
 
 
-def predict_pixels(model: nn.Module, normalisation: Normalisation, pixels: torch.Tensor, batch: int = 512) -> np.ndarray:
+def predict_pixels(
+    model: nn.Module, normalisation: Normalisation, pixels: torch.Tensor, batch: int = 512
+) -> np.ndarray:
     """The CNN's labels of ``N x C x H x W`` images in [0, 1]."""
     pixel_model = PixelModel(model, normalisation).eval()
     device = next(model.parameters()).device
     with torch.no_grad():
         return np.concatenate(
-            [pixel_model(pixels[s : s + batch].to(device)).argmax(1).cpu().numpy() for s in range(0, len(pixels), batch)]
+            [
+                pixel_model(pixels[s : s + batch].to(device)).argmax(1).cpu().numpy()
+                for s in range(0, len(pixels), batch)
+            ]
         )

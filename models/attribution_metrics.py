@@ -81,4 +81,6 @@ def attribution_instability(
         target = explainer.model(x.to(explainer.device)).argmax(1).cpu()
     generator = torch.Generator().manual_seed(seed)
     noisy = x + noise_std * torch.randn(x.shape, generator=generator, dtype=x.dtype)
-    return 1.0 - top_k_overlap(heat_maps(explainer, x, target, method), heat_maps(explainer, noisy, target, method), k)
+    return 1.0 - top_k_overlap(
+        heat_maps(explainer, x, target, method), heat_maps(explainer, noisy, target, method), k
+    )

@@ -54,13 +54,16 @@ def attribution_grid_name(method: str) -> str:
     """The grid PNG of one attribution method."""
     return f"attribution-{method}.png"
 
+
 # what a refit from reviewed rejections writes (predgate build --from B --reviews DB)
 REVIEWS_REPORT_JSON = f"{REPORT_DIR}/reviews.json"
 REVIEWS_REPORT_MARKDOWN = f"{REPORT_DIR}/reviews.md"
 REVIEWS_REPORT_PLOT = f"{REPORT_DIR}/reviews_roc.png"
 REVIEWS_SECTION = "reviews"  # the manifest section of that refit
 FEATURE_SPLITS = ("fit", "val", "test")
-CNN_TRAIN_INDICES_FILE = "splits/cnn-train-indices.npz"  # --exclude-indices: the images the CNN was trained on
+CNN_TRAIN_INDICES_FILE = (
+    "splits/cnn-train-indices.npz"  # --exclude-indices: the images the CNN was trained on
+)
 ADVERSARIAL_DIR = "adversarial"  # also the manifest section that records each attack
 
 
@@ -145,6 +148,7 @@ def scores_key(seed: int, method: str, split: str) -> str:
     """The key of ``method``'s scores (a signal set, ``conductance-detector``, ``SET@kind``) in
     :data:`SCORES_FILE`."""
     return f"{seed}/{method}/{split}"
+
 
 REQUIRED_KEYS = (
     "schema_version",
@@ -393,7 +397,9 @@ class Bundle:
         return model.to(device).eval()
 
 
-def load_features(bundle: Bundle, splits: tuple[str, ...] = FEATURE_SPLITS) -> dict[str, dict[str, np.ndarray]]:
+def load_features(
+    bundle: Bundle, splits: tuple[str, ...] = FEATURE_SPLITS
+) -> dict[str, dict[str, np.ndarray]]:
     """The stored evidence tables of ``splits``."""
     return {split: bundle.read_features(split) for split in splits}
 
@@ -431,16 +437,22 @@ class PreprocessingSection:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "mean": list(self.mean), "std": list(self.std), "input_size": list(self.input_size),
-            "channels": self.channels, "data_shape": list(self.data_shape), "sources": dict(self.sources),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "input_size": list(self.input_size),
+            "channels": self.channels,
+            "data_shape": list(self.data_shape),
+            "sources": dict(self.sources),
         }
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> PreprocessingSection:
         try:
             return cls(
-                mean=tuple(float(v) for v in raw["mean"]), std=tuple(float(v) for v in raw["std"]),
-                input_size=(int(raw["input_size"][0]), int(raw["input_size"][1])), channels=int(raw["channels"]),
+                mean=tuple(float(v) for v in raw["mean"]),
+                std=tuple(float(v) for v in raw["std"]),
+                input_size=(int(raw["input_size"][0]), int(raw["input_size"][1])),
+                channels=int(raw["channels"]),
                 data_shape=tuple(int(v) for v in raw["data_shape"]),  # type: ignore[arg-type]
                 sources=dict(raw.get("sources") or {}),
             )
@@ -543,7 +555,9 @@ class DetectorsSection:
         try:
             return self.signal_sets[name]
         except KeyError:
-            raise BundleError(f"no signal set {name!r} in the bundle; stored: {sorted(self.signal_sets)}") from None
+            raise BundleError(
+                f"no signal set {name!r} in the bundle; stored: {sorted(self.signal_sets)}"
+            ) from None
 
 
 def _field_names(cls: type) -> tuple[str, ...]:

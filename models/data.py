@@ -518,7 +518,11 @@ class Splits:
             "train_pool_size": self.train_pool_size,
             "test_pool_size": self.test_pool_size,
             "sha256": self.digest(),
-            **({"cnn_train_indices": named_indices_record(self.cnn_train_named)} if self.cnn_train_named is not None else {}),
+            **(
+                {"cnn_train_indices": named_indices_record(self.cnn_train_named)}
+                if self.cnn_train_named is not None
+                else {}
+            ),
         }
 
     @classmethod
@@ -540,9 +544,13 @@ class Splits:
             if cnn_train_named is None:
                 raise DataError("the splits were drawn around named cnn-train images, which were not given")
             if named_indices_record(cnn_train_named)["sha256"] != recorded["sha256"]:
-                raise DataError("the named cnn-train images do not match the ones the splits were drawn around")
+                raise DataError(
+                    "the named cnn-train images do not match the ones the splits were drawn around"
+                )
         splits = make_splits(
-            int(data["train_pool_size"]), int(data["test_pool_size"]), spec,
+            int(data["train_pool_size"]),
+            int(data["test_pool_size"]),
+            spec,
             cnn_train_named if recorded is not None else None,
         )
         if splits.digest() != data["sha256"]:
@@ -597,7 +605,9 @@ def read_index_file(path: str | Path, pool_size: int) -> np.ndarray:
         raise DataError(f"{path}: not a list of image indices ({exc})") from exc
     values = np.asarray(values)
     if values.ndim != 1 or values.size == 0 or not np.issubdtype(values.dtype, np.integer):
-        raise DataError(f"{path}: needs a non-empty list of integer image indices, got {values.dtype} {values.shape}")
+        raise DataError(
+            f"{path}: needs a non-empty list of integer image indices, got {values.dtype} {values.shape}"
+        )
     if values.min() < 0 or values.max() >= pool_size:
         raise DataError(
             f"{path}: indices span [{values.min()}, {values.max()}], the training files hold {pool_size} images (0-based)"
@@ -623,7 +633,9 @@ def make_splits(
     if spec.val_from not in ("train", "test"):
         raise ValueError(f"val_from must be 'train' or 'test', got {spec.val_from!r}")
     if cnn_train_named is not None:
-        return _splits_around(train_pool_size, test_pool_size, spec, np.unique(np.asarray(cnn_train_named, np.int64)))
+        return _splits_around(
+            train_pool_size, test_pool_size, spec, np.unique(np.asarray(cnn_train_named, np.int64))
+        )
     train_requests: list[tuple[str, int | None]] = [("cnn-train", spec.cnn_train)]
     if not spec.fit_is_cnn_train:
         train_requests.append(("fit", spec.fit))
@@ -664,7 +676,9 @@ def _splits_around(train_pool_size: int, test_pool_size: int, spec: SplitSpec, n
     named_perm = named[np.random.default_rng([spec.seed, 0]).permutation(len(named))]
     rest_perm = rest[np.random.default_rng([spec.seed, 3]).permutation(len(rest))]
     if spec.cnn_train is not None and spec.cnn_train > len(named):
-        raise ValueError(f"cnn-train={spec.cnn_train} but only {len(named)} images are named as the CNN's training images")
+        raise ValueError(
+            f"cnn-train={spec.cnn_train} but only {len(named)} images are named as the CNN's training images"
+        )
     indices = {"cnn-train": named_perm[: spec.cnn_train].copy()}
     pools = {"cnn-train": "train"}
     rest_requests: list[tuple[str, int | None]] = [] if spec.fit_is_cnn_train else [("fit", spec.fit)]
@@ -687,7 +701,9 @@ def _splits_around(train_pool_size: int, test_pool_size: int, spec: SplitSpec, n
         indices[name], pools[name] = test_perm[start:stop].astype(np.int64), "test"
     if spec.fit_is_cnn_train:
         if spec.fit is not None and not 0 < spec.fit <= len(indices["cnn-train"]):
-            raise ValueError(f"fit_is_cnn_train: fit={spec.fit} must be a subset size of cnn-train ({len(indices['cnn-train'])})")
+            raise ValueError(
+                f"fit_is_cnn_train: fit={spec.fit} must be a subset size of cnn-train ({len(indices['cnn-train'])})"
+            )
         indices["fit"], pools["fit"] = indices["cnn-train"][: spec.fit].copy(), "train"
     ordered = {name: indices[name] for name in SPLIT_NAMES}
     return Splits(
@@ -733,7 +749,8 @@ class DataSource:
 def conform_splits(arrays: dict[str, ImageArrays], size: int | None, channels: int) -> dict[str, ImageArrays]:
     """Every split's images as the model takes them (:func:`models.preprocess.conform_images`)."""
     return {
-        name: ImageArrays(conform_images(a.images, size, channels), a.labels, a.class_names) for name, a in arrays.items()
+        name: ImageArrays(conform_images(a.images, size, channels), a.labels, a.class_names)
+        for name, a in arrays.items()
     }
 
 

@@ -70,7 +70,9 @@ class DriftMonitor:
         if live.size < self.min_window:
             return None
         result = ks_2samp(live, self.reference, alternative="two-sided", method="asymp")
-        return DriftState(float(result.statistic), float(result.pvalue), float(rejected.mean()), int(live.size))
+        return DriftState(
+            float(result.statistic), float(result.pvalue), float(rejected.mean()), int(live.size)
+        )
 
 
 def reference_scores(bundle: Bundle, signal_sets: list[str]) -> dict[str, np.ndarray]:

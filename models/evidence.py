@@ -70,8 +70,12 @@ class EvidenceExtractor:
         self._sequential: SequentialLCR | None = None
         if early_stopping is not None and not isinstance(ensemble, PrefixSharingEnsemble):
             self._sequential = SequentialLCR(
-                ensemble.model, ensemble.specs, early_stopping.rule, early_stopping.chunk_size,
-                early_stopping.min_mutants, getattr(ensemble, "chunk_factory", None),
+                ensemble.model,
+                ensemble.specs,
+                early_stopping.rule,
+                early_stopping.chunk_size,
+                early_stopping.min_mutants,
+                getattr(ensemble, "chunk_factory", None),
             )
 
     @property

@@ -299,7 +299,9 @@ class Explainer:
 
         with self._lock, torch.enable_grad():
             cam = LayerGradCam(self.model, self.layer).attribute(
-                x.to(self.device), target=torch.as_tensor(target).long().to(self.device), relu_attributions=True
+                x.to(self.device),
+                target=torch.as_tensor(target).long().to(self.device),
+                relu_attributions=True,
             )
         return cam.detach()
 

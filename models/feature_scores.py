@@ -149,7 +149,10 @@ class ClassMahalanobis(_FeatureScore):
     def from_state(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> ClassMahalanobis:
         cls._check_type(config)
         out = cls(ridge=float(config["ridge"]))
-        out.classes_, out.means_ = np.asarray(arrays["classes"]), np.asarray(arrays["means"], dtype=np.float64)
+        out.classes_, out.means_ = (
+            np.asarray(arrays["classes"]),
+            np.asarray(arrays["means"], dtype=np.float64),
+        )
         out.precision_ = np.asarray(arrays["precision"], dtype=np.float64)
         out.n_features_in_, out.fitted_ = out.means_.shape[1], True
         return out

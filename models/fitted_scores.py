@@ -92,14 +92,20 @@ class PNormSoftmax(_FittedScore):
 
     type_name = "pnorm_softmax"
 
-    def __init__(self, p_grid: tuple[float | None, ...] = P_GRID, tau_grid: tuple[float, ...] = TAU_GRID) -> None:
+    def __init__(
+        self, p_grid: tuple[float | None, ...] = P_GRID, tau_grid: tuple[float, ...] = TAU_GRID
+    ) -> None:
         self.p_grid = p_grid
         self.tau_grid = tau_grid
 
     def fit(self, logits: np.ndarray, wrong: np.ndarray) -> PNormSoftmax:
         z = _check_logits(logits)
         y = _check_wrong(wrong, len(z))
-        best: tuple[float, float | None, float] = (roc_auc_score(y, pnorm_softmax_score(z, None, 1.0)), None, 1.0)
+        best: tuple[float, float | None, float] = (
+            roc_auc_score(y, pnorm_softmax_score(z, None, 1.0)),
+            None,
+            1.0,
+        )
         for p in self.p_grid:
             if p is None:
                 continue
@@ -118,7 +124,12 @@ class PNormSoftmax(_FittedScore):
     def to_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         self._check_fitted()
         p = None if self.p_ is None else ("inf" if np.isinf(self.p_) else float(self.p_))
-        return {"type": self.type_name, "p": p, "tau": float(self.tau_), "fit_auroc": float(self.fit_auroc_)}, {}
+        return {
+            "type": self.type_name,
+            "p": p,
+            "tau": float(self.tau_),
+            "fit_auroc": float(self.fit_auroc_),
+        }, {}
 
     @classmethod
     def from_state(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> PNormSoftmax:
@@ -201,7 +212,9 @@ class RelativeUncertainty(_FittedScore):
     def to_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         self._check_fitted()
         config = {
-            "type": self.type_name, "lambda": self.lambda_, "temperature": self.temperature_,
+            "type": self.type_name,
+            "lambda": self.lambda_,
+            "temperature": self.temperature_,
             "cv_auroc": self.cv_auroc_,
         }
         return config, {"matrix": self.matrix_}
@@ -212,5 +225,9 @@ class RelativeUncertainty(_FittedScore):
             raise BundleError(f"expected a {cls.type_name} state, got {config.get('type')!r}")
         out = cls()
         out.lambda_, out.temperature_ = float(config["lambda"]), float(config["temperature"])
-        out.cv_auroc_, out.matrix_, out.fitted_ = float(config["cv_auroc"]), np.asarray(arrays["matrix"]), True
+        out.cv_auroc_, out.matrix_, out.fitted_ = (
+            float(config["cv_auroc"]),
+            np.asarray(arrays["matrix"]),
+            True,
+        )
         return out

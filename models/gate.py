@@ -102,7 +102,9 @@ class Gate:
         self.open_world = open_world
         needing = [n for n, s in signal_sets.items() if any(sig in OPEN_WORLD_SIGNALS for sig in s.signals)]
         if needing and open_world is None:
-            raise BundleError(f"signal sets {needing} need the open-world scorers, which the gate was not given")
+            raise BundleError(
+                f"signal sets {needing} need the open-world scorers, which the gate was not given"
+            )
 
     def cond_score(
         self, conductance: np.ndarray, prediction: np.ndarray, chosen: SignalSet | None = None
@@ -200,7 +202,9 @@ def load_mutants(bundle: Bundle, model: nn.Module, *, verify: bool = True) -> Mu
     if verify:
         hashes = bundle.get("mutants", {}).get("weight_hashes", [])
         if len(hashes) != len(mutants.specs):
-            raise BundleError(f"{MUTANTS_FILE}: {len(mutants.specs)} mutants but {len(hashes)} recorded hashes")
+            raise BundleError(
+                f"{MUTANTS_FILE}: {len(mutants.specs)} mutants but {len(hashes)} recorded hashes"
+            )
         for i, (spec, expected) in enumerate(zip(mutants.specs, hashes, strict=True)):
             if mutant_weights_hash(model, spec) != expected:
                 raise BundleError(
@@ -306,6 +310,11 @@ def load_gate(
         model = extractor.model if backend == "torch" else bundle.load_model(device)
         open_world = OpenWorldProbe(OpenWorldScorers.load(bundle), model, tuple(bundle.normalisation.std))
     return Gate(
-        extractor, cond_detector, sets, default_set or detectors.default_set, cond_inputs, num_classes,
+        extractor,
+        cond_detector,
+        sets,
+        default_set or detectors.default_set,
+        cond_inputs,
+        num_classes,
         open_world,
     )

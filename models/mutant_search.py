@@ -62,6 +62,7 @@ def generate_mutants(
     MutationError
         When the attempt cap is hit first; ``.partial`` holds what was tried.
     """
+
     def plan(candidate_seed: int) -> MutantSpec:
         if modules:
             return plan_mutant_in(model, operator, rate, candidate_seed, modules)

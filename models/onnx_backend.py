@@ -575,7 +575,11 @@ class OnnxMutantEnsemble:
         """One graph for ``specs`` with this ensemble's settings: the chunks of an early-stopping LCR
         (:func:`models.sequential_lcr.chunk_ensembles`) then run on ONNX Runtime too."""
         return OnnxMutantEnsemble(
-            model, specs, chunk_size=len(specs), threads=self.threads, device=self.device,
+            model,
+            specs,
+            chunk_size=len(specs),
+            threads=self.threads,
+            device=self.device,
             input_shape=self.input_shape,
         )
 

@@ -84,9 +84,7 @@ class OpenWorldScorers:
             )
         loaded = {}
         for name, kind in _SCORER_TYPES.items():
-            loaded[name] = kind.from_state(
-                *bundle.read_detector_state(open_world_scorer_stem(name))
-            )
+            loaded[name] = kind.from_state(*bundle.read_detector_state(open_world_scorer_stem(name)))
         return cls(
             loaded["maha"], loaded["knn"], loaded["pnorm"], loaded["relu"], dict(section["perturbation"])
         )

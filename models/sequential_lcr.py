@@ -326,7 +326,11 @@ class EarlyStopping:
         _check_args(self.chunk_size, self.min_mutants)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rule": rule_to_dict(self.rule), "chunk_size": self.chunk_size, "min_mutants": self.min_mutants}
+        return {
+            "rule": rule_to_dict(self.rule),
+            "chunk_size": self.chunk_size,
+            "min_mutants": self.min_mutants,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EarlyStopping:

@@ -51,8 +51,19 @@ OPEN_WORLD_SETS: dict[str, tuple[str, ...]] = {
     "feat+softmax": ("msp", "entropy", "margin", "energy", "maha", "knn"),
     "cond+feat+softmax": ("cond", "msp", "entropy", "margin", "energy", "maha", "knn"),
     "cond+lcr+maha+knn": ("cond", "lcr", "maha", "knn"),
-    "everything": ("cond", "lcr", "msp", "entropy", "margin", "energy", "pnorm", "relu", "doctor_pert",
-                   "maha", "knn"),
+    "everything": (
+        "cond",
+        "lcr",
+        "msp",
+        "entropy",
+        "margin",
+        "energy",
+        "pnorm",
+        "relu",
+        "doctor_pert",
+        "maha",
+        "knn",
+    ),
 }
 
 
@@ -70,7 +81,10 @@ def check_cond_inputs(inputs: str) -> str:
 
 
 def conductance_inputs(
-    conductance: np.ndarray, prediction: np.ndarray, inputs: str = "conductance", num_classes: int | None = None
+    conductance: np.ndarray,
+    prediction: np.ndarray,
+    inputs: str = "conductance",
+    num_classes: int | None = None,
 ) -> np.ndarray:
     """``N x F`` float64 inputs of the conductance detector: ``N x C`` conductance, with
     ``"conductance+class"`` followed by the ``N x num_classes`` one-hot of the predicted class."""

@@ -58,8 +58,9 @@ log = logging.getLogger("predgate.adaptive")
 DEFAULT_SETS = ("msp", "cond+lcr")
 
 
-def judge(gate: Gate, bundle: Bundle, pixels: torch.Tensor, labels: np.ndarray, set_name: str,
-          chunk: int = 100) -> dict[str, np.ndarray]:
+def judge(
+    gate: Gate, bundle: Bundle, pixels: torch.Tensor, labels: np.ndarray, set_name: str, chunk: int = 100
+) -> dict[str, np.ndarray]:
     """The real gate's verdict on the uint8 rounding of ``pixels``: ``wrong`` and ``rejected`` per image."""
     norm = bundle.normalisation
     mean = torch.tensor(norm.mean, dtype=torch.float32).view(1, -1, 1, 1)
@@ -83,7 +84,9 @@ def _paired_diff(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int) -> dict[s
     return {"diff": float(d.mean()), "ci": _rate_ci(d, n_boot, seed)}
 
 
-def _attack_chunks(fn: Any, pixels: torch.Tensor, labels: np.ndarray, chunk: int, progress: bool, desc: str) -> torch.Tensor:
+def _attack_chunks(
+    fn: Any, pixels: torch.Tensor, labels: np.ndarray, chunk: int, progress: bool, desc: str
+) -> torch.Tensor:
     parts = []
     for s in maybe_tqdm(range(0, len(pixels), chunk), progress, desc):
         parts.append(fn(pixels[s : s + chunk], torch.as_tensor(labels[s : s + chunk]), s // chunk))
@@ -130,15 +133,29 @@ def adaptive_report(
     pgd = AttackSpec("pgd-linf", eps=eps, steps=steps, alpha=spec.step_size)
     result: dict[str, Any] = {
         "bundle_id": bundle.manifest.get("bundle_id", bundle.path.name),
-        "images": n, "clean_correct": len(keep), "eps": eps, "steps": steps, "step_size": spec.step_size,
-        "lam": lam, "kappa": spec.kappa, "delta": spec.delta, "attack_mutants": attack_mutants,
-        "mutants_in_bundle": len(specs), "square_queries": square_queries, "verdict_tries": verdict_tries,
-        "n_boot": n_boot, "sets": {},
+        "images": n,
+        "clean_correct": len(keep),
+        "eps": eps,
+        "steps": steps,
+        "step_size": spec.step_size,
+        "lam": lam,
+        "kappa": spec.kappa,
+        "delta": spec.delta,
+        "attack_mutants": attack_mutants,
+        "mutants_in_bundle": len(specs),
+        "square_queries": square_queries,
+        "verdict_tries": verdict_tries,
+        "n_boot": n_boot,
+        "sets": {},
     }
     start = time.perf_counter()
     adv_pgd = _attack_chunks(
         lambda x, y, i: attack_batch(pgd, model, bundle.normalisation, to_uint8(x), y.numpy(), seed=seed + i),
-        pixels, labels, chunk, progress, "pgd (gate ignored)",
+        pixels,
+        labels,
+        chunk,
+        progress,
+        "pgd (gate ignored)",
     )
     seconds_pgd = time.perf_counter() - start
     # Black box: Square on the CNN's probabilities (what an answer carries), retried with fresh
@@ -147,9 +164,14 @@ def adaptive_report(
     start = time.perf_counter()
     adv_square = [
         _attack_chunks(
-            lambda x, y, i, t=t: attack_batch(square, model, bundle.normalisation, to_uint8(x), y.numpy(),
-                                              seed=seed + 1000 * (t + 1) + i),
-            pixels, labels, chunk, progress, f"square try {t + 1}/{verdict_tries}",
+            lambda x, y, i, t=t: attack_batch(
+                square, model, bundle.normalisation, to_uint8(x), y.numpy(), seed=seed + 1000 * (t + 1) + i
+            ),
+            pixels,
+            labels,
+            chunk,
+            progress,
+            f"square try {t + 1}/{verdict_tries}",
         )
         for t in range(verdict_tries)
     ]
@@ -166,8 +188,12 @@ def adaptive_report(
             variants["adaptive-redrawn"] = redrawn
         else:
             variants["adaptive"] = []
-        entry: dict[str, Any] = {"signals": list(signals), "operating_point": gate.signal_set(name).default_point,
-                                 "not_attacked_adaptively": not_differentiable, "attacks": {}}
+        entry: dict[str, Any] = {
+            "signals": list(signals),
+            "operating_point": gate.signal_set(name).default_point,
+            "not_attacked_adaptively": not_differentiable,
+            "attacks": {},
+        }
         clean_v = judge(gate, bundle, pixels, labels, name)
         entry["clean_rejection"] = float(clean_v["rejected"].mean())
         entry["clean_rejection_ci"] = _rate_ci(clean_v["rejected"].astype(float), n_boot, seed)
@@ -190,7 +216,11 @@ def adaptive_report(
                 dgate = DifferentiableGate(gate, bundle.normalisation, name, mutants)
                 adv = _attack_chunks(
                     lambda x, y, i, dgate=dgate: adaptive_pgd(dgate, x, y, spec, seed=seed + i),
-                    pixels, labels, chunk, progress, f"{variant} vs {name}",
+                    pixels,
+                    labels,
+                    chunk,
+                    progress,
+                    f"{variant} vs {name}",
                 )
                 seconds = time.perf_counter() - t0
             v = judge(gate, bundle, adv, labels, name)
@@ -200,7 +230,9 @@ def adaptive_report(
                 "success_rate": float(v["wrong"].mean()),
                 "survival_rate": float(survive.mean()),
                 "survival_ci": _rate_ci(survive.astype(float), n_boot, seed),
-                "rejected_among_fooled": float(v["rejected"][v["wrong"]].mean()) if v["wrong"].any() else None,
+                "rejected_among_fooled": float(v["rejected"][v["wrong"]].mean())
+                if v["wrong"].any()
+                else None,
                 "max_linf": float((adv - pixels).abs().max()),
                 "seconds": seconds,
             }
@@ -218,7 +250,8 @@ def adaptive_report(
             "success_rate": float(np.logical_or.reduce([v["wrong"] for v in verdicts[name].values()]).mean()),
             "survival_rate": float(by_variant["any"].mean()),
             "survival_ci": _rate_ci(by_variant["any"].astype(float), n_boot, seed),
-            "rejected_among_fooled": None, "max_linf": None,
+            "rejected_among_fooled": None,
+            "max_linf": None,
             "seconds": sum(r["seconds"] for r in result["sets"][name]["attacks"].values()),
         }
     for name, by_variant in survive.items():
@@ -242,17 +275,21 @@ def write_markdown(result: dict[str, Any], path: Path, plot_name: str) -> None:
     lines = [
         f"# Attacks that know the gate: `{result['bundle_id']}`",
         "",
-        (f"{result['clean_correct']} correctly classified images of the first {result['images']} test images; "
-        f"l-inf eps {result['eps']:g}, {result['steps']} steps of {result['step_size']:.4g} (random start); "
-        f"adaptive loss weight {result['lam']:g}; the attacker differentiates {result['attack_mutants']} mutants "
-        f"(the bundle holds {result['mutants_in_bundle']}); black box: Square with {result['square_queries']} "
-        f"queries on the CNN's probabilities, {result['verdict_tries']} tries, the first accepted kept. Judged by the real gate on the uint8 rounding at each "
-        f"set's default operating point; 95% CIs from {result['n_boot']} bootstrap resamples."),
+        (
+            f"{result['clean_correct']} correctly classified images of the first {result['images']} test images; "
+            f"l-inf eps {result['eps']:g}, {result['steps']} steps of {result['step_size']:.4g} (random start); "
+            f"adaptive loss weight {result['lam']:g}; the attacker differentiates {result['attack_mutants']} mutants "
+            f"(the bundle holds {result['mutants_in_bundle']}); black box: Square with {result['square_queries']} "
+            f"queries on the CNN's probabilities, {result['verdict_tries']} tries, the first accepted kept. Judged by the real gate on the uint8 rounding at each "
+            f"set's default operating point; 95% CIs from {result['n_boot']} bootstrap resamples."
+        ),
         "",
-        ("**Survival** = the answer is wrong and the gate accepts it. Difference to MSP: the set's survival minus "
-        "MSP's under the same kind of attack (PGD that ignores the gate, the attack adaptive to that set, or "
-        "`any`: per image whichever attack got through), paired; below 0 means the set lets fewer wrong answers "
-        "through than MSP."),
+        (
+            "**Survival** = the answer is wrong and the gate accepts it. Difference to MSP: the set's survival minus "
+            "MSP's under the same kind of attack (PGD that ignores the gate, the attack adaptive to that set, or "
+            "`any`: per image whichever attack got through), paired; below 0 means the set lets fewer wrong answers "
+            "through than MSP."
+        ),
         "",
         "| signal set | attack | clean rejection | success | rejected among fooled | survival [95% CI] | vs MSP [95% CI] | s |",
         "|---|---|---|---|---|---|---|---|",
@@ -265,7 +302,11 @@ def write_markdown(result: dict[str, Any], path: Path, plot_name: str) -> None:
                 f"{_pct(r['rejected_among_fooled'])} | {_pct(r['survival_rate'])} [{_pct(ci[0])}, {_pct(ci[1])}] | "
                 f"{100 * d['diff']:+.1f} [{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}] | {r['seconds']:.0f} |"
             )
-    skipped = [f"`{n}` ({e['not_attacked_adaptively']})" for n, e in result["sets"].items() if e.get("not_attacked_adaptively")]
+    skipped = [
+        f"`{n}` ({e['not_attacked_adaptively']})"
+        for n, e in result["sets"].items()
+        if e.get("not_attacked_adaptively")
+    ]
     if skipped:
         lines += ["", "Not attacked adaptively (only PGD on the CNN): " + "; ".join(skipped) + "."]
     lines += ["", f"![survival]({plot_name})", ""]
@@ -274,7 +315,9 @@ def write_markdown(result: dict[str, Any], path: Path, plot_name: str) -> None:
 
 def write_plot(result: dict[str, Any], path: Path) -> None:
     names = list(result["sets"])
-    variants = sorted({v for e in result["sets"].values() for v in e["attacks"]}, key=lambda v: (v != "pgd", v))
+    variants = sorted(
+        {v for e in result["sets"].values() for v in e["attacks"]}, key=lambda v: (v != "pgd", v)
+    )
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names), 3.6))
     width = 0.8 / len(variants)
     for j, variant in enumerate(variants):
@@ -285,7 +328,12 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
                 continue
             xs.append(i + j * width)
             ys.append(100 * r["survival_rate"])
-            errs.append([100 * (r["survival_rate"] - r["survival_ci"][0]), 100 * (r["survival_ci"][1] - r["survival_rate"])])
+            errs.append(
+                [
+                    100 * (r["survival_rate"] - r["survival_ci"][0]),
+                    100 * (r["survival_ci"][1] - r["survival_rate"]),
+                ]
+            )
         ax.bar(xs, ys, width, label=variant, yerr=np.array(errs).T if errs else None, capsize=2)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, fontsize=8)
     ax.set_ylabel("wrong and accepted (%)")
@@ -298,18 +346,36 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, required=True)
-    parser.add_argument("--sets", nargs="+", default=None,
-                        help="signal sets to attack (default: msp, cond+lcr and the bundle's default set)")
-    parser.add_argument("--images", type=int, default=300, help="first N test images (the correct ones are attacked)")
+    parser.add_argument(
+        "--sets",
+        nargs="+",
+        default=None,
+        help="signal sets to attack (default: msp, cond+lcr and the bundle's default set)",
+    )
+    parser.add_argument(
+        "--images", type=int, default=300, help="first N test images (the correct ones are attacked)"
+    )
     parser.add_argument("--eps", type=float, default=0.1, help="l-inf radius in [0, 1] pixel units")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--lam", type=float, default=1.0, help="weight of the hide-from-the-gate term")
-    parser.add_argument("--attack-mutants", type=int, default=10,
-                        help="mutants the attacker differentiates (known: the bundle's first N; redrawn: N of its own)")
-    parser.add_argument("--square-queries", type=int, default=500,
-                        help="queries of each black-box Square try (on the CNN's probabilities)")
-    parser.add_argument("--verdict-tries", type=int, default=3,
-                        help="black-box tries; the attacker keeps the first the gate accepts")
+    parser.add_argument(
+        "--attack-mutants",
+        type=int,
+        default=10,
+        help="mutants the attacker differentiates (known: the bundle's first N; redrawn: N of its own)",
+    )
+    parser.add_argument(
+        "--square-queries",
+        type=int,
+        default=500,
+        help="queries of each black-box Square try (on the CNN's probabilities)",
+    )
+    parser.add_argument(
+        "--verdict-tries",
+        type=int,
+        default=3,
+        help="black-box tries; the attacker keeps the first the gate accepts",
+    )
     parser.add_argument("--chunk", type=int, default=100)
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
@@ -317,9 +383,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, progress: bool) -> None:
     adaptive_report(
-        load_bundle(args.bundle), sets=args.sets, images=args.images, eps=args.eps, steps=args.steps,
-        lam=args.lam, attack_mutants=args.attack_mutants, square_queries=args.square_queries,
-        verdict_tries=args.verdict_tries, chunk=args.chunk, n_boot=args.n_boot,
-        seed=args.seed, progress=progress,
+        load_bundle(args.bundle),
+        sets=args.sets,
+        images=args.images,
+        eps=args.eps,
+        steps=args.steps,
+        lam=args.lam,
+        attack_mutants=args.attack_mutants,
+        square_queries=args.square_queries,
+        verdict_tries=args.verdict_tries,
+        chunk=args.chunk,
+        n_boot=args.n_boot,
+        seed=args.seed,
+        progress=progress,
     )
     print(f"adaptive-attack report written to {args.bundle / adaptive_report_files(args.eps)['md']}")

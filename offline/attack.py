@@ -82,7 +82,10 @@ def run_attack(
         nonlocal seconds
         seconds += took
         bundle.write_arrays(adversarial_chunk_file(spec.tag, chunk), arrays)
-        bundle.set(ADVERSARIAL_DIR, {**(bundle.get(ADVERSARIAL_DIR) or {}), spec.tag: {"settings": settings, "seconds": seconds}})
+        bundle.set(
+            ADVERSARIAL_DIR,
+            {**(bundle.get(ADVERSARIAL_DIR) or {}), spec.tag: {"settings": settings, "seconds": seconds}},
+        )
         bundle.save()
 
     if engine is not None and missing:
@@ -90,20 +93,33 @@ def run_attack(
         engine.start()
         start = time.perf_counter()
         kwargs = {
-            "bundle_path": str(bundle.path), "spec": asdict(spec), "images": ray.put(test.images),
-            "labels": ray.put(test.labels), "chunk_size": chunk_size, "seed": seed,
+            "bundle_path": str(bundle.path),
+            "spec": asdict(spec),
+            "images": ray.put(test.images),
+            "labels": ray.put(test.labels),
+            "chunk_size": chunk_size,
+            "seed": seed,
         }
-        for out in tqdm(engine.map_chunks(AttackWorker, kwargs, missing), total=len(missing),
-                        desc=f"attack {spec.tag} (ray)", disable=not progress, unit="chunk"):
+        for out in tqdm(
+            engine.map_chunks(AttackWorker, kwargs, missing),
+            total=len(missing),
+            desc=f"attack {spec.tag} (ray)",
+            disable=not progress,
+            unit="chunk",
+        ):
             now = time.perf_counter()
-            store(int(out["chunk"][0]), {k: out[k] for k in CHUNK_COLUMNS}, now - start)  # wall time, all actors
+            store(
+                int(out["chunk"][0]), {k: out[k] for k in CHUNK_COLUMNS}, now - start
+            )  # wall time, all actors
             start = now
     elif missing:
         model = bundle.load_model(device).eval()
         for chunk in tqdm(missing, desc=f"attack {spec.tag}", disable=not progress, unit="chunk"):
             idx = np.arange(chunk * chunk_size, min((chunk + 1) * chunk_size, len(test)))
             start = time.perf_counter()
-            arrays = attack_chunk(spec, model, bundle.normalisation, test.images, test.labels, idx, seed + chunk, device)
+            arrays = attack_chunk(
+                spec, model, bundle.normalisation, test.images, test.labels, idx, seed + chunk, device
+            )
             store(chunk, arrays, time.perf_counter() - start)
     table = load_adversarial(bundle, spec.tag, n)
     correct = table["clean_prediction"] == test.labels[table["index"]]
@@ -156,19 +172,37 @@ class AttackWorker:
     """A Ray actor holding the bundle's CNN; one call attacks one chunk (see :func:`attack_chunk`)."""
 
     def __init__(
-        self, bundle_path: str, spec: dict[str, Any], images: np.ndarray, labels: np.ndarray,
-        chunk_size: int, seed: int, device: str,
+        self,
+        bundle_path: str,
+        spec: dict[str, Any],
+        images: np.ndarray,
+        labels: np.ndarray,
+        chunk_size: int,
+        seed: int,
+        device: str,
     ) -> None:
         bundle = load_bundle(bundle_path)
         self.model = bundle.load_model(device).eval()
         self.normalisation, self.spec, self.device = bundle.normalisation, AttackSpec(**spec), device
-        self.images, self.labels, self.chunk_size, self.seed = resolve(images), resolve(labels), chunk_size, seed
+        self.images, self.labels, self.chunk_size, self.seed = (
+            resolve(images),
+            resolve(labels),
+            chunk_size,
+            seed,
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         chunk = int(batch["id"][0])
         idx = chunk_rows(chunk, self.chunk_size, len(self.images))
         out = attack_chunk(
-            self.spec, self.model, self.normalisation, self.images, self.labels, idx, self.seed + chunk, self.device,
+            self.spec,
+            self.model,
+            self.normalisation,
+            self.images,
+            self.labels,
+            idx,
+            self.seed + chunk,
+            self.device,
         )
         return tag_rows(chunk, out)
 
@@ -177,7 +211,9 @@ def load_adversarial(bundle: Bundle, tag: str, images: int | None = None) -> dic
     """The stored chunks of ``tag`` concatenated (first ``images`` rows)."""
     names = sorted(k for k in bundle.manifest["files"] if k.startswith(adversarial_chunk_prefix(tag)))
     if not names:
-        raise ConfigError(f"bundle has no adversarial images under {ADVERSARIAL_DIR}/{tag}: run predgate attack first")
+        raise ConfigError(
+            f"bundle has no adversarial images under {ADVERSARIAL_DIR}/{tag}: run predgate attack first"
+        )
     parts = [bundle.read_arrays(k) for k in names]
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     if images is not None:
@@ -201,15 +237,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def spec_from(args: argparse.Namespace) -> AttackSpec:
-    return AttackSpec(args.attack, eps=args.eps, steps=args.steps, alpha=args.alpha, cw_c=args.cw_c, cw_lr=args.cw_lr)
+    return AttackSpec(
+        args.attack, eps=args.eps, steps=args.steps, alpha=args.alpha, cw_c=args.cw_c, cw_lr=args.cw_lr
+    )
 
 
 def run(args: argparse.Namespace, progress: bool) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     spec = spec_from(args)
     summary = run_attack(
-        load_bundle(args.bundle), spec, images=args.images, chunk_size=args.chunk_size, seed=args.seed,
-        device=args.device, progress=progress, engine=engine_from(args),
+        load_bundle(args.bundle),
+        spec,
+        images=args.images,
+        chunk_size=args.chunk_size,
+        seed=args.seed,
+        device=args.device,
+        progress=progress,
+        engine=engine_from(args),
     )
     print(
         f"{spec.tag}: {summary['images']} images, success rate {summary['success_rate']:.4f} "

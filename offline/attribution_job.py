@@ -60,8 +60,11 @@ def _mean_ci(values: np.ndarray, n_boot: int, seed: int = 0) -> dict[str, Any]:
     if len(values) == 0:
         return {"mean": None, "ci": None, "n": 0}
     means = np.concatenate([values[idx].mean(axis=1) for idx in bootstrap_indices(len(values), n_boot, seed)])
-    return {"mean": float(values.mean()), "ci": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))],
-            "n": len(values)}
+    return {
+        "mean": float(values.mean()),
+        "ci": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))],
+        "n": len(values),
+    }
 
 
 def _explainer(bundle: Bundle, ig_steps: int) -> Explainer:
@@ -100,12 +103,19 @@ def evaluate_model(
     fooled = correct & (pred_adv != labels)
     k = max(1, round(k_share * clean_images.shape[1] * clean_images.shape[2]))
     target = np.concatenate([np.zeros(int(correct.sum())), np.ones(int(fooled.sum()))]).astype(int)
-    msp = np.concatenate([1 - p_clean.max(1).values.numpy()[correct], 1 - p_adv.max(1).values.numpy()[fooled]])
+    msp = np.concatenate(
+        [1 - p_clean.max(1).values.numpy()[correct], 1 - p_adv.max(1).values.numpy()[fooled]]
+    )
     examples_at = np.flatnonzero(fooled)[:EXAMPLES]
     out: dict[str, Any] = {
-        "bundle": bundle.manifest["bundle_id"], "images": len(idx), "clean_accuracy": float(correct.mean()),
-        "adv_accuracy": float((pred_adv == labels).mean()), "successful": int(fooled.sum()),
-        "success_rate": float(fooled.sum() / max(int(correct.sum()), 1)), "k": k, "methods": {},
+        "bundle": bundle.manifest["bundle_id"],
+        "images": len(idx),
+        "clean_accuracy": float(correct.mean()),
+        "adv_accuracy": float((pred_adv == labels).mean()),
+        "successful": int(fooled.sum()),
+        "success_rate": float(fooled.sum() / max(int(correct.sum()), 1)),
+        "k": k,
+        "methods": {},
         "adversarial_training": (bundle.manifest.get("training", {}).get("config") or {}).get("adv_attack"),
     }
     examples: dict[str, dict[str, np.ndarray]] = {}
@@ -113,8 +123,12 @@ def evaluate_model(
         heat_clean = heat_maps(explainer, x_clean, torch.as_tensor(pred_clean), method)
         heat_adv = heat_maps(explainer, x_adv, torch.as_tensor(pred_adv), method)
         overlap = top_k_overlap(heat_clean, heat_adv, k)
-        unstable_clean = attribution_instability(explainer, x_clean[correct], method, k=k, noise_std=noise_std)
-        unstable_adv = attribution_instability(explainer, x_adv[fooled], method, k=k, noise_std=noise_std, seed=1)
+        unstable_clean = attribution_instability(
+            explainer, x_clean[correct], method, k=k, noise_std=noise_std
+        )
+        unstable_adv = attribution_instability(
+            explainer, x_adv[fooled], method, k=k, noise_std=noise_std, seed=1
+        )
         row: dict[str, Any] = {
             "cleanliness_clean": _mean_ci(cleanliness(heat_clean, clean_images), n_boot),
             "cleanliness_adv": _mean_ci(cleanliness(heat_adv, clean_images), n_boot),
@@ -123,11 +137,18 @@ def evaluate_model(
         }
         if 0 < target.sum() < len(target):
             row["instability_vs_msp"] = paired_bootstrap_auroc(
-                np.concatenate([unstable_clean, unstable_adv]), msp, target, n_boot=n_boot,
+                np.concatenate([unstable_clean, unstable_adv]),
+                msp,
+                target,
+                n_boot=n_boot,
             )
         out["methods"][method] = row
-        examples[method] = {"images": clean_images[examples_at], "adv_images": adv_images[examples_at],
-                            "clean": heat_clean[examples_at], "adv": heat_adv[examples_at]}
+        examples[method] = {
+            "images": clean_images[examples_at],
+            "adv_images": adv_images[examples_at],
+            "clean": heat_clean[examples_at],
+            "adv": heat_adv[examples_at],
+        }
     return out, examples
 
 
@@ -141,34 +162,50 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
     lines = [
         f"# Attribution maps: {result['tag']}",
         "",
-        (f"First {result['images']} test images; top-k = {result['k_share']:.0%} of the pixels; instability noise "
-        f"std {result['noise_std']} (normalised units); bootstrap {result['n_boot']} replicates, 95% CIs."),
+        (
+            f"First {result['images']} test images; top-k = {result['k_share']:.0%} of the pixels; instability noise "
+            f"std {result['noise_std']} (normalised units); bootstrap {result['n_boot']} replicates, 95% CIs."
+        ),
         "",
         "| model | clean acc | adv acc | success rate |",
         "| --- | --- | --- | --- |",
     ]
     for name, m in result["models"].items():
-        lines.append(f"| {name} | {m['clean_accuracy']:.3f} | {m['adv_accuracy']:.3f} | {m['success_rate']:.3f} |")
+        lines.append(
+            f"| {name} | {m['clean_accuracy']:.3f} | {m['adv_accuracy']:.3f} | {m['success_rate']:.3f} |"
+        )
     lines += [
         "",
-        ("| model | method | cleanliness clean | cleanliness adversarial | top-k overlap clean/adv (successful) "
-        "| instability AUROC | MSP AUROC | difference [95% CI] |"),
+        (
+            "| model | method | cleanliness clean | cleanliness adversarial | top-k overlap clean/adv (successful) "
+            "| instability AUROC | MSP AUROC | difference [95% CI] |"
+        ),
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, m in result["models"].items():
         for method, r in m["methods"].items():
             inst = r.get("instability_vs_msp")
-            auc = (f"{inst['auroc_a']:.3f} | {inst['auroc_b']:.3f} | {inst['diff']:+.3f} "
-                   f"[{inst['ci_diff'][0]:+.3f}, {inst['ci_diff'][1]:+.3f}]") if inst else "- | - | -"
-            lines.append(f"| {name} | {method} | {_fmt(r['cleanliness_clean'])} | {_fmt(r['cleanliness_adv'])} | "
-                         f"{_fmt(r['top_k_overlap_successful'])} | {auc} |")
+            auc = (
+                (
+                    f"{inst['auroc_a']:.3f} | {inst['auroc_b']:.3f} | {inst['diff']:+.3f} "
+                    f"[{inst['ci_diff'][0]:+.3f}, {inst['ci_diff'][1]:+.3f}]"
+                )
+                if inst
+                else "- | - | -"
+            )
+            lines.append(
+                f"| {name} | {method} | {_fmt(r['cleanliness_clean'])} | {_fmt(r['cleanliness_adv'])} | "
+                f"{_fmt(r['top_k_overlap_successful'])} | {auc} |"
+            )
     lines += ["", "Command: `" + result["command"] + "`", ""]
     path.write_text("\n".join(lines))
 
 
 def write_grid(examples: dict[str, dict[str, dict[str, np.ndarray]]], method: str, path: Path) -> None:
     """Rows: each model's clean input, its map, the adversarial input, its map; columns: examples."""
-    rows = [(name, kind) for name in examples for kind in ("input", "clean map", "adversarial", "adversarial map")]
+    rows = [
+        (name, kind) for name in examples for kind in ("input", "clean map", "adversarial", "adversarial map")
+    ]
     cols = max((len(ex[method]["clean"]) for ex in examples.values()), default=0)
     if cols == 0:
         return
@@ -209,13 +246,28 @@ def attribution_report(
     command: str = "",
 ) -> dict[str, Any]:
     methods = list(methods or METHODS)
-    result: dict[str, Any] = {"tag": tag, "images": images, "k_share": k_share, "noise_std": noise_std,
-                              "ig_steps": ig_steps, "n_boot": n_boot, "models": {}, "command": command}
+    result: dict[str, Any] = {
+        "tag": tag,
+        "images": images,
+        "k_share": k_share,
+        "noise_std": noise_std,
+        "ig_steps": ig_steps,
+        "n_boot": n_boot,
+        "models": {},
+        "command": command,
+    }
     examples = {}
     for name, bundle in bundles.items():
         result["models"][name], examples[name] = evaluate_model(
-            bundle, tag, images=images, methods=methods, k_share=k_share, noise_std=noise_std, ig_steps=ig_steps,
-            n_boot=n_boot, progress=progress,
+            bundle,
+            tag,
+            images=images,
+            methods=methods,
+            k_share=k_share,
+            noise_std=noise_std,
+            ig_steps=ig_steps,
+            n_boot=n_boot,
+            progress=progress,
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / ATTRIBUTION_JSON_NAME).write_text(json.dumps(result, indent=2))
@@ -228,7 +280,9 @@ def attribution_report(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--compare", type=Path, default=None, help="a second bundle (e.g. the robust model)")
-    parser.add_argument("--tag", required=True, help="adversarial folder stored in every bundle (predgate attack)")
+    parser.add_argument(
+        "--tag", required=True, help="adversarial folder stored in every bundle (predgate attack)"
+    )
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
     parser.add_argument("--k-share", type=float, default=0.1, help="top-k as a share of the pixels")
@@ -251,10 +305,20 @@ def run(args: argparse.Namespace, progress: bool) -> None:
     out = args.out or (args.bundle / REPORT_DIR)
     command = "predgate attribution " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-        for k, v in vars(args).items() if k not in ("func", "command", "verbose") and v is not None
+        for k, v in vars(args).items()
+        if k not in ("func", "command", "verbose") and v is not None
     )
     attribution_report(
-        named, args.tag, out, images=args.images, methods=args.methods, k_share=args.k_share,
-        noise_std=args.noise_std, ig_steps=args.ig_steps, n_boot=args.n_boot, progress=progress, command=command,
+        named,
+        args.tag,
+        out,
+        images=args.images,
+        methods=args.methods,
+        k_share=args.k_share,
+        noise_std=args.noise_std,
+        ig_steps=args.ig_steps,
+        n_boot=args.n_boot,
+        progress=progress,
+        command=command,
     )
     print(f"attribution report written to {out / ATTRIBUTION_MARKDOWN_NAME}")

@@ -119,7 +119,11 @@ def build_bundle(
             f"{pre.sources.get('input_size')}, channels from {pre.sources.get('channels')}), mean "
             f"{[round(v, 4) for v in pre.mean]} std {[round(v, 4) for v in pre.std]} (from {pre.sources.get('mean')}); "
             f"conductance layer {bundle.manifest['conductance']['layer']!r}"
-            + (f" ({bundle.manifest['conductance']['layer_chosen_by']})" if "layer_chosen_by" in bundle.manifest["conductance"] else "")
+            + (
+                f" ({bundle.manifest['conductance']['layer_chosen_by']})"
+                if "layer_chosen_by" in bundle.manifest["conductance"]
+                else ""
+            )
         )
     if redo is not None:
         later = STAGE_ORDER[STAGE_ORDER.index(redo) :]
@@ -134,14 +138,27 @@ def build_bundle(
             "WARNING: the imported model's inputs are normalised with predgate's cnn-train statistics; pass "
             "--mean/--std if it was trained with others (the accuracy check below tries the usual ones)"
         )
-    stage(f"train: {profile.epochs} epochs ({profile.optimizer})" if weights is None else f"train: importing {weights}")
+    stage(
+        f"train: {profile.epochs} epochs ({profile.optimizer})"
+        if weights is None
+        else f"train: importing {weights}"
+    )
     train_stage(
-        bundle, arrays, epochs=profile.epochs, seed=profile.seed, batch_size=profile.batch_size, weights=weights,
-        device=device, progress=progress, profile=profile,
+        bundle,
+        arrays,
+        epochs=profile.epochs,
+        seed=profile.seed,
+        batch_size=profile.batch_size,
+        weights=weights,
+        device=device,
+        progress=progress,
+        profile=profile,
     )
     info = bundle.manifest["training"]
     _say(f"CNN accuracy: val {info['val_accuracy']:.4f}, test {info['test_accuracy']:.4f}")
-    check = accuracy_check(bundle, arrays, expected=request.expected_accuracy, allow_low=request.allow_low_accuracy)
+    check = accuracy_check(
+        bundle, arrays, expected=request.expected_accuracy, allow_low=request.allow_low_accuracy
+    )
     for message in check.messages:
         _say(f"WARNING: {message}")
     stage("conductance: shortcut proof")
@@ -149,22 +166,35 @@ def build_bundle(
     _say(f"conductance mode: {bundle.manifest['conductance']['mode']}")
     stage(f"mutants: {profile.n_mutants} x {profile.operator}@{profile.mutation_rate}")
     mutants_stage(
-        bundle, arrays, operator=profile.operator, rate=profile.mutation_rate, n_mutants=profile.n_mutants,
-        seed=profile.seed, modules=profile.mutant_modules, progress=progress,
+        bundle,
+        arrays,
+        operator=profile.operator,
+        rate=profile.mutation_rate,
+        n_mutants=profile.n_mutants,
+        seed=profile.seed,
+        modules=profile.mutant_modules,
+        progress=progress,
     )
     mut = bundle.manifest["mutants"]
     _say(f"mutants kept: {mut['count']} of {mut['attempts']} tried")
     stage("features: fit, val, test")
     features_stage(
-        bundle, arrays, early_stopping_alpha=profile.lcr_sprt_alpha, early_stopping_chunk=profile.lcr_chunk,
-        progress=progress, engine=engine,
+        bundle,
+        arrays,
+        early_stopping_alpha=profile.lcr_sprt_alpha,
+        early_stopping_chunk=profile.lcr_chunk,
+        progress=progress,
+        engine=engine,
     )
     chosen = default_set or profile.default_set
     open_world_default = chosen is not None and "/" in chosen  # VARIANT/SET: an open-world set
     stage(f"detectors: {profile.detector_seeds} seeds")
     detectors_stage(
-        bundle, seeds=profile.detector_seeds, default_set=None if open_world_default else chosen,
-        cond_inputs=profile.cond_inputs, progress=progress,
+        bundle,
+        seeds=profile.detector_seeds,
+        default_set=None if open_world_default else chosen,
+        cond_inputs=profile.cond_inputs,
+        progress=progress,
     )
     apply_default_set(bundle, chosen, seed=profile.seed, progress=progress)
     stage("report")

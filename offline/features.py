@@ -45,12 +45,16 @@ def extract_features(
             assert evidence.lcr is not None and evidence.mutant_labels is not None
             parts["lcr"].append(evidence.lcr.numpy())
             parts["mutant_labels"].append(evidence.mutant_labels.numpy().astype(np.int16))
-    out = {key: np.concatenate(values, axis=1 if key == "mutant_labels" else 0) for key, values in parts.items()}
+    out = {
+        key: np.concatenate(values, axis=1 if key == "mutant_labels" else 0) for key, values in parts.items()
+    }
     out["label"] = arrays.labels.astype(np.int64)
     return out
 
 
-def apply_early_stopping(features: dict[str, np.ndarray], stopping: EarlyStopping | None) -> dict[str, np.ndarray]:
+def apply_early_stopping(
+    features: dict[str, np.ndarray], stopping: EarlyStopping | None
+) -> dict[str, np.ndarray]:
     """The split's columns with ``lcr`` as the gate computes it under ``stopping``.
 
     The all-mutant LCR is kept as ``lcr_full`` (and is the base when called again, so switching

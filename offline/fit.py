@@ -57,7 +57,14 @@ def _usable(features: dict[str, dict[str, np.ndarray]], signals: tuple[str, ...]
 
 
 def out_of_fold_scores(
-    x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *, folds: int, seed: int, **params: Any
+    x: np.ndarray,
+    y: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    folds: int,
+    seed: int,
+    **params: Any,
 ) -> np.ndarray:
     """Conductance-detector scores on the fit split from detectors that never saw each row."""
     scores = np.empty(len(x), dtype=np.float64)
@@ -99,7 +106,9 @@ def fit_detectors(
         s: conductance_inputs(features[s]["conductance"], features[s]["prediction"], cond_inputs, num_classes)
         for s in SPLITS
     }
-    detector = ConductanceDetector(seed=seed, **cond_params).fit(cond["fit"], wrong["fit"], cond["val"], wrong["val"])
+    detector = ConductanceDetector(seed=seed, **cond_params).fit(
+        cond["fit"], wrong["fit"], cond["val"], wrong["val"]
+    )
     cond_scores = {
         "fit": out_of_fold_scores(
             cond["fit"], wrong["fit"], cond["val"], wrong["val"], folds=folds, seed=seed, **cond_params
@@ -125,5 +134,7 @@ def fit_detectors(
             by_kind[kind] = auroc(clf.decision_function(x["val"]), wrong["val"])
         best = max(by_kind, key=lambda k: (by_kind[k], -UNIFIED_KINDS.index(k)))
         by_kind_scores = {k: {s: clf.decision_function(x[s]) for s in SPLITS} for k, clf in fitted.items()}
-        result.sets[name] = SetFit(name, signals, by_kind, best, fitted[best], by_kind_scores[best], by_kind_scores)
+        result.sets[name] = SetFit(
+            name, signals, by_kind, best, fitted[best], by_kind_scores[best], by_kind_scores
+        )
     return result

@@ -114,7 +114,9 @@ def _from_torch_save(path: Path) -> ImportedWeights:
     except Exception as exc:  # torch raises UnpicklingError (or RuntimeError) for anything not plain
         text = str(exc)
         if "Weights only load failed" not in text and "weights_only" not in text:
-            raise ConfigError(f"--weights {path.name}: cannot read it as a torch.save file: {text.splitlines()[0]}") from exc
+            raise ConfigError(
+                f"--weights {path.name}: cannot read it as a torch.save file: {text.splitlines()[0]}"
+            ) from exc
         found = re.search(r"GLOBAL ([\w.]+)", text)
         what = f" ({found.group(1)})" if found else ""
         raise ConfigError(
@@ -134,7 +136,9 @@ def _from_torch_save(path: Path) -> ImportedWeights:
             f"--weights {path.name} is a dict without a state_dict (keys {keys}); save model.state_dict() itself, "
             f"or put it under one of {list(CHECKPOINT_KEYS)}"
         )
-    raise ConfigError(f"--weights {path.name} holds a {type(obj).__name__}, not a state_dict; give {SUPPORTED}")
+    raise ConfigError(
+        f"--weights {path.name} holds a {type(obj).__name__}, not a state_dict; give {SUPPORTED}"
+    )
 
 
 def _from_torchscript(path: Path) -> ImportedWeights:
@@ -143,7 +147,9 @@ def _from_torchscript(path: Path) -> ImportedWeights:
         try:
             scripted = torch.jit.load(str(path), map_location="cpu")
         except RuntimeError as exc:
-            raise ConfigError(f"--weights {path.name}: not a readable TorchScript file: {str(exc).splitlines()[0]}") from exc
+            raise ConfigError(
+                f"--weights {path.name}: not a readable TorchScript file: {str(exc).splitlines()[0]}"
+            ) from exc
     scripted.eval()
     state = {k: v.detach().clone() for k, v in scripted.state_dict().items()}
     return ImportedWeights(state, "torchscript", scripted, getattr(scripted, "original_name", None))
@@ -153,7 +159,9 @@ def _from_export(path: Path) -> ImportedWeights:
     try:
         program = torch.export.load(str(path))
     except Exception as exc:  # torch.export raises many kinds on a bad archive
-        raise ConfigError(f"--weights {path.name}: not a readable torch.export program: {str(exc).splitlines()[0]}") from exc
+        raise ConfigError(
+            f"--weights {path.name}: not a readable torch.export program: {str(exc).splitlines()[0]}"
+        ) from exc
     state = {k: v.detach().clone() for k, v in program.state_dict.items()}
     for name, value in program.constants.items():  # non-persistent buffers
         if isinstance(value, torch.Tensor):
@@ -188,7 +196,7 @@ def read_weights(path: str | Path) -> ImportedWeights:
 
 def _strip_prefix(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
     if not set(state) & expected and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
+        return {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
@@ -226,7 +234,8 @@ def load_into(model: nn.Module, imported: ImportedWeights, arch: str, file: str)
     unexpected = [k for k in state if k not in expected]
     shapes = [
         f"{k} {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model"
-        for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
     ]
     if missing or unexpected or shapes:
         parts = []
@@ -236,7 +245,9 @@ def load_into(model: nn.Module, imported: ImportedWeights, arch: str, file: str)
             parts.append(f"{len(unexpected)} not in the model (e.g. {unexpected[:3]})")
         if shapes:
             parts.append(f"{len(shapes)} of another shape (e.g. {shapes[0]})")
-        made_from = f"; the file was made from class {imported.original_class}" if imported.original_class else ""
+        made_from = (
+            f"; the file was made from class {imported.original_class}" if imported.original_class else ""
+        )
         raise ConfigError(
             f"--weights {file} does not fit --arch {arch}: {', '.join(parts)}{made_from}; name the architecture "
             "(and its --arch-kwargs) the weights were saved from"
@@ -244,7 +255,9 @@ def load_into(model: nn.Module, imported: ImportedWeights, arch: str, file: str)
     model.load_state_dict(state, strict=True)
 
 
-def check_reference(model: nn.Module, imported: ImportedWeights, x: torch.Tensor, arch: str, file: str) -> float | None:
+def check_reference(
+    model: nn.Module, imported: ImportedWeights, x: torch.Tensor, arch: str, file: str
+) -> float | None:
     """For a TorchScript / torch.export file: the largest difference between its own forward and the
     rebuilt ``--arch`` on ``x`` (relative to the logits' scale); refuses a model that differs."""
     if imported.reference is None:
@@ -262,7 +275,9 @@ def check_reference(model: nn.Module, imported: ImportedWeights, x: torch.Tensor
             ) from exc
     if not isinstance(theirs, torch.Tensor) or theirs.shape != ours.shape:
         got = tuple(theirs.shape) if isinstance(theirs, torch.Tensor) else type(theirs).__name__
-        raise ConfigError(f"--weights {file}: its own forward gives {got}, --arch {arch} gives {tuple(ours.shape)}")
+        raise ConfigError(
+            f"--weights {file}: its own forward gives {got}, --arch {arch} gives {tuple(ours.shape)}"
+        )
     scale = float(theirs.abs().max().clamp_min(1e-12))
     rel = float((ours - theirs).abs().max()) / scale
     if rel > REFERENCE_RTOL:
@@ -272,4 +287,3 @@ def check_reference(model: nn.Module, imported: ImportedWeights, x: torch.Tensor
             "file's own forward: --arch is not the architecture the file was made from"
         )
     return rel
-

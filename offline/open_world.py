@@ -100,7 +100,10 @@ def perturbed_scores(
 ) -> np.ndarray:
     """The perturbed DOCTOR score of raw ``images``, batch by batch (one backward pass each)."""
     return np.concatenate(
-        [perturbed(normalisation.apply(images[s : s + batch_size])) for s in _batches(len(images), batch_size)]
+        [
+            perturbed(normalisation.apply(images[s : s + batch_size]))
+            for s in _batches(len(images), batch_size)
+        ]
     )
 
 
@@ -343,7 +346,13 @@ def exposure_tables(
             bundle,
             open_world_exposure_file(split, with_lcr),
             lambda i=ex_images, lab=ex_labels: suite_evidence(
-                extractor, bundle.normalisation, perturbed, i, lab, stopping, batch_size=batch_size,
+                extractor,
+                bundle.normalisation,
+                perturbed,
+                i,
+                lab,
+                stopping,
+                batch_size=batch_size,
                 with_lcr=with_lcr,
             ),
         )
@@ -397,8 +406,14 @@ def run_open_world(
     # Suites (clean test images first: the corruptions are of the same images).
     test = splits["test"]
     suites = evaluation_suites(
-        test.images, test.labels, images=images, kinds=kinds, severities=severities, dataset=dataset,
-        seed=seed, data_roots=data_roots,
+        test.images,
+        test.labels,
+        images=images,
+        kinds=kinds,
+        severities=severities,
+        dataset=dataset,
+        seed=seed,
+        data_roots=data_roots,
     )
     log.info("open world: %d suites of up to %d images", len(suites), images)
 
@@ -421,8 +436,16 @@ def run_open_world(
         suite_tables[suite.name] = table
 
     exposed_tables = exposure_tables(
-        bundle, extractor, splits, tables, scorers, perturbed, stopping,
-        exposure_images=exposure_images, seed=seed, batch_size=batch_size,
+        bundle,
+        extractor,
+        splits,
+        tables,
+        scorers,
+        perturbed,
+        stopping,
+        exposure_images=exposure_images,
+        seed=seed,
+        batch_size=batch_size,
     )
 
     signal_sets = {**CANDIDATE_SETS, **OPEN_WORLD_SETS}
@@ -613,8 +636,17 @@ def fit_default_set(
     clean_rows = {split: len(t["label"]) for split, t in tables.items()}
     if variant == "exposed":
         tables = exposure_tables(
-            bundle, extractor, splits, tables, scorers, perturbed, stopping,
-            exposure_images=exposure_images, seed=seed, batch_size=batch_size, with_lcr="lcr" in every[name],
+            bundle,
+            extractor,
+            splits,
+            tables,
+            scorers,
+            perturbed,
+            stopping,
+            exposure_images=exposure_images,
+            seed=seed,
+            batch_size=batch_size,
+            with_lcr="lcr" in every[name],
         )
     section = bundle.detectors
     cond_inputs = section.conductance.inputs if section else DEFAULT_COND_INPUTS
@@ -623,7 +655,12 @@ def fit_default_set(
         variant, tables, seeds=seeds, cond_inputs=cond_inputs, signal_sets={name: every[name]}
     )
     return store_sets(
-        bundle, {variant: fitted}, scorers, clean_rows, [key], default=key,
+        bundle,
+        {variant: fitted},
+        scorers,
+        clean_rows,
+        [key],
+        default=key,
         chosen_by="build profile: the set the open-world report chose on the reference bundle "
         "(docs/open-world.md)",
     )[0]

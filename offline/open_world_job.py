@@ -60,7 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--preview", action="store_true", help="also write a PNG grid of the suites")
     parser.add_argument(
-        "--held-out-class", default=None, metavar="DIR",
+        "--held-out-class",
+        default=None,
+        metavar="DIR",
         help="folder of images of a class the bundle was not trained on (an image-folder bundle's near unknown set)",
     )
     parser.add_argument(
@@ -115,7 +117,9 @@ def write_preview(images: np.ndarray, shape_unknown: dict[str, np.ndarray], path
 def run(args: argparse.Namespace, progress: bool) -> None:
     bundle = load_bundle(args.bundle)
     roots = {
-        "cifar10": args.cifar10_root, "fashion-mnist": args.fashion_mnist_root, "held-out-class": args.held_out_class,
+        "cifar10": args.cifar10_root,
+        "fashion-mnist": args.fashion_mnist_root,
+        "held-out-class": args.held_out_class,
     }
     result = run_open_world(
         bundle,

@@ -298,7 +298,9 @@ def plot_unknown(table: dict[str, Any], sets: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def kind_table(result: OpenWorldResult, keys: list[str], severities: tuple[int, ...] = (3, 5)) -> list[dict[str, Any]]:
+def kind_table(
+    result: OpenWorldResult, keys: list[str], severities: tuple[int, ...] = (3, 5)
+) -> list[dict[str, Any]]:
     """Per corruption kind and severity (seed 0): error-detection AUROC of MSP and of each ``keys``
     set, and each set's accuracy among accepted inputs at its equal-recall point beside MSP's at the
     same coverage: where a regime's pooled figure could hide one kind that fails."""
@@ -427,11 +429,18 @@ def render(result: OpenWorldResult, table: dict[str, Any], costs: dict[str, floa
         for key in per_kind:
             e = row.get(key)
             cells += (
-                [_fmt(e["auroc"]), _fmt(e.get("coverage"), 3), _fmt(e.get("accuracy_accepted"), 3),
-                 _fmt(e.get("msp_accuracy_same_coverage"), 3)]
-                if e else ["-"] * 4
+                [
+                    _fmt(e["auroc"]),
+                    _fmt(e.get("coverage"), 3),
+                    _fmt(e.get("accuracy_accepted"), 3),
+                    _fmt(e.get("msp_accuracy_same_coverage"), 3),
+                ]
+                if e
+                else ["-"] * 4
             )
-        lines.append(f"| {row['suite']} | {row['accuracy']:.3f} | {row['msp']:.4f} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {row['suite']} | {row['accuracy']:.3f} | {row['msp']:.4f} | " + " | ".join(cells) + " |"
+        )
     lines += [
         "",
         "## Severity >= 3: accuracy among accepted inputs at the equal-recall point",

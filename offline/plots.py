@@ -46,7 +46,9 @@ def plot_risk_coverage(curves: dict[str, np.ndarray], wrong: np.ndarray, path: P
     _save(fig, path)
 
 
-def plot_lcr_vs_mutants(counts: list[int], aurocs: list[float], spreads: list[float], baseline: float, path: Path) -> None:
+def plot_lcr_vs_mutants(
+    counts: list[int], aurocs: list[float], spreads: list[float], baseline: float, path: Path
+) -> None:
     """Val AUROC of LCR against the number of mutants (the paper's Fig. 4)."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.errorbar(counts, aurocs, yerr=spreads, marker="o", capsize=3, label="LCR")
@@ -75,7 +77,9 @@ def plot_fallback(rows: list[tuple[str, float, float]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.8))
     names = [r[0] for r in rows]
     ax.barh(names, [r[1] for r in rows], color="#9ecae1", label="CNN alone")
-    ax.barh(names, [r[2] - r[1] for r in rows], left=[r[1] for r in rows], color="#3182bd", label="with fallback")
+    ax.barh(
+        names, [r[2] - r[1] for r in rows], left=[r[1] for r in rows], color="#3182bd", label="with fallback"
+    )
     low = min(r[1] for r in rows)
     ax.set_xlim(max(0.0, low - 0.05), 1.0)
     ax.set_xlabel("test accuracy")

@@ -72,13 +72,30 @@ STAGE_ORDER = ("prepare", "train", "conductance", "mutants", "features", "detect
 # The build stage each field belongs to: ``--redo STAGE`` may change the fields of STAGE and of the
 # stages after it (they are recomputed), never those of earlier stages.
 STAGE_OF_FIELD: dict[str, str] = {
-    "cnn_train": "prepare", "fit": "prepare", "val": "prepare", "test": "prepare", "seed": "prepare",
-    "fit_is_cnn_train": "prepare", "val_from": "prepare",
-    "epochs": "train", "batch_size": "train", "optimizer": "train", "lr": "train", "weight_decay": "train",
-    "augment": "train", "adv_train": "train", "adv_eps": "train", "adv_steps": "train",
-    "n_mutants": "mutants", "operator": "mutants", "mutation_rate": "mutants", "mutant_modules": "mutants",
-    "lcr_sprt_alpha": "features", "lcr_chunk": "features",
-    "detector_seeds": "detectors", "cond_inputs": "detectors",
+    "cnn_train": "prepare",
+    "fit": "prepare",
+    "val": "prepare",
+    "test": "prepare",
+    "seed": "prepare",
+    "fit_is_cnn_train": "prepare",
+    "val_from": "prepare",
+    "epochs": "train",
+    "batch_size": "train",
+    "optimizer": "train",
+    "lr": "train",
+    "weight_decay": "train",
+    "augment": "train",
+    "adv_train": "train",
+    "adv_eps": "train",
+    "adv_steps": "train",
+    "n_mutants": "mutants",
+    "operator": "mutants",
+    "mutation_rate": "mutants",
+    "mutant_modules": "mutants",
+    "lcr_sprt_alpha": "features",
+    "lcr_chunk": "features",
+    "detector_seeds": "detectors",
+    "cond_inputs": "detectors",
     "n_boot": "report",
 }
 
@@ -87,7 +104,8 @@ def fixed_fields_differ(recorded: BuildProfile, requested: BuildProfile, redo: s
     """Fields that differ between the two profiles although their stage is not redone."""
     first_redone = STAGE_ORDER.index(redo) if redo is not None else len(STAGE_ORDER)
     return [
-        name for name, stage in STAGE_OF_FIELD.items()
+        name
+        for name, stage in STAGE_OF_FIELD.items()
         if STAGE_ORDER.index(stage) < first_redone and getattr(recorded, name) != getattr(requested, name)
     ]
 
@@ -99,22 +117,38 @@ PROFILES: dict[str, dict[str, BuildProfile]] = {
         # Default set chosen by the open-world report of this profile's bundle (docs/open-world.md):
         # best mean AUROC over clean, shifted, unknown and mixed inputs at one forward pass.
         "quick": BuildProfile(
-            epochs=2, cnn_train=30000, fit=2000, val=2000, test=2000, n_mutants=50, n_boot=300,
+            epochs=2,
+            cnn_train=30000,
+            fit=2000,
+            val=2000,
+            test=2000,
+            n_mutants=50,
+            n_boot=300,
             default_set="exposed/cond+feat+softmax",
         ),
         "full": BuildProfile(epochs=3, cnn_train=50000, fit=5000, val=5000, test=None, n_mutants=100),
     },
     # The paper's CIFAR-10 setting: the 10k test images split evenly into val and test.
     "cifar10": {
-        "quick": BuildProfile(epochs=2, cnn_train=20000, fit=1500, val=1000, test=1500, n_mutants=50, n_boot=300),
+        "quick": BuildProfile(
+            epochs=2, cnn_train=20000, fit=1500, val=1000, test=1500, n_mutants=50, n_boot=300
+        ),
         "full": BuildProfile(
-            epochs=30, cnn_train=45000, fit=5000, val=5000, test=5000, n_mutants=100,
-            mutation_rate=0.005, val_from="test",
+            epochs=30,
+            cnn_train=45000,
+            fit=5000,
+            val=5000,
+            test=5000,
+            n_mutants=100,
+            mutation_rate=0.005,
+            val_from="test",
         ),
     },
     # Caller-provided image folders: sizes are fractions the caller overrides as needed.
     "imagefolder": {
-        "quick": BuildProfile(epochs=2, cnn_train=None, fit=200, val=200, test=None, n_mutants=20, n_boot=300),
+        "quick": BuildProfile(
+            epochs=2, cnn_train=None, fit=200, val=200, test=None, n_mutants=20, n_boot=300
+        ),
         "full": BuildProfile(epochs=30, cnn_train=None, fit=1000, val=1000, test=None, n_mutants=100),
     },
 }

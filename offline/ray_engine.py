@@ -70,7 +70,9 @@ class RayEngine:
         if not ray.is_initialized():
             env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ} | self.env
             kwargs: dict[str, Any] = {
-                "include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,
+                "include_dashboard": False,
+                "log_to_driver": False,
+                "logging_level": logging.WARNING,
                 "runtime_env": {"env_vars": env} if env else None,
             }
             if self.address is None:
@@ -165,7 +167,9 @@ class EvidenceWorker:
     """An actor holding the bundle's extractor; one call extracts one chunk's evidence, as
     :func:`offline.features.extract_features` does for the same slice."""
 
-    def __init__(self, bundle_path: str, images: np.ndarray, chunk_size: int, with_lcr: bool, device: str) -> None:
+    def __init__(
+        self, bundle_path: str, images: np.ndarray, chunk_size: int, with_lcr: bool, device: str
+    ) -> None:
         bundle = load_bundle(bundle_path)
         self.extractor = load_extractor(bundle, device)
         self.normalisation = bundle.normalisation
@@ -205,8 +209,15 @@ def extract_features_on_ray(
     engine.start()
     start = time.perf_counter()
     n_chunks = -(-len(images) // batch_size)
-    kwargs = {"bundle_path": str(bundle_path), "images": ray.put(images), "chunk_size": batch_size, "with_lcr": with_lcr}
-    chunks = sorted(engine.map_chunks(EvidenceWorker, kwargs, list(range(n_chunks))), key=lambda out: int(out["chunk"][0]))
+    kwargs = {
+        "bundle_path": str(bundle_path),
+        "images": ray.put(images),
+        "chunk_size": batch_size,
+        "with_lcr": with_lcr,
+    }
+    chunks = sorted(
+        engine.map_chunks(EvidenceWorker, kwargs, list(range(n_chunks))), key=lambda out: int(out["chunk"][0])
+    )
     columns = ["logits", "prediction", "conductance"] + (["lcr", "mutant_labels"] if with_lcr else [])
     out = {key: np.concatenate([c[key] for c in chunks]) for key in columns}
     order = np.concatenate([c["index"] for c in chunks])
@@ -221,16 +232,23 @@ def extract_features_on_ray(
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """``--engine`` and the Ray options, the same for every job that can spread its chunks."""
     parser.add_argument(
-        "--engine", default="local", choices=list(ENGINES),
+        "--engine",
+        default="local",
+        choices=list(ENGINES),
         help="local: this process; ray: chunks spread over a pool of Ray actors (same results)",
     )
     parser.add_argument(
-        "--ray-address", default=None,
+        "--ray-address",
+        default=None,
         help="with --engine ray: an existing cluster (auto, or ray://HEAD:10001); default a local instance",
     )
-    parser.add_argument("--ray-actors", type=int, default=None, help="actors (default: one per GPU, else per CPU)")
     parser.add_argument(
-        "--ray-gpus-per-actor", type=float, default=None,
+        "--ray-actors", type=int, default=None, help="actors (default: one per GPU, else per CPU)"
+    )
+    parser.add_argument(
+        "--ray-gpus-per-actor",
+        type=float,
+        default=None,
         help="GPUs each actor reserves (default: 1 when the cluster has GPUs, else 0)",
     )
 

@@ -49,14 +49,18 @@ PAPER_CIFAR10 = {
 }
 
 
-def method_scores(bundle: Bundle, features: dict[str, dict[str, np.ndarray]], seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+def method_scores(
+    bundle: Bundle, features: dict[str, dict[str, np.ndarray]], seed: int = 0
+) -> dict[str, dict[str, np.ndarray]]:
     """Scores per method per split: baselines from logits, raw LCR, conductance detector, each
     signal set's chosen classifier, and each unified kind of the paper's set."""
     stored = bundle.read_arrays(SCORES_FILE)
     sets = _detectors(bundle).signal_sets
     out: dict[str, dict[str, np.ndarray]] = {}
     for name in BASELINES:
-        out[name] = {s: np.asarray(BASELINE_SCORES[name](features[s]["logits"]), dtype=np.float64) for s in features}
+        out[name] = {
+            s: np.asarray(BASELINE_SCORES[name](features[s]["logits"]), dtype=np.float64) for s in features
+        }
     if all("lcr" in features[s] for s in features):
         out["lcr (raw)"] = {s: features[s]["lcr"].astype(np.float64) for s in features}
     if (bundle.get("lcr") or {}).get("early_stopping"):  # what stopping early costs in detection
@@ -71,7 +75,9 @@ def method_scores(bundle: Bundle, features: dict[str, dict[str, np.ndarray]], se
     return out
 
 
-def method_table(scores: dict[str, dict[str, np.ndarray]], wrong: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+def method_table(
+    scores: dict[str, dict[str, np.ndarray]], wrong: dict[str, np.ndarray]
+) -> dict[str, dict[str, Any]]:
     """Per method: val AUROC, equal-recall threshold chosen on val, recalls on val and test, and the
     test AUPR-error, FPR at 95% wrong recall and AURC."""
     rows = {}
@@ -85,7 +91,9 @@ def method_table(scores: dict[str, dict[str, np.ndarray]], wrong: dict[str, np.n
     return rows
 
 
-def lcr_vs_mutants(features: dict[str, np.ndarray], counts: tuple[int, ...] = MUTANT_COUNTS, draws: int = 20, seed: int = 0) -> dict[str, list[float]]:
+def lcr_vs_mutants(
+    features: dict[str, np.ndarray], counts: tuple[int, ...] = MUTANT_COUNTS, draws: int = 20, seed: int = 0
+) -> dict[str, list[float]]:
     """Val AUROC of LCR from random subsets of k mutants (mean and std over draws)."""
     wrong = wrong_labels(features)
     total = features["mutant_labels"].shape[0]
@@ -96,7 +104,11 @@ def lcr_vs_mutants(features: dict[str, np.ndarray], counts: tuple[int, ...] = MU
         for _ in range(draws if k < total else 1):
             subset = np.sort(rng.choice(total, size=k, replace=False))
             mutant_labels = torch.from_numpy(features["mutant_labels"][subset].astype(np.int64))
-            values.append(auroc(label_change_rate(mutant_labels, torch.from_numpy(features["prediction"])).numpy(), wrong))
+            values.append(
+                auroc(
+                    label_change_rate(mutant_labels, torch.from_numpy(features["prediction"])).numpy(), wrong
+                )
+            )
         out["count"].append(k)
         out["auroc"].append(float(np.mean(values)))
         out["std"].append(float(np.std(values)))
@@ -124,7 +136,9 @@ def evidence_value(
         vs_best, vs_msp = {}, {}
         for seed in detectors.seeds:
             scores = stored[scores_key(seed, name, "test")]
-            vs_best[seed] = paired_bootstrap_auroc(scores, baseline_test, wrong["test"], n_boot=n_boot, seed=seed)
+            vs_best[seed] = paired_bootstrap_auroc(
+                scores, baseline_test, wrong["test"], n_boot=n_boot, seed=seed
+            )
             vs_msp[seed] = paired_bootstrap_auroc(scores, msp_test, wrong["test"], n_boot=n_boot, seed=seed)
         per_seed = [b["diff"] for b in vs_best.values()]
         n_seeds = len(detectors.seeds)
@@ -172,17 +186,26 @@ def paper_comparison(
     for label, method, paper in rows:
         if method not in scores:
             continue
-        boot = paired_bootstrap_auroc(scores[method]["test"], scores["msp"]["test"], wrong_test, n_boot=n_boot, seed=0)
+        boot = paired_bootstrap_auroc(
+            scores[method]["test"], scores["msp"]["test"], wrong_test, n_boot=n_boot, seed=0
+        )
         row = table[method]
-        out.append({
-            "label": label, "method": method,
-            "paper_val_auroc": paper[0] if paper else None,
-            "paper_test_recall_correct": paper[1] if paper else None,
-            "paper_test_recall_wrong": paper[2] if paper else None,
-            "val_auroc": row["val"]["auroc"], "test_auroc": row["test"]["auroc"], "test_ci": list(boot["ci_a"]),
-            "diff_to_msp": boot["diff"], "ci_diff_to_msp": list(boot["ci_diff"]),
-            "test_recall_correct": row["test"]["correct_recall"], "test_recall_wrong": row["test"]["wrong_recall"],
-        })
+        out.append(
+            {
+                "label": label,
+                "method": method,
+                "paper_val_auroc": paper[0] if paper else None,
+                "paper_test_recall_correct": paper[1] if paper else None,
+                "paper_test_recall_wrong": paper[2] if paper else None,
+                "val_auroc": row["val"]["auroc"],
+                "test_auroc": row["test"]["auroc"],
+                "test_ci": list(boot["ci_a"]),
+                "diff_to_msp": boot["diff"],
+                "ci_diff_to_msp": list(boot["ci_diff"]),
+                "test_recall_correct": row["test"]["correct_recall"],
+                "test_recall_wrong": row["test"]["wrong_recall"],
+            }
+        )
     return out
 
 
@@ -196,7 +219,8 @@ def paper_comparison_markdown(rows: list[dict[str, Any]]) -> list[str]:
         paper = fmt(r["paper_val_auroc"], 3) if r["paper_val_auroc"] is not None else "–"
         paper_rec = (
             f"{r['paper_test_recall_correct']:.3f} / {r['paper_test_recall_wrong']:.3f}"
-            if r["paper_test_recall_correct"] is not None else "–"
+            if r["paper_test_recall_correct"] is not None
+            else "–"
         )
         lines.append(
             f"| {r['label']} | {paper} | {fmt(r['val_auroc'], 3)} | {fmt(r['test_auroc'], 4)} {interval(r['test_ci'])} | "
@@ -206,7 +230,9 @@ def paper_comparison_markdown(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def write_report(bundle: Bundle, *, val_images: np.ndarray | None = None, n_boot: int = 1000, progress: bool = True) -> Path:
+def write_report(
+    bundle: Bundle, *, val_images: np.ndarray | None = None, n_boot: int = 1000, progress: bool = True
+) -> Path:
     """Compute every figure, write ``report/metrics.json``, ``report/report.md`` and the PNGs."""
     out = bundle.path / REPORT_DIR
     out.mkdir(exist_ok=True)
@@ -218,7 +244,9 @@ def write_report(bundle: Bundle, *, val_images: np.ndarray | None = None, n_boot
     detectors = _detectors(bundle)
     default_set = detectors.default_set
     gate_name = f"set {default_set}"
-    boot = paired_bootstrap_auroc(scores[gate_name]["test"], scores[best_baseline]["test"], wrong["test"], n_boot=n_boot, seed=0)
+    boot = paired_bootstrap_auroc(
+        scores[gate_name]["test"], scores[best_baseline]["test"], wrong["test"], n_boot=n_boot, seed=0
+    )
     costs = measure_costs(bundle, val_images) if val_images is not None else None
     evidence = evidence_value(bundle, features, wrong, best_baseline, costs, n_boot)
     curve = lcr_vs_mutants(features["val"]) if "mutant_labels" in features["val"] else None
@@ -255,25 +283,40 @@ def write_report(bundle: Bundle, *, val_images: np.ndarray | None = None, n_boot
         "lcr_vs_mutants": curve,
         "paper_comparison": paper_rows,
         "confusion_test": confusion.tolist(),
-        "fallback": [dict(zip(("method", "accuracy", "accuracy_with_fallback", "coverage"), r, strict=True)) for r in fallback_rows],
+        "fallback": [
+            dict(zip(("method", "accuracy", "accuracy_with_fallback", "coverage"), r, strict=True))
+            for r in fallback_rows
+        ],
     }
     (bundle.path / REPORT_METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=float))
 
-    roc_curves = {n: scores[n]["test"] for n in (gate_name, "conductance", "lcr (raw)", best_baseline) if n in scores}
+    roc_curves = {
+        n: scores[n]["test"] for n in (gate_name, "conductance", "lcr (raw)", best_baseline) if n in scores
+    }
     plots.plot_roc(roc_curves, wrong["test"], out / "roc.png", "ROC on test: detecting wrong predictions")
     plots.plot_risk_coverage(roc_curves, wrong["test"], out / "risk_coverage.png", "risk-coverage on test")
     plots.plot_confusion(confusion, out / "confusion.png", f"{default_set} at equal-recall (test)")
     plots.plot_fallback([(r[0], r[1], r[2]) for r in fallback_rows], out / "fallback.png")
     if curve:
-        plots.plot_lcr_vs_mutants(curve["count"], curve["auroc"], curve["std"], table["msp"]["val"]["auroc"], out / "lcr_vs_mutants.png")
+        plots.plot_lcr_vs_mutants(
+            curve["count"],
+            curve["auroc"],
+            curve["std"],
+            table["msp"]["val"]["auroc"],
+            out / "lcr_vs_mutants.png",
+        )
     if costs:
-        plots.plot_auroc_vs_cost([(r["signal_set"], r["cost_fe"], r["test_auroc"]) for r in evidence], out / "auroc_vs_cost.png")
+        plots.plot_auroc_vs_cost(
+            [(r["signal_set"], r["cost_fe"], r["test_auroc"]) for r in evidence], out / "auroc_vs_cost.png"
+        )
     markdown = render_markdown(bundle, metrics)
     if bundle.has_file(SWEEP_FILE):
         markdown += "\n" + sweep_markdown(bundle.read_json(SWEEP_FILE))
     (bundle.path / REPORT_MARKDOWN_FILE).write_text(markdown)
     # The server shows the evidence-value table at /v1/bundle.
-    bundle.set("detectors", replace(detectors, details={**detectors.details, "evidence_value": evidence}).to_dict())
+    bundle.set(
+        "detectors", replace(detectors, details={**detectors.details, "evidence_value": evidence}).to_dict()
+    )
     for path in sorted(out.iterdir()):
         bundle.record_file(f"{REPORT_DIR}/{path.name}")
     bundle.mark_stage("report")
@@ -300,8 +343,11 @@ def _model_lines(man: dict[str, Any]) -> list[str]:
     if pre:
         sources = pre.get("sources", {})
         imported = training.get("imported_from")
-        origin = (f"weights imported from `{training.get('imported_weights')}` ({imported['format']})" if imported
-                  else "trained by predgate")
+        origin = (
+            f"weights imported from `{training.get('imported_weights')}` ({imported['format']})"
+            if imported
+            else "trained by predgate"
+        )
         lines.append(
             f"Model: `{arch['name']}` ({arch.get('source', 'builtin')}), {origin}; input "
             f"{pre['channels']} x {pre['input_size'][0]} x {pre['input_size'][1]} (size from {sources.get('input_size')}, "
@@ -323,14 +369,18 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
     lines = [
         f"# predgate evaluation report: {m['dataset']} ({man['architecture']['name']})",
         "",
-        (f"Bundle `{m['bundle_id']}`. CNN accuracy: cnn-train {fmt(training.get('cnn-train_accuracy'))}, "
-        f"val {fmt(training.get('val_accuracy'))}, test {fmt(training.get('test_accuracy'))}. "
-        f"Splits: {', '.join(f'{k} {v}' for k, v in m['splits'].items())}; wrong predictions: "
-        f"{', '.join(f'{k} {v}' for k, v in m['errors'].items())}."),
-        (f"Conductance: layer `{man['conductance']['layer']}`, mode **{man['conductance']['mode']}** "
-        f"(max relative difference to the 11-point form {man['conductance'].get('shortcut_max_rel_diff', float('nan')):.2g}). "
-        f"Detectors trained on {fit_source(man)} (unified classifiers on out-of-fold conductance scores); "
-        f"the conductance detector reads {_cond_inputs(det)}."),
+        (
+            f"Bundle `{m['bundle_id']}`. CNN accuracy: cnn-train {fmt(training.get('cnn-train_accuracy'))}, "
+            f"val {fmt(training.get('val_accuracy'))}, test {fmt(training.get('test_accuracy'))}. "
+            f"Splits: {', '.join(f'{k} {v}' for k, v in m['splits'].items())}; wrong predictions: "
+            f"{', '.join(f'{k} {v}' for k, v in m['errors'].items())}."
+        ),
+        (
+            f"Conductance: layer `{man['conductance']['layer']}`, mode **{man['conductance']['mode']}** "
+            f"(max relative difference to the 11-point form {man['conductance'].get('shortcut_max_rel_diff', float('nan')):.2g}). "
+            f"Detectors trained on {fit_source(man)} (unified classifiers on out-of-fold conductance scores); "
+            f"the conductance detector reads {_cond_inputs(det)}."
+        ),
     ]
     lines += _model_lines(man)
     if mut:
@@ -359,8 +409,10 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
         "",
         "## Headline",
         "",
-        (f"Default signal set `{m['default_set']}` vs best softmax baseline `{m['best_baseline']}` (chosen on val), "
-        f"test AUROC with {boot['n_boot']} paired bootstrap resamples:"),
+        (
+            f"Default signal set `{m['default_set']}` vs best softmax baseline `{m['best_baseline']}` (chosen on val), "
+            f"test AUROC with {boot['n_boot']} paired bootstrap resamples:"
+        ),
         "",
         "| score | test AUROC | 95% CI |",
         "|---|---|---|",
@@ -386,16 +438,20 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
         "",
         "## Side by side with the paper (CIFAR-10, ResNet20, 81.9% test accuracy)",
         "",
-        ("Recalls at the equal-recall threshold chosen on val; CIs from "
-        f"{boot['n_boot']} bootstrap resamples of test, the difference to MSP paired (MSP is not in the paper)."),
+        (
+            "Recalls at the equal-recall threshold chosen on val; CIs from "
+            f"{boot['n_boot']} bootstrap resamples of test, the difference to MSP paired (MSP is not in the paper)."
+        ),
         "",
         *paper_comparison_markdown(m["paper_comparison"]),
         "",
         "## Evidence value: what each signal set is worth and costs",
         "",
-        (f"Difference = test AUROC minus `{m['best_baseline']}`'s, paired bootstrap 95% CI (seed 0); "
-        f"mean and std over {len(det.seeds)} detector seeds; cost in forward-equivalents per image at batch 64, "
-        "measured on this machine in the same process."),
+        (
+            f"Difference = test AUROC minus `{m['best_baseline']}`'s, paired bootstrap 95% CI (seed 0); "
+            f"mean and std over {len(det.seeds)} detector seeds; cost in forward-equivalents per image at batch 64, "
+            "measured on this machine in the same process."
+        ),
         "",
         "| signal set | kind | val AUROC | test AUROC | diff | 95% CI | seeds: mean ± std | seeds with CI > 0 | diff to MSP [95% CI] | seeds with CI > 0 vs MSP | cost (fwd-eq) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -413,7 +469,11 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
     lines += [
         "",
         f"Best on val: `{best_val['signal_set']}`. Its gain over `{m['best_baseline']}` "
-        + ("holds on test (CI above 0)." if holds else "does **not** hold on test (CI includes or is below 0)."),
+        + (
+            "holds on test (CI above 0)."
+            if holds
+            else "does **not** hold on test (CI includes or is below 0)."
+        ),
         "",
         "## Figures",
         "",
@@ -426,16 +486,25 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
         c = m["lcr_vs_mutants"]
         lines += [
             "LCR val AUROC against the number of mutants (random subsets, mean ± std): "
-            + ", ".join(f"{k}: {a:.3f} ± {s:.3f}" for k, a, s in zip(c["count"], c["auroc"], c["std"], strict=True)),
+            + ", ".join(
+                f"{k}: {a:.3f} ± {s:.3f}" for k, a, s in zip(c["count"], c["auroc"], c["std"], strict=True)
+            ),
             "",
             "![LCR vs mutants](lcr_vs_mutants.png)",
             "",
         ]
     if m["costs"]:
         lines += ["![AUROC vs cost](auroc_vs_cost.png)", ""]
-    lines += ["## Accuracy if every rejected input goes to the fallback (test)", "", "| method | accuracy | with fallback | coverage |", "|---|---|---|---|"]
+    lines += [
+        "## Accuracy if every rejected input goes to the fallback (test)",
+        "",
+        "| method | accuracy | with fallback | coverage |",
+        "|---|---|---|---|",
+    ]
     for r in m["fallback"]:
-        lines.append(f"| {r['method']} | {fmt(r['accuracy'])} | {fmt(r['accuracy_with_fallback'])} | {fmt(r['coverage'], 3)} |")
+        lines.append(
+            f"| {r['method']} | {fmt(r['accuracy'])} | {fmt(r['accuracy_with_fallback'])} | {fmt(r['coverage'], 3)} |"
+        )
     lines += [
         "",
         "## Operating points of the default set (chosen on val)",

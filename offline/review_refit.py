@@ -264,7 +264,10 @@ def _compare(
     per_seed = []
     for seed in range(len(base.fits)):
         scores = {
-            arm: {part: fit.scores(seed, plan.name, table, num_classes, cond_inputs) for part, table in parts.items()}
+            arm: {
+                part: fit.scores(seed, plan.name, table, num_classes, cond_inputs)
+                for part, table in parts.items()
+            }
             for arm, fit in (("base", base), ("reviewed", refit))
         }
         row: dict[str, Any] = {"seed": seed, "scores": scores}
@@ -297,7 +300,9 @@ def verdict(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         text = "the refit hurt: held-out reviewed AUROC below the base's (CI < 0 on at least one seed)"
     else:
         text = "no gain shown: the held-out reviewed AUROC's CI includes 0 on at least one seed"
-    text += "; clean test AUROC " + ("fell (CI < 0 on a seed)" if clean_worse else "did not fall significantly")
+    text += "; clean test AUROC " + (
+        "fell (CI < 0 on a seed)" if clean_worse else "did not fall significantly"
+    )
     text += "; " + (
         "above MSP and DOCTOR on the held-out reviews on every seed"
         if beats_free
@@ -350,8 +355,16 @@ def refit_from_reviews(
     tables, scorers, perturbed, clean_rows = _tables(bundle, plan, extractor, stopping, batch_size=batch_size)
     refit_table, held_table = (
         _review_table(
-            bundle, plan, extractor, stopping, scorers, perturbed, part,
-            batch_size=batch_size, progress=progress, desc=f"evidence ({name} reviews)",
+            bundle,
+            plan,
+            extractor,
+            stopping,
+            scorers,
+            perturbed,
+            part,
+            batch_size=batch_size,
+            progress=progress,
+            desc=f"evidence ({name} reviews)",
         )
         for part, name in ((refit_part, "refit"), (held_part, "held-out"))
     )

@@ -74,7 +74,10 @@ def review_markdown(summary: dict[str, Any]) -> str:
             lines.append(
                 f"| {row['seed']} | {images} | {fmt(got['auroc']['base'])} | {fmt(got['auroc']['reviewed'])} | "
                 f"{fmt(got['auroc']['msp'])} | {fmt(got['auroc']['doctor'])} | "
-                + " | ".join(f"{got[f'diff_vs_{n}']:+.4f} {signed_ci(got[f'ci_vs_{n}'])}" for n in ("base", "msp", "doctor"))
+                + " | ".join(
+                    f"{got[f'diff_vs_{n}']:+.4f} {signed_ci(got[f'ci_vs_{n}'])}"
+                    for n in ("base", "msp", "doctor")
+                )
                 + " |"
             )
     lines += [

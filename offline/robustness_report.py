@@ -53,12 +53,20 @@ log = logging.getLogger("predgate.robustness")
 # Wang et al. (ICSE 2019, arXiv 1812.05793), AUROC adversarial vs. clean, best mutation operator.
 WANG_ANCHORS = {
     "MNIST (LeNet)": {"fgsm": 0.965, "cw-l2": 0.958, "deepfool": 0.986, "square": 0.969, "jsma": 0.996},
-    "CIFAR-10 (GoogLeNet)": {"fgsm": 0.900, "cw-l2": 0.926, "deepfool": 0.977, "square": 0.871, "jsma": 0.976},
+    "CIFAR-10 (GoogLeNet)": {
+        "fgsm": 0.900,
+        "cw-l2": 0.926,
+        "deepfool": 0.977,
+        "square": 0.871,
+        "jsma": 0.976,
+    },
 }
 BASELINE = "msp"
 
 
-def evidence_of(bundle: Bundle, gate: Gate, tag: str, images: int | None, progress: bool) -> dict[str, np.ndarray]:
+def evidence_of(
+    bundle: Bundle, gate: Gate, tag: str, images: int | None, progress: bool
+) -> dict[str, np.ndarray]:
     """The gate's evidence of ``tag``'s rounded adversarial images (cached in the bundle)."""
     adv = load_adversarial(bundle, tag, images)
     name = adversarial_evidence_file(tag)
@@ -69,8 +77,12 @@ def evidence_of(bundle: Bundle, gate: Gate, tag: str, images: int | None, progre
     test = load_splits(bundle)["test"]
     arrays = ImageArrays(adv["images"], test.labels[adv["index"]], bundle.class_names)
     feats = extract_features(
-        gate.extractor, bundle.normalisation, arrays, with_lcr=gate.extractor.ensemble is not None,
-        progress=progress, desc=f"evidence {tag}",
+        gate.extractor,
+        bundle.normalisation,
+        arrays,
+        with_lcr=gate.extractor.ensemble is not None,
+        progress=progress,
+        desc=f"evidence {tag}",
     )
     feats["index"] = adv["index"]
     bundle.write_arrays(name, feats)
@@ -82,7 +94,9 @@ def set_scores(gate: Gate, name: str, table: dict[str, np.ndarray]) -> np.ndarra
     """Signal set ``name``'s unified score of every row, as :meth:`Gate.run` computes it."""
     chosen = gate.signal_set(name)
     cond = gate.cond_score(table["conductance"].astype(np.float64), table["prediction"], chosen)
-    return chosen.classifier.decision_function(signal_matrix(chosen.signals, table["logits"], cond, table.get("lcr")))
+    return chosen.classifier.decision_function(
+        signal_matrix(chosen.signals, table["logits"], cond, table.get("lcr"))
+    )
 
 
 def _take(table: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -120,7 +134,9 @@ def evaluate_attack(
         if fooled.any():
             wang = np.concatenate([sc[clean_correct], sa[fooled]])
             wang_base = np.concatenate([base_c[clean_correct], base_a[fooled]])
-            row["adv_vs_clean"] = paired_bootstrap_auroc(wang, wang_base, wang_target, n_boot=n_boot, seed=seed)
+            row["adv_vs_clean"] = paired_bootstrap_auroc(
+                wang, wang_base, wang_target, n_boot=n_boot, seed=seed
+            )
         mix = np.concatenate([sc, sa])
         if 0 < mix_wrong.sum() < len(mix_wrong):
             row["wrong_vs_correct"] = paired_bootstrap_auroc(
@@ -149,7 +165,10 @@ def wang_check(clean: dict[str, np.ndarray], adv: dict[str, np.ndarray]) -> floa
     fooled = cc & (adv["prediction"] != adv["label"])
     if not fooled.any():
         return None
-    return auroc(np.concatenate([clean["lcr"][cc], adv["lcr"][fooled]]), np.r_[np.zeros(cc.sum()), np.ones(fooled.sum())])
+    return auroc(
+        np.concatenate([clean["lcr"][cc], adv["lcr"][fooled]]),
+        np.r_[np.zeros(cc.sum()), np.ones(fooled.sum())],
+    )
 
 
 def _fmt_ci(r: dict[str, Any] | None, key: str = "auroc_a") -> str:
@@ -188,29 +207,57 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             f"| {tag} | {r['images']} | {r['clean_correct']} | {r['success_rate']:.3f} | {r['adv_accuracy']:.3f} "
             f"| {lcr_c} | {lcr_a} | {raw} |"
         )
-    for setting, title in (("adv_vs_clean", "successful adversarial vs. clean correct (Wang et al.'s setting)"),
-                           ("wrong_vs_correct", "wrong for any reason vs. correct (clean + adversarial rows)")):
+    for setting, title in (
+        ("adv_vs_clean", "successful adversarial vs. clean correct (Wang et al.'s setting)"),
+        ("wrong_vs_correct", "wrong for any reason vs. correct (clean + adversarial rows)"),
+    ):
         sets = list(next(iter(result["attacks"].values()))["sets"])
-        lines += ["", f"## AUROC, {title}", "", "| attack | " + " | ".join(sets) + " |",
-                  "| --- |" + " --- |" * len(sets)]
+        lines += [
+            "",
+            f"## AUROC, {title}",
+            "",
+            "| attack | " + " | ".join(sets) + " |",
+            "| --- |" + " --- |" * len(sets),
+        ]
         for tag, r in result["attacks"].items():
             lines.append(f"| {tag} | " + " | ".join(_fmt_ci(r["sets"][s].get(setting)) for s in sets) + " |")
-        lines += ["", f"Difference to {BASELINE} [95% CI]:", "", "| attack | " + " | ".join(s for s in sets if s != BASELINE) + " |",
-                  "| --- |" + " --- |" * (len(sets) - 1)]
+        lines += [
+            "",
+            f"Difference to {BASELINE} [95% CI]:",
+            "",
+            "| attack | " + " | ".join(s for s in sets if s != BASELINE) + " |",
+            "| --- |" + " --- |" * (len(sets) - 1),
+        ]
         for tag, r in result["attacks"].items():
             lines.append(
-                f"| {tag} | " + " | ".join(_fmt_diff(r["sets"][s].get(setting)) for s in sets if s != BASELINE) + " |"
+                f"| {tag} | "
+                + " | ".join(_fmt_diff(r["sets"][s].get(setting)) for s in sets if s != BASELINE)
+                + " |"
             )
-    lines += ["", "## At the operating points", "",
-              "Rejected share of successful adversarial inputs / of clean correct inputs; accuracy among the",
-              "accepted inputs of the clean + adversarial mix.", ""]
+    lines += [
+        "",
+        "## At the operating points",
+        "",
+        "Rejected share of successful adversarial inputs / of clean correct inputs; accuracy among the",
+        "accepted inputs of the clean + adversarial mix.",
+        "",
+    ]
     # The union over sets: a set may lack a point its scores cannot reach (e.g. a risk target on val).
-    points = list(dict.fromkeys(
-        point for r in result["attacks"].values() for row in r["sets"].values() for point in row["operating_points"]
-    ))
+    points = list(
+        dict.fromkeys(
+            point
+            for r in result["attacks"].values()
+            for row in r["sets"].values()
+            for point in row["operating_points"]
+        )
+    )
     for point in points:
-        lines += [f"### {point}", "", "| attack | set | reject adv | reject clean correct | acc. accepted (mix) |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += [
+            f"### {point}",
+            "",
+            "| attack | set | reject adv | reject clean correct | acc. accepted (mix) |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for tag, r in result["attacks"].items():
             for s, row in r["sets"].items():
                 p = row["operating_points"].get(point)
@@ -223,10 +270,16 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
                     f"| {f(p['accuracy_accepted_mix'])} |"
                 )
         lines.append("")
-    lines += ["## Anchors (Wang et al., ICSE 2019, AUROC adversarial vs. clean, best operator)", "",
-              "| data (model) | FGSM | C&W | DeepFool | black-box | JSMA |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "## Anchors (Wang et al., ICSE 2019, AUROC adversarial vs. clean, best operator)",
+        "",
+        "| data (model) | FGSM | C&W | DeepFool | black-box | JSMA |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for data, a in WANG_ANCHORS.items():
-        lines.append(f"| {data} | {a['fgsm']} | {a['cw-l2']} | {a['deepfool']} | {a['square']} | {a['jsma']} |")
+        lines.append(
+            f"| {data} | {a['fgsm']} | {a['cw-l2']} | {a['deepfool']} | {a['square']} | {a['jsma']} |"
+        )
     lines.append("")
     path.write_text("\n".join(lines))
 
@@ -238,9 +291,7 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     width = 0.8 / len(sets)
     for ax, setting in zip(axes, ("adv_vs_clean", "wrong_vs_correct"), strict=True):
         for i, s in enumerate(sets):
-            vals = [
-                (result["attacks"][t]["sets"][s].get(setting) or {}).get("auroc_a", np.nan) for t in tags
-            ]
+            vals = [(result["attacks"][t]["sets"][s].get(setting) or {}).get("auroc_a", np.nan) for t in tags]
             ax.bar(np.arange(len(tags)) + i * width, vals, width, label=s)
         ax.set_xticks(np.arange(len(tags)) + 0.4 - width / 2)
         ax.set_xticklabels(tags, rotation=60, ha="right", fontsize=6)
@@ -259,11 +310,18 @@ def robustness_report(
 ) -> dict[str, Any]:
     gate = load_gate(bundle)
     stopping = load_early_stopping(bundle)
-    test = apply_early_stopping(load_features(bundle)["test"], stopping) if stopping else load_features(bundle)["test"]
+    test = (
+        apply_early_stopping(load_features(bundle)["test"], stopping)
+        if stopping
+        else load_features(bundle)["test"]
+    )
     stored = sorted(bundle.get(ADVERSARIAL_DIR) or {})
     tags = tags or stored
-    result: dict[str, Any] = {"bundle_id": bundle.manifest.get("bundle_id", bundle.path.name), "n_boot": n_boot,
-                              "attacks": {}}
+    result: dict[str, Any] = {
+        "bundle_id": bundle.manifest.get("bundle_id", bundle.path.name),
+        "n_boot": n_boot,
+        "attacks": {},
+    }
     for tag in tags:
         n = (bundle.get(ADVERSARIAL_DIR) or {}).get(tag, {}).get("images")
         adv = evidence_of(bundle, gate, tag, n, progress)
@@ -284,7 +342,9 @@ def robustness_report(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, required=True)
-    parser.add_argument("--tags", nargs="+", default=None, help="attack folders to include (default: all stored)")
+    parser.add_argument(
+        "--tags", nargs="+", default=None, help="attack folders to include (default: all stored)"
+    )
     parser.add_argument("--n-boot", type=int, default=1000)
 
 

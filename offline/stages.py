@@ -107,10 +107,14 @@ class ModelRequest:
     def recorded(self) -> dict[str, Any]:
         """What the manifest keeps (``model_request``) to refuse a rerun that asks for another model."""
         return {
-            "arch": self.arch, "arch_kwargs": dict(self.arch_kwargs),
+            "arch": self.arch,
+            "arch_kwargs": dict(self.arch_kwargs),
             "code_path": str(Path(self.code_path).resolve()) if self.code_path else None,
-            "weights": _file_record(self.weights), "mean": list(self.mean) if self.mean else None,
-            "std": list(self.std) if self.std else None, "input_size": self.input_size, "channels": self.channels,
+            "weights": _file_record(self.weights),
+            "mean": list(self.mean) if self.mean else None,
+            "std": list(self.std) if self.std else None,
+            "input_size": self.input_size,
+            "channels": self.channels,
             "exclude_indices": _file_record(self.exclude_indices),
         }
 
@@ -143,7 +147,9 @@ def _plan_model(
     the images and gives one logit per class, before any bundle file is written."""
     h, w, c = data_shape
     channels = request.channels or c
-    spec = ModelSpec(request.arch, num_classes, channels, dict(request.arch_kwargs), request.code_path).resolved()
+    spec = ModelSpec(
+        request.arch, num_classes, channels, dict(request.arch_kwargs), request.code_path
+    ).resolved()
     model = spec.build()
     sources = {"channels": "--channels" if request.channels else "the data", "input_size": "--input-size"}
     size = request.input_size
@@ -174,8 +180,13 @@ def _plan_model(
     else:
         layer, how = pick_layer(model, request.arch, input_shape)
     plan = {
-        "size": size, "channels": channels, "input_shape": input_shape, "layer": layer, "layer_chosen_by": how,
-        "mean": _per_channel(mean, channels, "--mean"), "std": _per_channel(std, channels, "--std"),
+        "size": size,
+        "channels": channels,
+        "input_shape": input_shape,
+        "layer": layer,
+        "layer_chosen_by": how,
+        "mean": _per_channel(mean, channels, "--mean"),
+        "std": _per_channel(std, channels, "--std"),
         "sources": sources,
     }
     return spec, model, plan
@@ -293,17 +304,25 @@ def prepare(
         architecture=model_spec.to_dict(),
         overwrite=overwrite,
     )
-    bundle.set("preprocessing", PreprocessingSection(
-        mean=normalisation.mean, std=normalisation.std, input_size=(h, w), channels=c,
-        data_shape=tuple(data_shape), sources=plan["sources"],  # type: ignore[arg-type]
-    ).to_dict())
+    bundle.set(
+        "preprocessing",
+        PreprocessingSection(
+            mean=normalisation.mean,
+            std=normalisation.std,
+            input_size=(h, w),
+            channels=c,
+            data_shape=tuple(data_shape),
+            sources=plan["sources"],  # type: ignore[arg-type]
+        ).to_dict(),
+    )
     bundle.set("model_request", request.recorded())
     bundle.set("profile", profile.to_dict())
     recorded_splits = splits.to_dict()
     if named is not None:
         bundle.write_arrays(CNN_TRAIN_INDICES_FILE, {"indices": named})
         recorded_splits["cnn_train_indices"].update(
-            file=CNN_TRAIN_INDICES_FILE, given_as=Path(request.exclude_indices or "").name,
+            file=CNN_TRAIN_INDICES_FILE,
+            given_as=Path(request.exclude_indices or "").name,
         )
     bundle.set("splits", recorded_splits)
     bundle.set("conductance", {"layer": plan["layer"], "layer_chosen_by": plan["layer_chosen_by"]})
@@ -318,10 +337,17 @@ def train_config(bundle: Bundle, profile: BuildProfile) -> TrainConfig:
     if profile.augment is not None:
         flip, padding = ON_AUGMENTATION if profile.augment else (False, 0)
     return TrainConfig(
-        epochs=profile.epochs, batch_size=profile.batch_size, max_lr=profile.lr or DEFAULT_LR[profile.optimizer],
-        weight_decay=profile.weight_decay, flip=flip, crop_padding=padding, seed=profile.seed,
-        optimizer=profile.optimizer, adv_attack=profile.adv_train,
-        adv_eps=profile.adv_eps if profile.adv_train else 0.0, adv_steps=profile.adv_steps,
+        epochs=profile.epochs,
+        batch_size=profile.batch_size,
+        max_lr=profile.lr or DEFAULT_LR[profile.optimizer],
+        weight_decay=profile.weight_decay,
+        flip=flip,
+        crop_padding=padding,
+        seed=profile.seed,
+        optimizer=profile.optimizer,
+        adv_attack=profile.adv_train,
+        adv_eps=profile.adv_eps if profile.adv_train else 0.0,
+        adv_steps=profile.adv_steps,
     )
 
 
@@ -345,7 +371,9 @@ def train_stage(
         return
     model = build_seeded_model(bundle.model_spec, seed=seed)
     normalisation = bundle.normalisation
-    profile = profile or BuildProfile(epochs=epochs, cnn_train=None, fit=None, val=None, test=None, n_mutants=0)
+    profile = profile or BuildProfile(
+        epochs=epochs, cnn_train=None, fit=None, val=None, test=None, n_mutants=0
+    )
     config = train_config(bundle, replace(profile, epochs=epochs, batch_size=batch_size, seed=seed))
     torch_device = resolve_device(device)
     info: dict[str, Any] = {"device": str(torch_device)}
@@ -358,7 +386,8 @@ def train_stage(
         rel = check_reference(model, imported, x_check, bundle.model_spec.name, file)
         info["imported_weights"] = file
         info["imported_from"] = {
-            **imported.describe(), "sha256": sha256_file(Path(weights)),
+            **imported.describe(),
+            "sha256": sha256_file(Path(weights)),
             **({"reference_max_rel_diff": rel} if rel is not None else {}),
         }
     else:
@@ -392,7 +421,10 @@ def train_stage(
 NORMALISATION_GUESSES = {
     "--mean 0 --std 1 (pixels in [0, 1])": ((0.0,), (1.0,)),
     "--mean 0.5 --std 0.5 (pixels in [-1, 1])": ((0.5,), (0.5,)),
-    "--mean 0.485 0.456 0.406 --std 0.229 0.224 0.225 (ImageNet)": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "--mean 0.485 0.456 0.406 --std 0.229 0.224 0.225 (ImageNet)": (
+        (0.485, 0.456, 0.406),
+        (0.229, 0.224, 0.225),
+    ),
 }
 
 
@@ -419,7 +451,9 @@ def _guess_normalisations(
     for flag, (mean, std) in NORMALISATION_GUESSES.items():
         if len(mean) not in (1, channels):
             continue
-        norm = Normalisation(mean * channels if len(mean) == 1 else mean, std * channels if len(std) == 1 else std)
+        norm = Normalisation(
+            mean * channels if len(mean) == 1 else mean, std * channels if len(std) == 1 else std
+        )
         if norm == current:
             continue
         out[flag] = accuracy(model, norm.apply(images), y)
@@ -454,14 +488,18 @@ def accuracy_check(
     messages: list[str] = []
     better: dict[str, float] = {}
     if training.get("imported_weights"):
-        probe = _guess_normalisations(model, val.images[:n], val.labels[:n], bundle.input_shape[0], bundle.normalisation)
+        probe = _guess_normalisations(
+            model, val.images[:n], val.labels[:n], bundle.input_shape[0], bundle.normalisation
+        )
         probe_acc = float((predictions == val.labels[:n]).mean())
         better = {k: v for k, v in probe.items() if v > probe_acc + 0.1}
     hint = ""
     if better:
         flag, best = max(better.items(), key=lambda kv: kv[1])
-        hint = (f" With {flag} the model gets {best:.1%} of val images right: it was probably trained with that "
-                "normalisation; rerun with those flags and --overwrite.")
+        hint = (
+            f" With {flag} the model gets {best:.1%} of val images right: it was probably trained with that "
+            "normalisation; rerun with those flags and --overwrite."
+        )
     collapsed = top_share >= 0.95 and chance < 0.95
     if acc <= chance + 0.05 or collapsed:
         why = f"gives one class for {top_share:.0%} of val images" if collapsed else "is near chance"
@@ -496,7 +534,12 @@ def accuracy_check(
 
 # ------------------------------------------------------------------------------ conductance
 def conductance_stage(
-    bundle: Bundle, arrays: dict[str, ImageArrays], *, n_steps: int = 10, rule: str = "left", n_check: int = 64
+    bundle: Bundle,
+    arrays: dict[str, ImageArrays],
+    *,
+    n_steps: int = 10,
+    rule: str = "left",
+    n_check: int = 64,
 ) -> None:
     """Decide between the exact shortcut and the general form, proving the shortcut on val images."""
     if bundle.stage_done("conductance"):
@@ -508,14 +551,18 @@ def conductance_stage(
     if "layer_chosen_by" in bundle.manifest["conductance"]:
         info["layer_chosen_by"] = bundle.manifest["conductance"]["layer_chosen_by"]
     try:
-        shortcut = ShortcutConductance.from_model(model, layer, bundle.input_shape, samples=samples, n_steps=n_steps)
+        shortcut = ShortcutConductance.from_model(
+            model, layer, bundle.input_shape, samples=samples, n_steps=n_steps
+        )
     except ConfigError as exc:
         check = verify_shortcut(model, layer, samples, n_steps=n_steps)
         info.update(mode="general", shortcut_refused=str(exc), shortcut_max_rel_diff=check.max_rel_diff)
     else:
         assert shortcut.check_ is not None
         bundle.write_tensors(CONDUCTANCE_FILE, shortcut.state_dict())
-        info.update(mode="shortcut", shortcut_max_rel_diff=shortcut.check_.max_rel_diff, shortcut_samples=n_check)
+        info.update(
+            mode="shortcut", shortcut_max_rel_diff=shortcut.check_.max_rel_diff, shortcut_samples=n_check
+        )
     bundle.set("conductance", info)
     bundle.mark_stage("conductance", mode=info["mode"])
 
@@ -542,7 +589,14 @@ def mutants_stage(
     x_val = bundle.normalisation.apply(val.images[:n])
     start = time.perf_counter()
     mutants = generate_mutants(
-        model, operator, rate, n_mutants, x_val, torch.from_numpy(val.labels[:n]), seed=seed, progress=progress,
+        model,
+        operator,
+        rate,
+        n_mutants,
+        x_val,
+        torch.from_numpy(val.labels[:n]),
+        seed=seed,
+        progress=progress,
         modules=list(modules) if modules else None,
     )
     bundle.write_json(MUTANTS_FILE, mutants.to_dict())
@@ -591,19 +645,30 @@ def features_stage(
         start = time.perf_counter()
         if engine is not None:
             feats, seconds = extract_features_on_ray(
-                engine, str(bundle.path), arrays[split].images, arrays[split].labels,
-                with_lcr=bundle.has_file(MUTANTS_FILE), batch_size=batch_size,
+                engine,
+                str(bundle.path),
+                arrays[split].images,
+                arrays[split].labels,
+                with_lcr=bundle.has_file(MUTANTS_FILE),
+                batch_size=batch_size,
             )
             bundle.write_features(split, feats)
             bundle.mark_stage(stage, images=len(arrays[split]), seconds=seconds, engine="ray")
             continue
         extractor = extractor or load_extractor(bundle)
         feats = extract_features(
-            extractor, bundle.normalisation, arrays[split], with_lcr=extractor.ensemble is not None,
-            batch_size=batch_size, progress=progress, desc=f"features {split}",
+            extractor,
+            bundle.normalisation,
+            arrays[split],
+            with_lcr=extractor.ensemble is not None,
+            batch_size=batch_size,
+            progress=progress,
+            desc=f"features {split}",
         )
         bundle.write_features(split, feats)
-        bundle.mark_stage(stage, images=len(arrays[split]), seconds=time.perf_counter() - start, engine="local")
+        bundle.mark_stage(
+            stage, images=len(arrays[split]), seconds=time.perf_counter() - start, engine="local"
+        )
     lcr_setting_stage(bundle, alpha=early_stopping_alpha, chunk_size=early_stopping_chunk)
 
 
@@ -628,11 +693,14 @@ def lcr_setting_stage(bundle: Bundle, *, alpha: float | None, chunk_size: int = 
         updated = apply_early_stopping(columns, stopping)
         bundle.write_features(split, updated)
         used[split] = float(updated["mutants_used"].mean())
-    bundle.set("lcr", {
-        "early_stopping": stopping.to_dict() if stopping is not None else None,
-        "mean_mutants_used": used,
-        "hypotheses_from": "fit" if stopping is not None else None,
-    })
+    bundle.set(
+        "lcr",
+        {
+            "early_stopping": stopping.to_dict() if stopping is not None else None,
+            "mean_mutants_used": used,
+            "hypotheses_from": "fit" if stopping is not None else None,
+        },
+    )
     bundle.mark_stage("features:lcr")
 
 
@@ -661,7 +729,9 @@ def detectors_stage(
     chosen = {name: s.kind for name, s in first.sets.items()}
     for seed in range(1, seeds):
         fits.append(
-            fit_detectors(features, seed=seed, chosen_kinds=chosen, cond_inputs=cond_inputs, progress=progress)
+            fit_detectors(
+                features, seed=seed, chosen_kinds=chosen, cond_inputs=cond_inputs, progress=progress
+            )
         )
     wrong_val = wrong_labels(features["val"])
 

@@ -32,7 +32,9 @@ def load_setting(path: Path) -> dict[str, Any]:
         raise SystemExit(f"{path}: no {REPORT_METRICS_FILE}; finish the build first (predgate build)")
     metrics = json.loads(metrics_file.read_text())
     if "paper_comparison" not in metrics:
-        raise SystemExit(f"{path}: the report predates the paper comparison; rewrite it (predgate report --bundle {path})")
+        raise SystemExit(
+            f"{path}: the report predates the paper comparison; rewrite it (predgate report --bundle {path})"
+        )
     return {"manifest": bundle.manifest, "detectors": bundle.detectors, "metrics": metrics}
 
 
@@ -60,15 +62,26 @@ def summary_markdown(settings: dict[str, dict[str, Any]]) -> str:
     names = list(settings)
     head = ["method", "paper val AUROC", "paper test recall c / w"]
     for name in names:
-        head += [f"{name}: val AUROC", f"{name}: test AUROC [95% CI]", f"{name}: diff to MSP [95% CI]", f"{name}: test recall c / w"]
-    lines = [*(describe(n, s) for n, s in settings.items()), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        head += [
+            f"{name}: val AUROC",
+            f"{name}: test AUROC [95% CI]",
+            f"{name}: diff to MSP [95% CI]",
+            f"{name}: test recall c / w",
+        ]
+    lines = [
+        *(describe(n, s) for n, s in settings.items()),
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     first = settings[names[0]]["metrics"]["paper_comparison"]
     for i, ref in enumerate(first):
         row = [
             ref["label"],
             fmt(ref["paper_val_auroc"], 3) if ref["paper_val_auroc"] is not None else "–",
             f"{ref['paper_test_recall_correct']:.3f} / {ref['paper_test_recall_wrong']:.3f}"
-            if ref["paper_test_recall_correct"] is not None else "–",
+            if ref["paper_test_recall_correct"] is not None
+            else "–",
         ]
         for name in names:
             rows = {r["label"]: r for r in settings[name]["metrics"]["paper_comparison"]}
@@ -77,7 +90,8 @@ def summary_markdown(settings: dict[str, dict[str, Any]]) -> str:
                 row += ["–"] * 4
                 continue
             row += [
-                fmt(r["val_auroc"], 3), f"{fmt(r['test_auroc'])} {interval(r['test_ci'])}",
+                fmt(r["val_auroc"], 3),
+                f"{fmt(r['test_auroc'])} {interval(r['test_ci'])}",
                 f"{r['diff_to_msp']:+.4f} {signed_ci(r['ci_diff_to_msp'])}",
                 f"{fmt(r['test_recall_correct'], 3)} / {fmt(r['test_recall_wrong'], 3)}",
             ]

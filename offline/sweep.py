@@ -243,10 +243,16 @@ def copy_sweep(source: Bundle, target: Bundle) -> None:
         raise ConfigError(f"{source.path} has no {SWEEP_FILE}: run the sweep there first")
     weights = [b.manifest["files"].get(WEIGHTS_NAME, {}).get("sha256") for b in (source, target)]
     if weights[0] is None or weights[0] != weights[1]:
-        raise ConfigError(f"{source.path} and {target.path} hold different CNN weights: the sweep does not apply")
+        raise ConfigError(
+            f"{source.path} and {target.path} hold different CNN weights: the sweep does not apply"
+        )
     vals = [load_splits(b)["val"] for b in (source, target)]
-    if not (np.array_equal(vals[0].images, vals[1].images) and np.array_equal(vals[0].labels, vals[1].labels)):
-        raise ConfigError(f"{source.path} and {target.path} have different val images: the sweep does not apply")
+    if not (
+        np.array_equal(vals[0].images, vals[1].images) and np.array_equal(vals[0].labels, vals[1].labels)
+    ):
+        raise ConfigError(
+            f"{source.path} and {target.path} have different val images: the sweep does not apply"
+        )
     target.write_json(SWEEP_FILE, source.read_json(SWEEP_FILE))
     target.save()
 

@@ -75,7 +75,10 @@ DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(
-            model.parameters(), lr=config.max_lr, momentum=config.momentum, weight_decay=config.weight_decay,
+            model.parameters(),
+            lr=config.max_lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
             nesterov=True,
         )
     if config.optimizer == "adam":
@@ -99,7 +102,9 @@ def _make_scheduler(
     if config.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.max_lr, total_steps=total)
     if config.schedule == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total))
+        )
     raise ConfigError(f"unknown schedule {config.schedule!r}; choose 'onecycle' or 'cosine'")
 
 
@@ -201,7 +206,9 @@ def train_model(
         result.epochs_done = epoch + 1
         result.wall_seconds += record["seconds"]
         if progress:
-            tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            tqdm.write(
+                " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+            )
         if checkpoint is not None:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             tmp = checkpoint.with_suffix(".tmp")

@@ -447,7 +447,11 @@ class Batcher:
                 ]
             if oom:
                 log.error("gate ran out of memory on a single image: %s", exc)
-                return [OutOfMemory(f"the gate ran out of memory on this image ({type(exc).__name__}); retry later")]
+                return [
+                    OutOfMemory(
+                        f"the gate ran out of memory on this image ({type(exc).__name__}); retry later"
+                    )
+                ]
             if not isinstance(exc, Exception):  # SystemExit, KeyboardInterrupt from the gate thread
                 log.error("gate raised %s on one image", type(exc).__name__)
                 return [RuntimeError(f"the gate raised {type(exc).__name__}")]

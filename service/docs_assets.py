@@ -39,15 +39,19 @@ def install_docs(app: FastAPI) -> None:
 
     async def swagger(request: Request) -> HTMLResponse:
         return get_swagger_ui_html(
-            openapi_url=openapi_url, title=f"{app.title} API",
-            swagger_js_url=f"{ASSETS_PATH}/swagger-ui-bundle.js", swagger_css_url=f"{ASSETS_PATH}/swagger-ui.css",
+            openapi_url=openapi_url,
+            title=f"{app.title} API",
+            swagger_js_url=f"{ASSETS_PATH}/swagger-ui-bundle.js",
+            swagger_css_url=f"{ASSETS_PATH}/swagger-ui.css",
             swagger_favicon_url=f"{ASSETS_PATH}/favicon.png",
         )
 
     async def redoc(request: Request) -> HTMLResponse:
         return get_redoc_html(
-            openapi_url=openapi_url, title=f"{app.title} API",
-            redoc_js_url=f"{ASSETS_PATH}/redoc.standalone.js", redoc_favicon_url=f"{ASSETS_PATH}/favicon.png",
+            openapi_url=openapi_url,
+            title=f"{app.title} API",
+            redoc_js_url=f"{ASSETS_PATH}/redoc.standalone.js",
+            redoc_favicon_url=f"{ASSETS_PATH}/favicon.png",
             with_google_fonts=False,
         )
 

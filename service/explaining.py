@@ -26,7 +26,9 @@ def _b64(data: bytes) -> str:
 
 def _maps(maps: list[FoundMap]) -> list[FeatureMap]:
     return [
-        FeatureMap(channel=m.channel, conductance=m.conductance, png=_b64(m.png) if m.png is not None else None)
+        FeatureMap(
+            channel=m.channel, conductance=m.conductance, png=_b64(m.png) if m.png is not None else None
+        )
         for m in maps
     ]
 
@@ -46,11 +48,15 @@ def to_schema(found: Found, class_names: list[str]) -> Explanation:
     )
 
 
-def _explain(explainer: Explainer, x: torch.Tensor, method: str, top_k: int, names: list[str]) -> list[Explanation]:
+def _explain(
+    explainer: Explainer, x: torch.Tensor, method: str, top_k: int, names: list[str]
+) -> list[Explanation]:
     return [to_schema(found, names) for found in explainer.explain(x, method, top_k)]
 
 
-async def explain_images(loaded: LoadedService, x: torch.Tensor, method: str, top_k: int) -> list[Explanation]:
+async def explain_images(
+    loaded: LoadedService, x: torch.Tensor, method: str, top_k: int
+) -> list[Explanation]:
     """One explanation per row of ``x`` (``N x C x H x W``, normalised), computed off the event loop."""
     if loaded.explainer is None:
         raise ConfigError("explanations need the gate's conductance layer, and this bundle's gate has none")

@@ -53,8 +53,12 @@ def create_app(settings: Settings, *, loaded: LoadedService | None = None) -> Fa
             await state.stop()  # uvicorn has already finished in-flight requests; drain what is queued
 
     app = FastAPI(
-        title="predgate", version=__version__, description=DESCRIPTION, lifespan=lifespan,
-        docs_url=None, redoc_url=None,  # served by install_docs from local assets, not a CDN
+        title="predgate",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,  # served by install_docs from local assets, not a CDN
     )
     app.state.predgate = state
     install_openapi(app, state)  # the document states the bundle's names and tensor shape once loaded

@@ -48,7 +48,9 @@ BATCH_SIZE = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 QUEUE_DEPTH = Gauge(
-    "predgate_queue_depth", "Images waiting in the batching queue (summed over workers).", multiprocess_mode="livesum"
+    "predgate_queue_depth",
+    "Images waiting in the batching queue (summed over workers).",
+    multiprocess_mode="livesum",
 )
 DECISIONS = Counter(
     "predgate_decisions_total",
@@ -108,7 +110,9 @@ DRIFT_WINDOW = Gauge(
     multiprocess_mode="livesum",
 )
 READY = Gauge(
-    "predgate_ready", "1 when the bundle is loaded and warmed up (in any worker), else 0.", multiprocess_mode="livemax"
+    "predgate_ready",
+    "1 when the bundle is loaded and warmed up (in any worker), else 0.",
+    multiprocess_mode="livemax",
 )
 DEADLINE_EXPIRED = Counter(
     "predgate_deadline_expired_total",

@@ -69,7 +69,11 @@ class RequestContextMiddleware:
         self.app = app
         self.default_timeout_s = default_timeout_s
         self.max_timeout_s = max_timeout_s
-        self.max_header_bytes, self.max_headers, self.max_target_bytes = max_header_bytes, max_headers, max_target_bytes
+        self.max_header_bytes, self.max_headers, self.max_target_bytes = (
+            max_header_bytes,
+            max_headers,
+            max_target_bytes,
+        )
 
     def _oversized(self, scope: Scope) -> tuple[int, str] | None:
         """uvicorn's h11 parser bounds neither header size nor count when they arrive in one read."""
@@ -90,7 +94,11 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         oversized = self._oversized(scope)
-        headers = {} if oversized else {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = (
+            {}
+            if oversized
+            else {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        )
         given = headers.get(REQUEST_ID_HEADER, "")
         request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         id_header = (REQUEST_ID_HEADER.encode(), request_id.encode())
@@ -153,7 +161,9 @@ class StrictQueryMiddleware:
                 self._map = {path: frozenset(names) for path, names in self._allowed().items()}
             names = self._map.get(scope["path"])
             if names is not None:
-                given = {k for k, _ in parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)}
+                given = {
+                    k for k, _ in parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+                }
                 unknown = sorted(given - names)
                 if unknown:
                     shown = [name[:40] for name in unknown[:5]]

@@ -76,7 +76,9 @@ def _string_branch(schema: dict[str, Any], change: Callable[[dict[str, Any]], di
 def _refine_fields(properties: dict[str, Any], names: dict[str, list[str]], shape: Any, limit: int) -> None:
     for field, values in names.items():
         if field in properties and values:
-            _string_branch(properties[field], lambda b, values=values: {**b, "type": "string", "enum": values})
+            _string_branch(
+                properties[field], lambda b, values=values: {**b, "type": "string", "enum": values}
+            )
     if "image" in properties:
         _string_branch(properties["image"], lambda _: image_string_schema())
     if "tensor" in properties:
@@ -111,7 +113,9 @@ def refine(
         for parameter in operation.get("parameters", []):
             values = names.get(parameter.get("name", "")) if parameter.get("in") == "query" else None
             if values:
-                _string_branch(parameter["schema"], lambda b, values=values: {**b, "type": "string", "enum": values})
+                _string_branch(
+                    parameter["schema"], lambda b, values=values: {**b, "type": "string", "enum": values}
+                )
         for media in operation.get("requestBody", {}).get("content", {}).values():
             schema = media.get("schema", {})
             properties = schema.get("properties")

@@ -160,7 +160,9 @@ def _decode_files(blobs: list[bytes], loaded: LoadedService, names: list[str]) -
     return _images_to_tensor(images, loaded)
 
 
-def _decode_base64s(texts: list[str], loaded: LoadedService, names: list[str]) -> tuple[torch.Tensor, list[bytes]]:
+def _decode_base64s(
+    texts: list[str], loaded: LoadedService, names: list[str]
+) -> tuple[torch.Tensor, list[bytes]]:
     """The images and their decoded bytes (what the fallback item carries as the image received)."""
     images, blobs = [], []
     for text, name in zip(texts, names, strict=True):

@@ -69,7 +69,9 @@ class ExplainJSON(BaseModel):
     """``POST /explain`` as JSON: exactly one of ``image`` or ``tensor``; its options (``method``,
     ``top_k_maps``) are query parameters."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_exactly_one("image", "string", "tensor", "array"))
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra=_exactly_one("image", "string", "tensor", "array")
+    )
 
     image: str | None = Field(None, description="base64 PNG or JPEG (a data: URL prefix is allowed)")
     tensor: list[Any] | None = Field(
@@ -115,12 +117,15 @@ class FeatureMap(BaseModel):
     channel: int = Field(description="channel index in the conductance layer")
     conductance: float = Field(description="its conductance for the class (the bundle's conductance)")
     png: str | None = Field(
-        None, description="base64 PNG of the channel's activation for this image (heat colours, min-max scaled)"
+        None,
+        description="base64 PNG of the channel's activation for this image (heat colours, min-max scaled)",
     )
 
 
 class TopFeatureMaps(BaseModel):
-    predicted: list[FeatureMap] = Field(description="channels with the largest conductance for the prediction")
+    predicted: list[FeatureMap] = Field(
+        description="channels with the largest conductance for the prediction"
+    )
     runner_up: list[FeatureMap] = Field(description="channels with the largest conductance for the runner-up")
 
 
@@ -148,8 +153,12 @@ class CascadeOpinion(BaseModel):
 
     label: int = Field(description="the cascade CNN's predicted class index")
     class_name: str
-    probabilities: list[float] = Field(description="the cascade CNN's softmax over all classes, in label order")
-    conductance_score: float | None = Field(description="its conductance detector's P(wrong); null when not computed")
+    probabilities: list[float] = Field(
+        description="the cascade CNN's softmax over all classes, in label order"
+    )
+    conductance_score: float | None = Field(
+        description="its conductance detector's P(wrong); null when not computed"
+    )
     lcr: float | None = Field(description="its label change rate; null when not computed")
     unified_score: float = Field(description="its signal set's P(wrong), compared with its threshold")
     verdict: Literal["accept", "unknown"] = Field(description="the cascade gate's own verdict")
@@ -176,15 +185,20 @@ class Prediction(BaseModel):
     label: int = Field(description="the answer's class index: the primary's, or the cascade's if it decided")
     class_name: str
     top_k: list[ClassProbability] = Field(description="top classes of the model that gave the label")
-    probabilities: list[float] = Field(description="the primary CNN's softmax over all classes, in label order")
-    primary_label: int = Field(description="the primary CNN's predicted class (differs from label only if "
-                               "the cascade decided with another class)")
+    probabilities: list[float] = Field(
+        description="the primary CNN's softmax over all classes, in label order"
+    )
+    primary_label: int = Field(
+        description="the primary CNN's predicted class (differs from label only if "
+        "the cascade decided with another class)"
+    )
     decided_by: DecidedBy = Field(
         description="who made the verdict: primary (its gate accepted), cascade (the primary rejected, the "
         "cascade bundle accepted), none (unknown: rejected by every gate that ran; sent to the fallback)"
     )
     cascade: CascadeOpinion | None = Field(
-        None, description="the cascade bundle's opinion, where the primary rejected and a cascade is configured"
+        None,
+        description="the cascade bundle's opinion, where the primary rejected and a cascade is configured",
     )
     conductance_score: float | None = Field(
         description="conductance detector's P(wrong); null when not computed"

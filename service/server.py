@@ -120,7 +120,7 @@ def _serve_workers(settings: Settings) -> int:
             workers=settings.workers,
             log_level=settings.log_level.lower(),
             timeout_graceful_shutdown=int(settings.graceful_timeout_s),
-        timeout_keep_alive=max(1, round(settings.keep_alive_s)),
+            timeout_keep_alive=max(1, round(settings.keep_alive_s)),
             lifespan="on",
             **extra,
         )

@@ -56,14 +56,18 @@ class Settings(BaseSettings):
         "clients, drop the old one); any key set turns bearer auth on",
     )
     rate_limit_per_s: float | None = Field(
-        None, gt=0, description="requests per second each API key (or client address, without keys) may "
+        None,
+        gt=0,
+        description="requests per second each API key (or client address, without keys) may "
         "make to the predict routes (token bucket); None = no limit; beyond it 429 + Retry-After",
     )
     rate_limit_burst: int = Field(
         10, ge=1, description="size of each token bucket: requests a key may make at once after a pause"
     )
     request_timeout_s: float = Field(
-        60.0, gt=0, description="deadline of a request without X-Request-Timeout (kept in request.state.deadline)"
+        60.0,
+        gt=0,
+        description="deadline of a request without X-Request-Timeout (kept in request.state.deadline)",
     )
     body_timeout_s: float = Field(
         30.0, gt=0, description="longest time to receive a request body; a trickling body gets 408"
@@ -78,7 +82,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address uvicorn binds (0.0.0.0 in the container)")
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(
-        1, ge=1, description="uvicorn worker processes, each with its own gate and batcher (metrics: multiprocess)"
+        1,
+        ge=1,
+        description="uvicorn worker processes, each with its own gate and batcher (metrics: multiprocess)",
     )
     drift_window: int = Field(
         1000, ge=2, description="answered images per signal set in the drift window (KS test vs val scores)"
@@ -113,7 +119,9 @@ class Settings(BaseSettings):
         5, ge=1, le=1000, description="feature maps listed per class (predicted, runner-up) in an explanation"
     )
     explain_ig_steps: int = Field(
-        16, ge=1, le=256,
+        16,
+        ge=1,
+        le=256,
         description="integration points of integrated gradients (each a forward and backward row per image)",
     )
     fallback_explain: bool = Field(
@@ -128,7 +136,8 @@ class Settings(BaseSettings):
         "no fallback delivery. Items wait in a durable outbox under fallback_dir until acknowledged (2xx)",
     )
     fallback_dir: Path = Field(
-        Path("data/fallback"), description="directory of the fallback outbox (SQLite, WAL); keep it on a volume"
+        Path("data/fallback"),
+        description="directory of the fallback outbox (SQLite, WAL); keep it on a volume",
     )
     fallback_redis_url: SecretStr | None = Field(
         None,
@@ -138,7 +147,8 @@ class Settings(BaseSettings):
         "Not with the review page, which keeps its labels in the SQLite outbox",
     )
     fallback_redis_prefix: str = Field(
-        "predgate:fallback:", min_length=1,
+        "predgate:fallback:",
+        min_length=1,
         description="prefix of the Redis outbox's keys: replicas that share an outbox use the same one",
     )
     fallback_token: SecretStr | None = Field(None, description="bearer token sent to the fallback URL")
@@ -146,7 +156,9 @@ class Settings(BaseSettings):
     fallback_max_attempts: int = Field(
         10, ge=1, description="failed attempts after which an item is dead-lettered (kept, not retried)"
     )
-    fallback_backoff_base_s: float = Field(0.5, gt=0, description="first retry waits up to this (full jitter)")
+    fallback_backoff_base_s: float = Field(
+        0.5, gt=0, description="first retry waits up to this (full jitter)"
+    )
     fallback_backoff_cap_s: float = Field(60.0, gt=0, description="longest wait between two attempts")
     fallback_lease_s: float = Field(
         30.0,
@@ -161,7 +173,9 @@ class Settings(BaseSettings):
         "under fallback_dir. Without fallback_url the page is the fallback: every unknown image is stored "
         "for review, and a review marks it delivered",
     )
-    review_page_size: int = Field(50, ge=1, le=1000, description="rejected inputs the review page lists at once")
+    review_page_size: int = Field(
+        50, ge=1, le=1000, description="rejected inputs the review page lists at once"
+    )
 
     cascade_bundle: Path | None = Field(
         None,
@@ -171,7 +185,8 @@ class Settings(BaseSettings):
         "as the primary; None = no cascade",
     )
     cascade_signal_set: str | None = Field(
-        None, description="signal set of the cascade bundle that makes its verdict; None = that bundle's default"
+        None,
+        description="signal set of the cascade bundle that makes its verdict; None = that bundle's default",
     )
     cascade_operating_point: str | None = Field(
         None, description="operating point of that set; None = the set's default"
@@ -220,7 +235,9 @@ class Settings(BaseSettings):
         """A cascade signal set or point without a cascade bundle is a typo or a half-removed setting."""
         if self.cascade_bundle is None:
             named = [
-                name for name in ("cascade_signal_set", "cascade_operating_point") if getattr(self, name) is not None
+                name
+                for name in ("cascade_signal_set", "cascade_operating_point")
+                if getattr(self, name) is not None
             ]
             if named:
                 raise ValueError(

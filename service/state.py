@@ -79,7 +79,10 @@ def load_service(settings: Settings) -> LoadedService:
     gate.signal_set(None).point(settings.operating_point)  # raises ConfigError naming the stored points
     contract = InputContract.from_shape(bundle.input_shape, settings.resize, settings.max_image_pixels)
     drift = DriftGauges(
-        bundle, list(gate.signal_sets), settings.drift_window, min(settings.drift_min_window, settings.drift_window)
+        bundle,
+        list(gate.signal_sets),
+        settings.drift_window,
+        min(settings.drift_min_window, settings.drift_window),
     )
     explainer = (
         Explainer.from_gate(gate, bundle, ig_steps=settings.explain_ig_steps)
@@ -89,7 +92,11 @@ def load_service(settings: Settings) -> LoadedService:
     cascade = None
     if settings.cascade_bundle is not None:
         cascade = load_cascade(
-            settings.cascade_bundle, bundle, device, settings.cascade_signal_set, settings.cascade_operating_point,
+            settings.cascade_bundle,
+            bundle,
+            device,
+            settings.cascade_signal_set,
+            settings.cascade_operating_point,
             settings.backend,
         )
     return LoadedService(bundle, gate, contract, device, drift, explainer, cascade)
@@ -201,7 +208,9 @@ class ServiceState:
         if cascade is not None:
             log.info(
                 "cascade: bundle %s decides the primary's unknowns (signal set %s, operating point %s)",
-                cascade.bundle_id, cascade.signal_set, cascade.operating_point,
+                cascade.bundle_id,
+                cascade.signal_set,
+                cascade.operating_point,
             )
 
     def _start_fallback(self, url: str | None) -> None:
@@ -219,7 +228,10 @@ class ServiceState:
                 settings.fallback_redis_prefix,
             )
         if url is None:
-            log.info("review page on, no fallback URL: unknown images wait in %s for a person", self.outbox.location)
+            log.info(
+                "review page on, no fallback URL: unknown images wait in %s for a person",
+                self.outbox.location,
+            )
             return
         token = settings.fallback_token.get_secret_value() if settings.fallback_token is not None else None
         policy = DeliveryPolicy(
@@ -235,7 +247,9 @@ class ServiceState:
         counts = self.outbox.counts()
         log.info(
             "fallback delivery to %s: outbox %s, %d pending from earlier runs",
-            url, self.outbox.location, counts.pending,
+            url,
+            self.outbox.location,
+            counts.pending,
         )
         self.delivery.start()
 

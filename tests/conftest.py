@@ -33,8 +33,16 @@ def cifar10_npz_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # A finished bundle built by the real pipeline on generated data: small enough for CI (about a
 # minute), hard enough that the CNN makes errors for the detectors to learn from.
 TINY_PROFILE = {
-    "epochs": 3, "batch_size": 32, "cnn_train": 500, "fit": 250, "val": 200, "test": 200,
-    "n_mutants": 8, "mutation_rate": 0.005, "n_boot": 50, "detector_seeds": 2,
+    "epochs": 3,
+    "batch_size": 32,
+    "cnn_train": 500,
+    "fit": 250,
+    "val": 200,
+    "test": 200,
+    "n_mutants": 8,
+    "mutation_rate": 0.005,
+    "n_boot": 50,
+    "detector_seeds": 2,
 }
 
 
@@ -54,7 +62,10 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: Path) -
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     build_bundle(
-        out, DataSource("fashion-mnist", str(tiny_data_dir)), BuildProfile(**TINY_PROFILE),
-        device="cpu", progress=False,
+        out,
+        DataSource("fashion-mnist", str(tiny_data_dir)),
+        BuildProfile(**TINY_PROFILE),
+        device="cpu",
+        progress=False,
     )
     return out

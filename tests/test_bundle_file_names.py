@@ -54,8 +54,13 @@ def bundle_names(source: str) -> list[tuple[int, str]]:
 
 
 def test_the_scan_finds_bundle_names() -> None:
-    found = [name for _, name in bundle_names('"""features/x.npz in a docstring"""\nA = "detectors/scores.npz"\n'
-                                              'B = f"{stem}.json"\nC = "report/metrics.json"\nD = "a sentence."\n')]
+    found = [
+        name
+        for _, name in bundle_names(
+            '"""features/x.npz in a docstring"""\nA = "detectors/scores.npz"\n'
+            'B = f"{stem}.json"\nC = "report/metrics.json"\nD = "a sentence."\n'
+        )
+    ]
     assert sorted(found) == [".json", "detectors/scores.npz", "report/metrics.json"]
 
 

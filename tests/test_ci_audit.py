@@ -13,14 +13,20 @@ SCRIPT = Path(__file__).resolve().parents[1] / ".ci" / "audit_summary.py"
 def run(tmp_path: Path, dependencies: list[dict]) -> subprocess.CompletedProcess[str]:
     report = tmp_path / "report.json"
     report.write_text(json.dumps({"dependencies": dependencies, "fixes": []}))
-    return subprocess.run([sys.executable, str(SCRIPT), str(report)], capture_output=True, text=True, check=False)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), str(report)], capture_output=True, text=True, check=False
+    )
 
 
 def test_a_vulnerability_with_a_fixed_release_fails(tmp_path: Path) -> None:
     done = run(
         tmp_path,
         [
-            {"name": "requests", "version": "2.25.1", "vulns": [{"id": "GHSA-x", "fix_versions": ["2.31.0"]}]},
+            {
+                "name": "requests",
+                "version": "2.25.1",
+                "vulns": [{"id": "GHSA-x", "fix_versions": ["2.31.0"]}],
+            },
             {"name": "numpy", "version": "2.0.0", "vulns": []},
         ],
     )
@@ -38,4 +44,7 @@ def test_one_without_a_fix_is_reported_and_passes(tmp_path: Path) -> None:
 def test_nothing_audited_is_said_out_loud(tmp_path: Path) -> None:
     done = run(tmp_path, [{"name": "a", "skip_reason": "Dependency not found on PyPI"}])
     assert done.returncode == 0
-    assert "0 audited, 1 could not be audited" in done.stdout and "WARNING: no package could be audited" in done.stdout
+    assert (
+        "0 audited, 1 could not be audited" in done.stdout
+        and "WARNING: no package could be audited" in done.stdout
+    )

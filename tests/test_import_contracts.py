@@ -15,14 +15,22 @@ ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("models", "offline", "service", "bench", "cli")
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
-pytestmark = pytest.mark.skipif(not LINT_IMPORTS.exists(), reason="import-linter (dev extra) is not installed")
+pytestmark = pytest.mark.skipif(
+    not LINT_IMPORTS.exists(), reason="import-linter (dev extra) is not installed"
+)
 
 
 def _lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
     # PYTHONPATH first: the packages of `root` shadow the installed (editable) ones of this checkout.
     env = {**os.environ, "PYTHONPATH": str(root)}
     return subprocess.run(
-        [str(LINT_IMPORTS), "--no-cache"], check=False, cwd=root, env=env, capture_output=True, text=True, timeout=120
+        [str(LINT_IMPORTS), "--no-cache"],
+        check=False,
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -43,18 +51,31 @@ def test_contracts_hold_on_this_tree() -> None:
     ("added", "broken"),
     [
         ({"models/_forbidden.py": "import service.settings\n"}, "models._forbidden -> service.settings"),
-        ({"offline/_forbidden.py": "from bench.common import finish\n"}, "offline._forbidden -> bench.common"),
+        (
+            {"offline/_forbidden.py": "from bench.common import finish\n"},
+            "offline._forbidden -> bench.common",
+        ),
         ({"service/_forbidden.py": "import offline.report\n"}, "service._forbidden -> offline.report"),
         ({"bench/_forbidden.py": "import cli.main\n"}, "bench._forbidden -> cli.main"),
         # captum only through models.explanations, which keeps its hooks off the gate's model
         ({"service/_forbidden.py": "import captum.attr\n"}, "service._forbidden -> captum"),
         # a cycle inside a part: models.errors -> models._forbidden -> models.errors
         (
-            {"models/_forbidden.py": "import models.errors\n", "models/errors.py": "import models._forbidden\n"},
+            {
+                "models/_forbidden.py": "import models.errors\n",
+                "models/errors.py": "import models._forbidden\n",
+            },
             ".errors -> ._forbidden",
         ),
     ],
-    ids=["models->service", "offline->bench", "service->offline", "bench->cli", "service->captum", "cycle-in-models"],
+    ids=[
+        "models->service",
+        "offline->bench",
+        "service->offline",
+        "bench->cli",
+        "service->captum",
+        "cycle-in-models",
+    ],
 )
 def test_a_forbidden_import_breaks_a_contract(tmp_path: Path, added: dict[str, str], broken: str) -> None:
     root = _copy_tree(tmp_path)

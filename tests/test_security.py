@@ -11,10 +11,14 @@ PACKAGES = ("models", "offline", "service", "bench", "cli")
 UNPICKLERS = {"pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
 KNOWN = {
     # (file, line text): why it is tolerated for now; each is reported to its owner to fix
-    ("offline/train.py", "torch.load(checkpoint, map_location=device, weights_only=False)"):
-        "resumes the training run's own checkpoint (optimizer state); not reachable from the service",
-    ("bench/gate.py", "torch.load(inputs)"):
-        "bench input file; torch >= 2.6 defaults to weights_only=True, but it must say so",
+    (
+        "offline/train.py",
+        "torch.load(checkpoint, map_location=device, weights_only=False)",
+    ): "resumes the training run's own checkpoint (optimizer state); not reachable from the service",
+    (
+        "bench/gate.py",
+        "torch.load(inputs)",
+    ): "bench input file; torch >= 2.6 defaults to weights_only=True, but it must say so",
 }
 
 

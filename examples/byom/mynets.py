@@ -20,9 +20,14 @@ class SmallVGG(nn.Module):
     def __init__(self, width: int = 32, in_channels: int = 1, num_classes: int = 10) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            *_block(in_channels, width), *_block(width, width), nn.MaxPool2d(2),
-            *_block(width, 2 * width), *_block(2 * width, 2 * width), nn.MaxPool2d(2),
-            *_block(2 * width, 4 * width), *_block(4 * width, 4 * width),
+            *_block(in_channels, width),
+            *_block(width, width),
+            nn.MaxPool2d(2),
+            *_block(width, 2 * width),
+            *_block(2 * width, 2 * width),
+            nn.MaxPool2d(2),
+            *_block(2 * width, 4 * width),
+            *_block(4 * width, 4 * width),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(4 * width, num_classes)

@@ -25,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["status", "dead", "requeue"])
     args = parser.parse_args(argv)
     if args.redis_url is None and not (args.dir / DB_FILE).is_file():
-        print(f"no outbox at {args.dir / DB_FILE}: give the server's PREDGATE_FALLBACK_DIR with --dir", file=sys.stderr)
+        print(
+            f"no outbox at {args.dir / DB_FILE}: give the server's PREDGATE_FALLBACK_DIR with --dir",
+            file=sys.stderr,
+        )
         return 2
     try:
         outbox = open_store(args.dir, args.redis_url, args.redis_prefix)

@@ -78,7 +78,9 @@ def _retry_after_s(value: str | None) -> float:
 class DeliveryWorker:
     """Claims due items, POSTs each, records the outcome; :meth:`run_once` is one round (for tests)."""
 
-    def __init__(self, outbox: FallbackStore, policy: DeliveryPolicy, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, outbox: FallbackStore, policy: DeliveryPolicy, rng: random.Random | None = None
+    ) -> None:
         self.outbox = outbox
         self.policy = policy
         self.rng = rng or random.Random()
@@ -95,7 +97,9 @@ class DeliveryWorker:
         }
         if self.policy.token:
             headers["Authorization"] = f"Bearer {self.policy.token}"
-        request = urllib.request.Request(self.policy.url, data=item_body(item), headers=headers, method="POST")
+        request = urllib.request.Request(
+            self.policy.url, data=item_body(item), headers=headers, method="POST"
+        )
         try:
             with urllib.request.urlopen(request, timeout=self.policy.timeout_s) as response:
                 return response.status, None, ""

@@ -136,7 +136,9 @@ class Outbox:
                 "ORDER BY next_attempt_at LIMIT ?",
                 (now, now, limit),
             ).fetchall()
-            db.executemany("UPDATE items SET lease_until = ? WHERE key = ?", [(now + lease_s, r[0]) for r in rows])
+            db.executemany(
+                "UPDATE items SET lease_until = ? WHERE key = ?", [(now + lease_s, r[0]) for r in rows]
+            )
         return [Claimed(r[0], r[1], r[2], NewItem(json.loads(r[3]), r[4], r[5])) for r in rows]
 
     def delivered(self, key: str, now: float | None = None) -> None:
@@ -176,14 +178,23 @@ class Outbox:
         return int(cursor.rowcount)
 
     def dead_items(self, limit: int = 100) -> list[dict[str, Any]]:
-        rows = self.connection().execute(
-            "SELECT key, created_at, attempts, last_error, meta FROM items WHERE state = 'dead' "
-            "ORDER BY created_at LIMIT ?",
-            (limit,),
-        ).fetchall()
+        rows = (
+            self.connection()
+            .execute(
+                "SELECT key, created_at, attempts, last_error, meta FROM items WHERE state = 'dead' "
+                "ORDER BY created_at LIMIT ?",
+                (limit,),
+            )
+            .fetchall()
+        )
         return [
-            {"key": r[0], "created_at": r[1], "attempts": r[2], "last_error": r[3],
-             "request_id": json.loads(r[4]).get("request_id")}
+            {
+                "key": r[0],
+                "created_at": r[1],
+                "attempts": r[2],
+                "last_error": r[3],
+                "request_id": json.loads(r[4]).get("request_id"),
+            }
             for r in rows
         ]
 
@@ -201,14 +212,22 @@ class Outbox:
 
     def item(self, key: str) -> dict[str, Any] | None:
         """One item: state, attempts, last error, record and image (for tests and operators)."""
-        row = self.connection().execute(
-            "SELECT state, attempts, last_error, meta, image, image_type FROM items WHERE key = ?", (key,)
-        ).fetchone()
+        row = (
+            self.connection()
+            .execute(
+                "SELECT state, attempts, last_error, meta, image, image_type FROM items WHERE key = ?", (key,)
+            )
+            .fetchone()
+        )
         if row is None:
             return None
         return {
-            "state": row[0], "attempts": row[1], "last_error": row[2], "meta": json.loads(row[3]),
-            "image": row[4], "image_type": row[5],
+            "state": row[0],
+            "attempts": row[1],
+            "last_error": row[2],
+            "meta": json.loads(row[3]),
+            "image": row[4],
+            "image_type": row[5],
         }
 
     def close(self) -> None:

@@ -137,16 +137,21 @@ redis.call('ZREM', p .. 'delayed', key)
 """
 
 # ARGV: prefix, group, key, now
-_DELIVERED = _LEAVE_STREAM + """
+_DELIVERED = (
+    _LEAVE_STREAM
+    + """
 redis.call('HSET', item, 'state', 'delivered', 'delivered_at', ARGV[4], 'entry', '')
 redis.call('HDEL', item, 'image')
 redis.call('ZREM', p .. 'pending', key)
 redis.call('ZADD', p .. 'delivered', ARGV[4], key)
 return 1
 """
+)
 
 # ARGV: prefix, group, key, error, retry_at ('' = dead)
-_FAILED = _LEAVE_STREAM + """
+_FAILED = (
+    _LEAVE_STREAM
+    + """
 redis.call('HSET', item, 'last_error', ARGV[4], 'entry', '')
 if ARGV[5] == '' then
   redis.call('HSET', item, 'state', 'dead')
@@ -158,6 +163,7 @@ else
 end
 return 1
 """
+)
 
 # ARGV: prefix, now
 _REQUEUE = """
@@ -213,7 +219,11 @@ class RedisOutbox:
         # the item no longer pending; a repeated retry counts one attempt more); a timeout is not repeated
         retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 2, supported_errors=(redis.ConnectionError,))
         self.client = redis.Redis.from_url(
-            url, socket_connect_timeout=5.0, socket_timeout=socket_timeout_s, health_check_interval=30, retry=retry
+            url,
+            socket_connect_timeout=5.0,
+            socket_timeout=socket_timeout_s,
+            health_check_interval=30,
+            retry=retry,
         )
         self.consumer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stream = prefix + "stream"
@@ -264,10 +274,14 @@ class RedisOutbox:
         """Lease up to ``limit`` items: entries other workers left unacknowledged for ``lease_s`` first
         (their worker died), then new ones; due retries join the stream first."""
         now = time.time() if now is None else now
-        rows = self._claim(args=[self.prefix, GROUP, self.consumer, limit, max(1, round(lease_s * 1000)), repr(now)])
+        rows = self._claim(
+            args=[self.prefix, GROUP, self.consumer, limit, max(1, round(lease_s * 1000)), repr(now)]
+        )
         return [
             Claimed(
-                key.decode(), float(created), int(attempts),
+                key.decode(),
+                float(created),
+                int(attempts),
                 NewItem(json.loads(meta), bytes(image or b""), image_type.decode()),
             )
             for key, created, attempts, meta, image, image_type in rows
@@ -296,8 +310,13 @@ class RedisOutbox:
             if meta is None:  # requeued between the two reads
                 continue
             out.append(
-                {"key": key.decode(), "created_at": float(created), "attempts": int(attempts),
-                 "last_error": _text(error), "request_id": json.loads(meta).get("request_id")}
+                {
+                    "key": key.decode(),
+                    "created_at": float(created),
+                    "attempts": int(attempts),
+                    "last_error": _text(error),
+                    "request_id": json.loads(meta).get("request_id"),
+                }
             )
         return out
 
@@ -322,8 +341,12 @@ class RedisOutbox:
         if not h:
             return None
         return {
-            "state": h[b"state"].decode(), "attempts": int(h[b"attempts"]), "last_error": _text(h.get(b"last_error")),
-            "meta": json.loads(h[b"meta"]), "image": h.get(b"image", b""), "image_type": h[b"image_type"].decode(),
+            "state": h[b"state"].decode(),
+            "attempts": int(h[b"attempts"]),
+            "last_error": _text(h.get(b"last_error")),
+            "meta": json.loads(h[b"meta"]),
+            "image": h.get(b"image", b""),
+            "image_type": h[b"image_type"].decode(),
         }
 
     def close(self) -> None:

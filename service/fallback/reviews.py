@@ -83,23 +83,39 @@ class ReviewStore:
     @staticmethod
     def _item(row: tuple[Any, ...]) -> StoredItem:
         return StoredItem(
-            key=row[0], created_at=row[1], state=row[2], meta=json.loads(row[3]), image_type=row[4],
-            label=row[5], reviewed=bool(row[6]), reviewer=row[7], reviewed_at=row[8],
+            key=row[0],
+            created_at=row[1],
+            state=row[2],
+            meta=json.loads(row[3]),
+            image_type=row[4],
+            label=row[5],
+            reviewed=bool(row[6]),
+            reviewer=row[7],
+            reviewed_at=row[8],
         )
 
     def waiting(self, limit: int, offset: int = 0) -> list[StoredItem]:
         """Items nobody has reviewed yet, oldest first (the order a queue is worked through)."""
-        rows = self.outbox.connection().execute(
-            self._SELECT + "WHERE r.key IS NULL ORDER BY i.created_at, i.rowid LIMIT ? OFFSET ?", (limit, offset)
-        ).fetchall()
+        rows = (
+            self.outbox.connection()
+            .execute(
+                self._SELECT + "WHERE r.key IS NULL ORDER BY i.created_at, i.rowid LIMIT ? OFFSET ?",
+                (limit, offset),
+            )
+            .fetchall()
+        )
         return [self._item(r) for r in rows]
 
     def reviewed(self, limit: int | None = None) -> list[StoredItem]:
         """Reviewed items, in the order they were reviewed (for the export and for refitting)."""
-        rows = self.outbox.connection().execute(
-            self._SELECT + "WHERE r.key IS NOT NULL ORDER BY r.reviewed_at, i.rowid LIMIT ?",
-            (-1 if limit is None else limit,),
-        ).fetchall()
+        rows = (
+            self.outbox.connection()
+            .execute(
+                self._SELECT + "WHERE r.key IS NOT NULL ORDER BY r.reviewed_at, i.rowid LIMIT ?",
+                (-1 if limit is None else limit,),
+            )
+            .fetchall()
+        )
         return [self._item(r) for r in rows]
 
     def get(self, key: str) -> StoredItem | None:
@@ -108,9 +124,11 @@ class ReviewStore:
 
     def image(self, key: str) -> tuple[bytes, str] | None:
         """The input as received (bytes and media type), or None for an unknown key."""
-        row = self.outbox.connection().execute(
-            "SELECT image, image_type FROM items WHERE key = ?", (key,)
-        ).fetchone()
+        row = (
+            self.outbox.connection()
+            .execute("SELECT image, image_type FROM items WHERE key = ?", (key,))
+            .fetchone()
+        )
         return None if row is None else (bytes(row[0]), str(row[1]))
 
     def record(
@@ -140,16 +158,24 @@ class ReviewStore:
 
     def estimate(self) -> RejectionEstimate:
         """How many reviewed rejections were really wrong (see :class:`RejectionEstimate`)."""
-        rows = self.outbox.connection().execute(
-            "SELECT r.label, i.meta FROM reviews r JOIN items i ON i.key = r.key"
-        ).fetchall()
+        rows = (
+            self.outbox.connection()
+            .execute("SELECT r.label, i.meta FROM reviews r JOIN items i ON i.key = r.key")
+            .fetchall()
+        )
         predicted = [json.loads(meta).get("prediction", {}).get("label") for _, meta in rows]
-        wrong = sum(label is None or label != guess for (label, _), guess in zip(rows, predicted, strict=True))
+        wrong = sum(
+            label is None or label != guess for (label, _), guess in zip(rows, predicted, strict=True)
+        )
         none = sum(label is None for label, _ in rows)
         low, high = clopper_pearson_interval(wrong, len(rows))
         return RejectionEstimate(
-            reviewed=len(rows), wrong=wrong, none_of_these=none,
-            wrong_rate=wrong / len(rows) if rows else None, wrong_rate_low=low, wrong_rate_high=high,
+            reviewed=len(rows),
+            wrong=wrong,
+            none_of_these=none,
+            wrong_rate=wrong / len(rows) if rows else None,
+            wrong_rate_low=low,
+            wrong_rate_high=high,
         )
 
     def counts(self) -> ReviewCounts:
@@ -158,4 +184,6 @@ class ReviewStore:
             "SELECT COUNT(*), COALESCE(SUM(label IS NULL), 0) FROM reviews"
         ).fetchone()
         total = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
-        return ReviewCounts(reviewed=int(reviewed), waiting=int(total) - int(reviewed), none_of_these=int(none_of_these))
+        return ReviewCounts(
+            reviewed=int(reviewed), waiting=int(total) - int(reviewed), none_of_these=int(none_of_these)
+        )

@@ -51,7 +51,9 @@ class FallbackStore(Protocol):
     def close(self) -> None: ...
 
 
-def open_store(directory: Path | str, redis_url: str | None = None, prefix: str = DEFAULT_PREFIX) -> FallbackStore:
+def open_store(
+    directory: Path | str, redis_url: str | None = None, prefix: str = DEFAULT_PREFIX
+) -> FallbackStore:
     """The Redis Streams outbox at ``redis_url`` (keys under ``prefix``), or the SQLite one in ``directory``.
 
     Raises

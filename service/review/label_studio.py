@@ -23,8 +23,8 @@ def labelling_config(class_names: list[str]) -> str:
     """The Label Studio project config the exported tasks fit."""
     choices = "".join(f"\n    <Choice value={quoteattr(name)}/>" for name in [*class_names, NONE_OF_THESE])
     return (
-        "<View>\n  <Image name=\"image\" value=\"$image\"/>\n"
-        f"  <Choices name=\"choice\" toName=\"image\" choice=\"single\">{choices}\n  </Choices>\n</View>\n"
+        '<View>\n  <Image name="image" value="$image"/>\n'
+        f'  <Choices name="choice" toName="image" choice="single">{choices}\n  </Choices>\n</View>\n'
     )
 
 

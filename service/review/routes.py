@@ -71,7 +71,9 @@ def require_reviewer(
     if state.keys.enabled:
         token = bearer.credentials if bearer is not None else basic.password if basic is not None else None
         if token is None or state.keys.match(token) is None:
-            raise ReviewUnauthorized("the review page needs an API key: as a bearer token, or as the Basic password")
+            raise ReviewUnauthorized(
+                "the review page needs an API key: as a bearer token, or as the Basic password"
+            )
     return Reviewer(name, state.reviews, settle=state.settings.fallback_url is None)
 
 
@@ -88,7 +90,9 @@ def _as_response(item: StoredItem, class_names: list[str]) -> ReviewItem:
     if item.reviewed:
         assert item.reviewed_at is not None
         review = ReviewedLabel(
-            label=item.label, class_name=_class_name(item.label, class_names), reviewer=item.reviewer,
+            label=item.label,
+            class_name=_class_name(item.label, class_names),
+            reviewer=item.reviewer,
             reviewed_at=item.reviewed_at,
         )
     return ReviewItem(
@@ -108,7 +112,10 @@ def _queue(store: ReviewStore, loaded: LoadedService, limit: int, offset: int) -
     names = list(loaded.bundle.class_names)
     counts = store.counts()
     return ReviewQueue(
-        waiting=counts.waiting, reviewed=counts.reviewed, none_of_these=counts.none_of_these, class_names=names,
+        waiting=counts.waiting,
+        reviewed=counts.reviewed,
+        none_of_these=counts.none_of_these,
+        class_names=names,
         estimate=RejectionEstimate(**asdict(store.estimate())),
         items=[_as_response(item, names) for item in store.waiting(limit, offset)],
     )
@@ -222,7 +229,9 @@ def _export(store: ReviewStore, loaded: LoadedService) -> list[dict[str, Any]]:
 )
 async def export_reviews(reviewer: ReviewerDep, loaded: LoadedDep) -> JSONResponse:
     tasks = await run_in_threadpool(_export, reviewer.store, loaded)
-    return JSONResponse(tasks, headers={"Content-Disposition": 'attachment; filename="predgate-reviews.json"'})
+    return JSONResponse(
+        tasks, headers={"Content-Disposition": 'attachment; filename="predgate-reviews.json"'}
+    )
 
 
 @router.get(

@@ -24,10 +24,17 @@ class ReviewLabel(BaseModel):
         extra="forbid",
         json_schema_extra={
             "oneOf": [
-                {"required": ["label"],
-                 "properties": {"label": {"type": "integer", "minimum": 0}, "none_of_these": {"const": False}}},
-                {"required": ["none_of_these"],
-                 "properties": {"none_of_these": {"const": True}, "label": {"type": "null"}}},
+                {
+                    "required": ["label"],
+                    "properties": {
+                        "label": {"type": "integer", "minimum": 0},
+                        "none_of_these": {"const": False},
+                    },
+                },
+                {
+                    "required": ["none_of_these"],
+                    "properties": {"none_of_these": {"const": True}, "label": {"type": "null"}},
+                },
             ]
         },
     )
@@ -36,7 +43,10 @@ class ReviewLabel(BaseModel):
     label: ClassIndex | None = Field(None, ge=0, description="the true class index")
     none_of_these: StrictBool = Field(False, description="the input belongs to none of the bundle's classes")
     reviewer: str | None = Field(
-        None, min_length=1, max_length=100, description="who reviewed (default: the HTTP Basic user name, if any)"
+        None,
+        min_length=1,
+        max_length=100,
+        description="who reviewed (default: the HTTP Basic user name, if any)",
     )
 
     @model_validator(mode="after")
@@ -63,7 +73,9 @@ class ReviewItem(BaseModel):
     bundle_id: str | None
     image_url: str = Field(description="the input as received, as an image")
     prediction: dict[str, Any] = Field(description="the answer the client got (label, top classes, evidence)")
-    explanation: dict[str, Any] | None = Field(None, description="the explanation stored with the item, if any")
+    explanation: dict[str, Any] | None = Field(
+        None, description="the explanation stored with the item, if any"
+    )
     review: ReviewedLabel | None = None
 
 
@@ -71,7 +83,9 @@ class RejectionEstimate(BaseModel):
     """The live check of the gate: of the rejections people reviewed, how many the CNN had wrong."""
 
     reviewed: int
-    wrong: int = Field(description="reviewed rejections whose answer was not the true class (or no class fits)")
+    wrong: int = Field(
+        description="reviewed rejections whose answer was not the true class (or no class fits)"
+    )
     none_of_these: int
     wrong_rate: float | None = Field(description="wrong / reviewed (null before the first review)")
     wrong_rate_low: float = Field(description="exact (Clopper-Pearson) 95% interval, lower end")

@@ -43,7 +43,9 @@ async def bundle_summary(loaded: LoadedDep, settings: SettingsDep) -> BundleSumm
     sets = []
     for name, info in detectors.signal_sets.items():
         details = {
-            k: v for k, v in info.to_dict().items() if k not in ("signals", "operating_points", "default_point", "stem")
+            k: v
+            for k, v in info.to_dict().items()
+            if k not in ("signals", "operating_points", "default_point", "stem")
         }
         sets.append(
             SignalSetSummary(
@@ -67,7 +69,10 @@ async def bundle_summary(loaded: LoadedDep, settings: SettingsDep) -> BundleSumm
         class_names=loaded.bundle.class_names,
         input_shape=list(loaded.bundle.input_shape),
         architecture=_scalars(manifest.get("architecture")) or {},
-        conductance={**(_scalars(manifest.get("conductance")) or {}), "detector_inputs": loaded.gate.cond_inputs},
+        conductance={
+            **(_scalars(manifest.get("conductance")) or {}),
+            "detector_inputs": loaded.gate.cond_inputs,
+        },
         training=training_summary,
         mutants=_scalars(manifest.get("mutants")),
         default_set=detectors.default_set,

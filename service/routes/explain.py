@@ -69,7 +69,9 @@ async def explain(
     settings: SettingsDep,
     method: Annotated[
         ExplainMethod | None,
-        Query(description="saliency, integrated_gradients or grad_cam (default: the server's explain_method)"),
+        Query(
+            description="saliency, integrated_gradients or grad_cam (default: the server's explain_method)"
+        ),
     ] = None,
     top_k_maps: Annotated[
         int | None, Query(ge=1, le=1000, description="feature maps per class (default: explain_top_k_maps)")

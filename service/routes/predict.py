@@ -117,8 +117,12 @@ def _body_doc(json_model: type[PredictOptions], file_field: str, many: bool) -> 
 
 
 def query_options(
-    signal_set: Annotated[str | None, Query(min_length=1, description="signal set that makes the verdict")] = None,
-    operating_point: Annotated[str | None, Query(min_length=1, description="operating point of that set")] = None,
+    signal_set: Annotated[
+        str | None, Query(min_length=1, description="signal set that makes the verdict")
+    ] = None,
+    operating_point: Annotated[
+        str | None, Query(min_length=1, description="operating point of that set")
+    ] = None,
     full_evidence: Annotated[
         bool | None, Query(description="conductance vector and LCR whatever the set")
     ] = None,
@@ -157,7 +161,9 @@ def _check_names(loaded: LoadedService, options: PredictOptions) -> None:
     if options.operating_point is not None:
         points = {name for chosen in loaded.gate.signal_sets.values() for name in chosen.operating_points}
         if options.operating_point not in points:
-            raise ConfigError(f"unknown operating point {options.operating_point!r}; stored: {sorted(points)}")
+            raise ConfigError(
+                f"unknown operating point {options.operating_point!r}; stored: {sorted(points)}"
+            )
 
 
 def resolve_key(loaded: LoadedService, settings: Settings, options: PredictOptions) -> GroupKey:
@@ -172,7 +178,9 @@ def resolve_key(loaded: LoadedService, settings: Settings, options: PredictOptio
 def _top_k(probs: np.ndarray, names: list[str], top_k: int | None) -> list[ClassProbability]:
     k = min(top_k or 3, len(probs))
     order = np.argsort(-probs, kind="stable")[:k]
-    return [ClassProbability(label=int(i), class_name=names[int(i)], probability=float(probs[i])) for i in order]
+    return [
+        ClassProbability(label=int(i), class_name=names[int(i)], probability=float(probs[i])) for i in order
+    ]
 
 
 def _opinion(row: Row, names: list[str], bundle_id: str) -> CascadeOpinion:
@@ -186,7 +194,9 @@ def _opinion(row: Row, names: list[str], bundle_id: str) -> CascadeOpinion:
         unified_score=row.unified_score,
         verdict="unknown" if row.reject else "accept",
         signal_set=row.signal_set,
-        operating_point=OperatingPointRef(name=row.operating_point.name, threshold=row.operating_point.threshold),
+        operating_point=OperatingPointRef(
+            name=row.operating_point.name, threshold=row.operating_point.threshold
+        ),
         bundle_id=bundle_id,
         timings_ms={stage: 1000.0 * s for stage, s in {"queue": row.queue_seconds, **row.seconds}.items()},
         batch_size=row.batch_size,
@@ -223,7 +233,9 @@ def _record(
         probabilities=[float(p) for p in probs],
         primary_label=row.prediction,
         decided_by=decided_by,
-        cascade=_opinion(second, names, cascade.bundle_id) if second is not None and cascade is not None else None,
+        cascade=_opinion(second, names, cascade.bundle_id)
+        if second is not None and cascade is not None
+        else None,
         conductance_score=row.cond_score,
         lcr=row.lcr,
         mutants_used=row.mutants_used,
@@ -283,7 +295,9 @@ async def _answer(
     )
     outbox = request.app.state.predgate.outbox
     mode = options.explain or settings.explain
-    wanted = [i for i, r in enumerate(records) if mode == "all" or (mode == "unknown" and r.verdict == "unknown")]
+    wanted = [
+        i for i, r in enumerate(records) if mode == "all" or (mode == "unknown" and r.verdict == "unknown")
+    ]
     for_fallback = (
         [i for i, r in enumerate(records) if r.verdict == "unknown"]
         if outbox is not None and settings.fallback_explain
@@ -293,7 +307,9 @@ async def _answer(
     for i in wanted:
         records[i].explanation = explanations.get(i)
     if outbox is not None:
-        await _hand_to_fallback(request, outbox, parsed, records, explanations if settings.fallback_explain else None)
+        await _hand_to_fallback(
+            request, outbox, parsed, records, explanations if settings.fallback_explain else None
+        )
     return records
 
 

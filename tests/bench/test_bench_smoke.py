@@ -143,8 +143,23 @@ def test_explain_benchmark_times_every_method(tiny_bundle: Path, tmp_path: Path)
     from models.explanations import METHODS
 
     out = tmp_path / "explain.json"
-    assert bench_explain.main(["--bundle", str(tiny_bundle), "--batch-sizes", "2", "--repeats", "1", "--ig-steps", "4",
-                               "--out", str(out)]) == 0
+    assert (
+        bench_explain.main(
+            [
+                "--bundle",
+                str(tiny_bundle),
+                "--batch-sizes",
+                "2",
+                "--repeats",
+                "1",
+                "--ig-steps",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     row = json.loads(out.read_text())["per_image_ms"]["2"]
     assert set(row) == {"forward_ms", *(f"{m}_ms" for m in METHODS)}
     # an explanation is at least a forward pass (it makes two, and a backward)

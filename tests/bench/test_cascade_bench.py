@@ -31,10 +31,30 @@ def test_a_looser_cascade_point_is_measured_on_the_stored_verdicts(tiny_bundle: 
     strict = min(info.operating_points, key=lambda p: info.operating_points[p]["threshold"])
     loose = max(info.operating_points, key=lambda p: info.operating_points[p]["threshold"])
     out = tmp_path / "cascade.json"
-    args = ["--primary", str(tiny_bundle), "--cascade", str(tiny_bundle), "--primary-operating-point", strict,
-            "--cascade-operating-point", loose, "--n-boot", "50", "--timing-images", "8", "--batch-size", "8",
-            "--repeats", "1", "--parity-images", "8",
-            "--out", str(out), "--markdown", str(tmp_path / "cascade.md")]
+    args = [
+        "--primary",
+        str(tiny_bundle),
+        "--cascade",
+        str(tiny_bundle),
+        "--primary-operating-point",
+        strict,
+        "--cascade-operating-point",
+        loose,
+        "--n-boot",
+        "50",
+        "--timing-images",
+        "8",
+        "--batch-size",
+        "8",
+        "--repeats",
+        "1",
+        "--parity-images",
+        "8",
+        "--out",
+        str(out),
+        "--markdown",
+        str(tmp_path / "cascade.md"),
+    ]
     assert main(args) == 0
     result = json.loads(out.read_text())
     scores = bundle.read_arrays(SCORES_FILE)[scores_key(0, info.name, "test")]
@@ -58,5 +78,6 @@ def test_a_looser_cascade_point_is_measured_on_the_stored_verdicts(tiny_bundle: 
     assert "(c) cascade system" in (tmp_path / "cascade.md").read_text()
     forward = result["forward_seconds"]["ratio"]
     assert 0 < forward and result["figures"]["system"]["cost_fe"] == pytest.approx(
-        result["figures"]["primary"]["cost_fe"] + (1 - accepted["primary"].mean()) * result["cascade"]["cost_fe_own"] * forward
+        result["figures"]["primary"]["cost_fe"]
+        + (1 - accepted["primary"].mean()) * result["cascade"]["cost_fe_own"] * forward
     )

@@ -18,7 +18,9 @@ from offline.stages import detectors_stage, lcr_setting_stage
 
 def test_a_bundle_against_itself_loses_nothing(tiny_bundle: Path, capsys) -> None:
     result = compare(tiny_bundle, tiny_bundle, n_boot=50)
-    assert result["rows"] and all(r["val_loss"] == 0 and r["test_diff"] == 0 and r["adopt"] for r in result["rows"])
+    assert result["rows"] and all(
+        r["val_loss"] == 0 and r["test_diff"] == 0 and r["adopt"] for r in result["rows"]
+    )
     assert main(["--a", str(tiny_bundle), "--b", str(tiny_bundle), "--n-boot", "20"]) == 0
     assert "| cond+lcr |" in capsys.readouterr().out
 

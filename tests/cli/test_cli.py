@@ -12,7 +12,9 @@ from cli.main import main
 from models.bundle import load_bundle
 
 
-def test_mutants_and_features_subcommands_redo_their_stage(tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_mutants_and_features_subcommands_redo_their_stage(
+    tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     copy = tmp_path / "b"
     shutil.copytree(tiny_bundle, copy)
     assert main(["mutants", "--bundle", str(copy), "-n", "3", "--operator", "GF", "--redo"]) == 0
@@ -30,7 +32,9 @@ def test_errors_are_reported_not_raised(tmp_path: Path, capsys: pytest.CaptureFi
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_serve_refuses_a_bad_bundle_before_binding(tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_serve_refuses_a_bad_bundle_before_binding(
+    tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     copy = tmp_path / "b"
     shutil.copytree(tiny_bundle, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
@@ -67,14 +71,31 @@ def test_mutants_confined_to_a_later_stage_share_the_prefix(tiny_bundle: Path, t
     np.testing.assert_array_equal(stored["mutant_labels"][:, :16], naive.numpy())
 
 
-def test_train_imports_another_bundles_weights(tiny_bundle: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
+def test_train_imports_another_bundles_weights(
+    tiny_bundle: Path, tiny_data_dir: Path, tmp_path: Path
+) -> None:
     """Bring-your-own weights: the paper's fit-on-cnn-train setting reuses the held-out build's CNN."""
     source = load_bundle(tiny_bundle)
     out = tmp_path / "paper-setting"
     args = [
-        "train", "--dataset", "fashion-mnist", "--data-root", str(tiny_data_dir), "--cnn-train", "500",
-        "--fit", "250", "--val", "200", "--test", "200", "--fit-from-cnn-train",
-        "--weights", str(tiny_bundle / "weights.safetensors"), "--out", str(out),
+        "train",
+        "--dataset",
+        "fashion-mnist",
+        "--data-root",
+        str(tiny_data_dir),
+        "--cnn-train",
+        "500",
+        "--fit",
+        "250",
+        "--val",
+        "200",
+        "--test",
+        "200",
+        "--fit-from-cnn-train",
+        "--weights",
+        str(tiny_bundle / "weights.safetensors"),
+        "--out",
+        str(out),
     ]
     assert main(args) == 0
     bundle = load_bundle(out)
@@ -82,7 +103,10 @@ def test_train_imports_another_bundles_weights(tiny_bundle: Path, tiny_data_dir:
     assert bundle.manifest["training"]["imported_weights"] == "weights.safetensors"
     # Same seed, same cnn-train, same weights: the same accuracies as the source bundle.
     for split in ("cnn-train", "test"):
-        assert bundle.manifest["training"][f"{split}_accuracy"] == source.manifest["training"][f"{split}_accuracy"]
+        assert (
+            bundle.manifest["training"][f"{split}_accuracy"]
+            == source.manifest["training"][f"{split}_accuracy"]
+        )
 
 
 def test_train_twice_with_one_seed_gives_one_cnn(tiny_data_dir: Path, tmp_path: Path) -> None:
@@ -90,9 +114,25 @@ def test_train_twice_with_one_seed_gives_one_cnn(tiny_data_dir: Path, tmp_path: 
     digests = []
     for name in ("a", "b"):
         args = [
-            "train", "--dataset", "fashion-mnist", "--data-root", str(tiny_data_dir), "--cnn-train", "200",
-            "--fit", "50", "--val", "50", "--test", "50", "--epochs", "1", "--device", "cpu",
-            "--out", str(tmp_path / name),
+            "train",
+            "--dataset",
+            "fashion-mnist",
+            "--data-root",
+            str(tiny_data_dir),
+            "--cnn-train",
+            "200",
+            "--fit",
+            "50",
+            "--val",
+            "50",
+            "--test",
+            "50",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / name),
         ]
         assert main(args) == 0
         digests.append(load_bundle(tmp_path / name).manifest["files"]["weights.safetensors"]["sha256"])

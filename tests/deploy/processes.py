@@ -45,8 +45,17 @@ def start_server(
     clean.update(PREDGATE_DEVICE="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PREDGATE_LOG_LEVEL="info")
     clean.update(env or {})
     command = [
-        sys.executable, "-m", "service.server", "--bundle", str(bundle), "--host", "127.0.0.1",
-        "--port", str(port), "--workers", str(workers),
+        sys.executable,
+        "-m",
+        "service.server",
+        "--bundle",
+        str(bundle),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
     ]
     with open(log, "wb") as out:
         return subprocess.Popen(command, cwd=ROOT, env=clean, stdout=out, stderr=subprocess.STDOUT)

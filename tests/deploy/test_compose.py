@@ -24,7 +24,11 @@ pytestmark = pytest.mark.skipif(
 def resolved() -> dict:
     result = subprocess.run(
         ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"],
-        check=False, capture_output=True, text=True, timeout=60, cwd=ROOT,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
@@ -38,9 +42,9 @@ def test_balancer_in_front_of_scalable_replicas(resolved: dict) -> None:
     published = port["published"] if isinstance(port, dict) else int(str(port).split(":")[0])
     assert int(published) == 8000
     assert "predgate" in balancer["depends_on"]
-    assert any(v.rstrip(":ro").endswith("/usr/local/etc/haproxy") for v in map(str, balancer["volumes"])) or any(
-        isinstance(v, dict) and v.get("target") == "/usr/local/etc/haproxy" for v in balancer["volumes"]
-    )
+    assert any(
+        v.rstrip(":ro").endswith("/usr/local/etc/haproxy") for v in map(str, balancer["volumes"])
+    ) or any(isinstance(v, dict) and v.get("target") == "/usr/local/etc/haproxy" for v in balancer["volumes"])
     config = (ROOT / "deploy/haproxy/haproxy.cfg").read_text()
     (template,) = re.findall(r"^\s*server-template \S+ \d+ (\S+):(\d+) ", config, re.MULTILINE)
     assert template == ("predgate", str(predgate["environment"]["PREDGATE_PORT"]))

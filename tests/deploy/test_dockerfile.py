@@ -18,8 +18,14 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 def _instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) per instruction, continuation lines joined, comments dropped."""
-    joined = re.sub(r"\\\n", " ", "\n".join(line for line in DOCKERFILE.splitlines() if not line.startswith("#")))
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in joined.splitlines() if line.strip()]
+    joined = re.sub(
+        r"\\\n", " ", "\n".join(line for line in DOCKERFILE.splitlines() if not line.startswith("#"))
+    )
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1])
+        for line in joined.splitlines()
+        if line.strip()
+    ]
 
 
 def _stages() -> list[tuple[str, str]]:
@@ -34,7 +40,9 @@ def _stages() -> list[tuple[str, str]]:
 
 def test_every_package_directory_is_copied_in() -> None:
     copied = {rest.split()[-2] for op, rest in _instructions() if op == "COPY" and "--from" not in rest}
-    packages = [pattern.rstrip("*") for pattern in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]]
+    packages = [
+        pattern.rstrip("*") for pattern in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
+    ]
     assert packages and all(p in copied for p in packages), (packages, copied)
     for needed in ("pyproject.toml", "README.md"):  # pip install . reads both (readme = "README.md")
         assert any(op == "COPY" and needed in rest.split() for op, rest in _instructions()), needed

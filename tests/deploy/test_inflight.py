@@ -52,7 +52,9 @@ def test_two_concurrent_requests_count_two() -> None:
 
     async def main() -> None:
         base = in_flight()
-        tasks = [asyncio.create_task(app({"type": "http", "path": "/predict/batch"}, None, None)) for _ in range(2)]  # type: ignore[arg-type]
+        tasks = [
+            asyncio.create_task(app({"type": "http", "path": "/predict/batch"}, None, None)) for _ in range(2)
+        ]  # type: ignore[arg-type]
         await asyncio.sleep(0.01)
         assert in_flight() == base + 2
         release.set()

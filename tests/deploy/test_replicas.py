@@ -15,18 +15,30 @@ from bench.replicas import HAPROXY_CONFIG, loopback_config, run
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy (Debian package; make system-deps) missing"),
+    pytest.mark.skipif(
+        shutil.which("haproxy") is None, reason="haproxy (Debian package; make system-deps) missing"
+    ),
 ]
 
 
 def test_loopback_config_is_the_shipped_one_with_local_servers(tmp_path: Path) -> None:
     text = loopback_config([1111, 2222, 3333], 4444, tmp_path / "s.sock")
-    directives = [line.split() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    directives = [
+        line.split() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
+    ]
     assert not [d for d in directives if d[0] in ("server-template", "resolvers", "nameserver")]
     assert ["bind", "127.0.0.1:4444"] in directives
-    assert re.findall(r"server r(\d) 127\.0\.0\.1:(\d+) check", text) == [("0", "1111"), ("1", "2222"), ("2", "3333")]
+    assert re.findall(r"server r(\d) 127\.0\.0\.1:(\d+) check", text) == [
+        ("0", "1111"),
+        ("1", "2222"),
+        ("2", "3333"),
+    ]
     shipped = HAPROXY_CONFIG.read_text()
-    for line in ("retry-on conn-failure empty-response response-timeout 503", "option redispatch 1", "retries 3"):
+    for line in (
+        "retry-on conn-failure empty-response response-timeout 503",
+        "option redispatch 1",
+        "retries 3",
+    ):
         assert line in shipped and line in text
     config = tmp_path / "haproxy.cfg"
     config.write_text(text)
@@ -59,6 +71,12 @@ def test_without_retries_the_kill_loses_requests(tiny_bundle: Path, tmp_path: Pa
     )
     assert no_retries.count("retries 0") == 1 and "retry-on none" in no_retries
     result = run(
-        tiny_bundle, replicas=3, seconds=8, kill_after=3, concurrency=6, workdir=tmp_path, haproxy_config=no_retries
+        tiny_bundle,
+        replicas=3,
+        seconds=8,
+        kill_after=3,
+        concurrency=6,
+        workdir=tmp_path,
+        haproxy_config=no_retries,
     )
     assert result["lost"] > 0, result

@@ -44,13 +44,17 @@ def test_two_workers_metrics_sum_both(tiny_bundle: Path, tmp_path: Path, sample_
     directory.mkdir()
     stale = MmapedDict(str(directory / "counter_999999.db"))  # an earlier run's counts: must not be summed
     stale.write_value(
-        mmap_key("predgate_requests_total", "predgate_requests_total", ["route", "status"], ["/predict", "200"], ""),
+        mmap_key(
+            "predgate_requests_total", "predgate_requests_total", ["route", "status"], ["/predict", "200"], ""
+        ),
         1000.0,
         0.0,
     )
     stale.close()
     port, log = free_port(), tmp_path / "server.log"
-    process = start_server(tiny_bundle, port, log, workers=2, env={"PROMETHEUS_MULTIPROC_DIR": str(directory)})
+    process = start_server(
+        tiny_bundle, port, log, workers=2, env={"PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(process, base, log)
@@ -65,7 +69,9 @@ def test_two_workers_metrics_sum_both(tiny_bundle: Path, tmp_path: Path, sample_
 
         def ask(body: str) -> int:
             with httpx.Client() as client:  # a new connection per request, so either worker may take it
-                return client.post(f"{base}/predict?signal_set=msp", json={"image": body}, timeout=30).status_code
+                return client.post(
+                    f"{base}/predict?signal_set=msp", json={"image": body}, timeout=30
+                ).status_code
 
         # the kernel hands each connection to whichever worker accepts first: send rounds of
         # concurrent requests until both have answered some

@@ -81,8 +81,14 @@ def test_a_moved_bundle_finds_its_model_code_through_predgate_code_path(
     moved = tmp_path / "moved"
     shutil.copytree(source, moved)
     sha = hashlib.sha256((source / "mynets.py").read_bytes()).hexdigest()
-    spec = ModelSpec("mynets:SmallVGG", 10, 1, {"width": 8, "num_classes": 10, "in_channels": 1},
-                     code_path=str(tmp_path / "gone"), code_sha256=sha)
+    spec = ModelSpec(
+        "mynets:SmallVGG",
+        10,
+        1,
+        {"width": 8, "num_classes": 10, "in_channels": 1},
+        code_path=str(tmp_path / "gone"),
+        code_sha256=sha,
+    )
     monkeypatch.delenv(CODE_PATH_ENV, raising=False)
     with pytest.raises(ConfigError, match=f"{tmp_path / 'gone'}.*{CODE_PATH_ENV}"):
         spec.build()

@@ -22,11 +22,13 @@ def loaded(tiny_bundle: Path):  # type: ignore[no-untyped-def]
     return bundle.load_model("cpu").eval(), bundle.normalisation, test.images[:64], test.labels[:64]
 
 
-
-
 @pytest.mark.parametrize(
     "spec",
-    [AttackSpec("fgsm", eps=0.1), AttackSpec("pgd-linf", eps=0.1, steps=5), AttackSpec("pgd-l2", eps=1.0, steps=5)],
+    [
+        AttackSpec("fgsm", eps=0.1),
+        AttackSpec("pgd-linf", eps=0.1, steps=5),
+        AttackSpec("pgd-l2", eps=1.0, steps=5),
+    ],
     ids=lambda s: s.name,
 )
 def test_matches_torchattacks_direct(loaded, spec: AttackSpec) -> None:  # type: ignore[no-untyped-def]
@@ -36,7 +38,11 @@ def test_matches_torchattacks_direct(loaded, spec: AttackSpec) -> None:  # type:
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255.0
     y = torch.as_tensor(labels)
     cls = {"fgsm": torchattacks.FGSM, "pgd-linf": torchattacks.PGD, "pgd-l2": torchattacks.PGDL2}[spec.name]
-    kwargs = {"eps": spec.eps} if spec.name == "fgsm" else {"eps": spec.eps, "alpha": spec.step_size, "steps": spec.steps}
+    kwargs = (
+        {"eps": spec.eps}
+        if spec.name == "fgsm"
+        else {"eps": spec.eps, "alpha": spec.step_size, "steps": spec.steps}
+    )
     direct = cls(model, **kwargs)
     # torchattacks' own normalisation handling: normalised inputs in, normalised adversarial out
     # (the attack itself runs in pixel space), so eps is in pixel units on this route too.
@@ -56,7 +62,14 @@ def test_matches_torchattacks_direct(loaded, spec: AttackSpec) -> None:  # type:
     clean = predict_pixels(model, norm, x)
     ours_pred = predict_pixels(model, norm, ours)
     with torch.no_grad():
-        theirs_pred = model((theirs - torch.tensor(norm.mean).view(1, -1, 1, 1)) / torch.tensor(norm.std).view(1, -1, 1, 1)).argmax(1).numpy()
+        theirs_pred = (
+            model(
+                (theirs - torch.tensor(norm.mean).view(1, -1, 1, 1))
+                / torch.tensor(norm.std).view(1, -1, 1, 1)
+            )
+            .argmax(1)
+            .numpy()
+        )
     assert abs((ours_pred != labels).mean() - (theirs_pred != labels).mean()) <= 2 / len(labels)
     assert (ours_pred == labels).mean() < (clean == labels).mean()
 
@@ -76,7 +89,11 @@ def test_uint8_round_trip(loaded) -> None:  # type: ignore[no-untyped-def]
 
 def test_minimal_and_blackbox_attacks_run(loaded) -> None:  # type: ignore[no-untyped-def]
     model, norm, images, labels = loaded
-    for spec in (AttackSpec("cw-l2", steps=20, cw_lr=0.05), AttackSpec("deepfool", steps=10), AttackSpec("square", eps=0.2, steps=50)):
+    for spec in (
+        AttackSpec("cw-l2", steps=20, cw_lr=0.05),
+        AttackSpec("deepfool", steps=10),
+        AttackSpec("square", eps=0.2, steps=50),
+    ):
         adv = attack_batch(spec, model, norm, images[:16], labels[:16], seed=0)
         assert adv.shape == (16, 1, 28, 28) and float(adv.min()) >= 0 and float(adv.max()) <= 1
         if spec.name == "square":

@@ -135,7 +135,10 @@ def test_weights_of_another_architecture_refused(tmp_path: Path) -> None:
 def test_copy_gets_its_own_id_and_refuses_a_changed_source(tmp_path: Path) -> None:
     source, _ = _make_bundle(tmp_path / "src")
     copy = source.copy_to(tmp_path / "variant")
-    assert copy.manifest["bundle_id"].startswith("variant-") and copy.manifest["bundle_id"] != source.manifest["bundle_id"]
+    assert (
+        copy.manifest["bundle_id"].startswith("variant-")
+        and copy.manifest["bundle_id"] != source.manifest["bundle_id"]
+    )
     assert copy.manifest["derived_from"] == source.manifest["bundle_id"]
     reloaded = load_bundle(tmp_path / "variant")
     assert reloaded.manifest["files"] == source.manifest["files"]
@@ -155,9 +158,14 @@ def test_detectors_section_reads_with_its_defaults_and_writes_back_what_it_read_
         "conductance": {"stem": "detectors/conductance", "best_val_auroc": 0.9, "trained_on": "fit"},
         "signal_sets": {
             "cond+lcr": {
-                "signals": ["cond", "lcr"], "stem": "detectors/set-cond+lcr", "kind": "nn", "val_auroc": 0.93,
-                "operating_points": {"equal-recall": {"threshold": 0.5}}, "default_point": "equal-recall",
-                "val_auroc_by_kind": {"nn": 0.93}, "skipped_points": {},
+                "signals": ["cond", "lcr"],
+                "stem": "detectors/set-cond+lcr",
+                "kind": "nn",
+                "val_auroc": 0.93,
+                "operating_points": {"equal-recall": {"threshold": 0.5}},
+                "default_point": "equal-recall",
+                "val_auroc_by_kind": {"nn": 0.93},
+                "skipped_points": {},
             },
             "msp": {"signals": ["msp"], "stem": "detectors/set-msp", "operating_points": {}},
         },
@@ -168,14 +176,22 @@ def test_detectors_section_reads_with_its_defaults_and_writes_back_what_it_read_
     section = DetectorsSection.from_dict(raw)
     assert section.conductance.inputs == "conductance"  # bundles made before the option: the paper's
     assert section.signal_sets["cond+lcr"].signals == ("cond", "lcr")
-    assert section.signal_sets["cond+lcr"].details == {"val_auroc_by_kind": {"nn": 0.93}, "skipped_points": {}}
-    assert section.signal_sets["msp"].default_point == "equal-recall" and section.signal_sets["msp"].kind is None
+    assert section.signal_sets["cond+lcr"].details == {
+        "val_auroc_by_kind": {"nn": 0.93},
+        "skipped_points": {},
+    }
+    assert (
+        section.signal_sets["msp"].default_point == "equal-recall" and section.signal_sets["msp"].kind is None
+    )
     assert section.signal_set(None).name == "cond+lcr" and section.seeds == (0, 1)
     # written back as read, with the defaults spelt out
     assert section.to_dict() == {
         **raw,
         "conductance": {**raw["conductance"], "inputs": "conductance"},
-        "signal_sets": {**raw["signal_sets"], "msp": {**raw["signal_sets"]["msp"], "default_point": "equal-recall"}},
+        "signal_sets": {
+            **raw["signal_sets"],
+            "msp": {**raw["signal_sets"]["msp"], "default_point": "equal-recall"},
+        },
     }
     with pytest.raises(BundleError, match="detectors section"):
         DetectorsSection.from_dict({"signal_sets": {}})
@@ -185,8 +201,12 @@ def test_detectors_section_reads_with_its_defaults_and_writes_back_what_it_read_
 
 def test_bundle_file_names_and_stored_tables(tmp_path: Path) -> None:
     bundle = Bundle.create(
-        tmp_path / "b", dataset={"name": "x"}, class_names=["a", "b"], input_shape=(1, 4, 4),
-        normalisation=Normalisation((0.5,), (0.25,)), architecture={"name": "resnet20", "num_classes": 2, "in_channels": 1},
+        tmp_path / "b",
+        dataset={"name": "x"},
+        class_names=["a", "b"],
+        input_shape=(1, 4, 4),
+        normalisation=Normalisation((0.5,), (0.25,)),
+        architecture={"name": "resnet20", "num_classes": 2, "in_channels": 1},
     )
     assert bundle.detectors is None
     columns = {"label": np.array([0, 1]), "prediction": np.array([0, 0])}

@@ -349,7 +349,9 @@ def test_fit_is_cnn_train_and_val_from_test() -> None:
 
 
 def test_fit_can_be_a_random_subset_of_cnn_train() -> None:
-    spec = SplitSpec(cnn_train=45_000, fit=5000, val=5000, test=5000, seed=0, fit_is_cnn_train=True, val_from="test")
+    spec = SplitSpec(
+        cnn_train=45_000, fit=5000, val=5000, test=5000, seed=0, fit_is_cnn_train=True, val_from="test"
+    )
     splits = make_splits(50_000, 10_000, spec)
     assert splits.sizes()["fit"] == 5000
     assert set(splits.indices["fit"].tolist()) <= set(splits.indices["cnn-train"].tolist())
@@ -366,7 +368,10 @@ def test_fit_can_be_a_random_subset_of_cnn_train() -> None:
         (SplitSpec(cnn_train=10, fit=10, val=10, test=101, seed=0), "test pool has 100 images"),
         (SplitSpec(cnn_train=10, fit=10, val=60, test=41, seed=0, val_from="test"), "test pool"),
         (SplitSpec(cnn_train=None, fit=None, val=10, test=10, seed=0), "only one split per pool"),
-        (SplitSpec(cnn_train=10, fit=11, val=10, test=10, seed=0, fit_is_cnn_train=True), "subset size of cnn-train"),
+        (
+            SplitSpec(cnn_train=10, fit=11, val=10, test=10, seed=0, fit_is_cnn_train=True),
+            "subset size of cnn-train",
+        ),
         (SplitSpec(cnn_train=-1, fit=5, val=10, test=10, seed=0), "non-negative"),
         (SplitSpec(cnn_train=10, fit=5, val=10, test=10, seed=0, val_from="both"), "val_from"),
     ],

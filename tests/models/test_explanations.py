@@ -65,7 +65,9 @@ def test_saliency_is_the_absolute_input_gradient(setup: tuple[Any, ...], fresh: 
     assert float(attr.abs().max()) > 0
 
 
-def test_grad_cam_is_relu_of_channel_weighted_activations(setup: tuple[Any, ...], fresh: torch.nn.Module) -> None:
+def test_grad_cam_is_relu_of_channel_weighted_activations(
+    setup: tuple[Any, ...], fresh: torch.nn.Module
+) -> None:
     bundle, _, explainer, _, x = setup
     target = predictions(fresh, x)
     saved: dict[str, torch.Tensor] = {}
@@ -87,7 +89,9 @@ def test_grad_cam_is_relu_of_channel_weighted_activations(setup: tuple[Any, ...]
     assert float(cam.max()) > 0 and float(cam.min()) >= 0
     up, _ = explainer.attribute(x, target, "grad_cam")
     assert up.shape == (x.shape[0], 1, *x.shape[2:])
-    torch.testing.assert_close(up, F.interpolate(by_hand, size=x.shape[2:], mode="bilinear"), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        up, F.interpolate(by_hand, size=x.shape[2:], mode="bilinear"), rtol=1e-4, atol=1e-6
+    )
 
 
 def test_integrated_gradients_are_complete(setup: tuple[Any, ...], fresh: torch.nn.Module) -> None:
@@ -98,7 +102,9 @@ def test_integrated_gradients_are_complete(setup: tuple[Any, ...], fresh: torch.
         gap = (fresh(x) - fresh(torch.zeros_like(x[:1]))).gather(1, target.view(-1, 1)).view(-1)
     relative = []
     for steps in (8, 64):
-        attr, delta = Explainer.from_gate(gate, bundle, ig_steps=steps).attribute(x, target, "integrated_gradients")
+        attr, delta = Explainer.from_gate(gate, bundle, ig_steps=steps).attribute(
+            x, target, "integrated_gradients"
+        )
         assert delta is not None and attr.shape == x.shape
         total = attr.sum((1, 2, 3))
         # captum's delta is exactly the completeness gap sum(attr) - (F(x) - F(x'))
@@ -108,7 +114,9 @@ def test_integrated_gradients_are_complete(setup: tuple[Any, ...], fresh: torch.
     assert relative[1] < 0.05 and relative[1] < relative[0]
 
 
-def test_top_feature_maps_of_the_runner_up_are_its_own(setup: tuple[Any, ...], fresh: torch.nn.Module) -> None:
+def test_top_feature_maps_of_the_runner_up_are_its_own(
+    setup: tuple[Any, ...], fresh: torch.nn.Module
+) -> None:
     bundle, _, explainer, _, x = setup
     explanations = explainer.explain(x, "saliency", top_k=5)
     with torch.no_grad():
@@ -123,8 +131,12 @@ def test_top_feature_maps_of_the_runner_up_are_its_own(setup: tuple[Any, ...], f
             channels = [m.channel for m in maps]
             assert channels == torch.argsort(cond[i], descending=True)[:5].tolist(), (name, i)
             scale = float(cond[i].abs().max())
-            np.testing.assert_allclose([m.conductance for m in maps], cond[i, channels].numpy(), atol=1e-4 * scale)
-    assert all([m.channel for m in e.predicted_maps] != [m.channel for m in e.runner_up_maps] for e in explanations)
+            np.testing.assert_allclose(
+                [m.conductance for m in maps], cond[i, channels].numpy(), atol=1e-4 * scale
+            )
+    assert all(
+        [m.channel for m in e.predicted_maps] != [m.channel for m in e.runner_up_maps] for e in explanations
+    )
 
 
 def test_overlay_and_feature_map_pngs(setup: tuple[Any, ...]) -> None:

@@ -55,7 +55,9 @@ def test_mahalanobis_naive_loop_and_state_round_trip() -> None:
     x, y = _features()
     det = ClassMahalanobis().fit(x, y)
     q, _ = _features(5, seed=2)
-    cov = sum(np.outer(r - x[y == c].mean(0), r - x[y == c].mean(0)) for r, c in zip(x, y, strict=True)) / len(x)
+    cov = sum(
+        np.outer(r - x[y == c].mean(0), r - x[y == c].mean(0)) for r, c in zip(x, y, strict=True)
+    ) / len(x)
     cov += np.eye(len(cov)) * det.ridge * np.trace(cov) / len(cov)
     inv = np.linalg.inv(cov)
     naive = [min((r - x[y == c].mean(0)) @ inv @ (r - x[y == c].mean(0)) for c in range(4)) for r in q]
@@ -77,7 +79,9 @@ def test_knn_matches_sklearn_and_pytorch_ood() -> None:
     expected = nn_.kneighbors(q / np.linalg.norm(q, axis=1, keepdims=True))[0][:, -1]
     assert np.allclose(det.decision_function(q), expected, atol=1e-5)
     theirs = ood.KNN(None, k=5).fit_features(torch.from_numpy(x).float(), torch.from_numpy(y))
-    assert np.allclose(det.decision_function(q), theirs.predict_features(torch.from_numpy(q).float()), atol=1e-5)
+    assert np.allclose(
+        det.decision_function(q), theirs.predict_features(torch.from_numpy(q).float()), atol=1e-5
+    )
     again = DeepKNN.from_state(*det.to_state())
     assert np.array_equal(again.decision_function(q), det.decision_function(q))
     small = DeepKNN(k=2, bank_size=50).fit(x)

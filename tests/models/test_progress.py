@@ -36,7 +36,9 @@ def test_nested_bars_leave_no_cursor_escapes_in_the_log() -> None:
     out = io.StringIO()
     stream = LineProgress(out, step=50)
     for _ in tqdm(range(2), desc="outer", file=stream, mininterval=0, miniters=1):
-        for _ in tqdm(range(4), desc="inner", file=stream, position=1, leave=False, mininterval=0, miniters=1):
+        for _ in tqdm(
+            range(4), desc="inner", file=stream, position=1, leave=False, mininterval=0, miniters=1
+        ):
             pass
     text = out.getvalue()
     assert "\x1b" not in text and "\r" not in text

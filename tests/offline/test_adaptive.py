@@ -13,9 +13,32 @@ from models.bundle import adaptive_report_files
 def test_adaptive_job_report_follows_the_real_gates_verdicts(tiny_bundle: Path, tmp_path: Path) -> None:
     out = tmp_path / "b"
     shutil.copytree(tiny_bundle, out)
-    assert main(["adaptive", "--bundle", str(out), "--images", "40", "--eps", "0.15", "--steps", "4",
-                 "--attack-mutants", "3", "--square-queries", "40", "--verdict-tries", "2", "--n-boot", "100",
-                 "--sets", "cond+lcr"]) == 0
+    assert (
+        main(
+            [
+                "adaptive",
+                "--bundle",
+                str(out),
+                "--images",
+                "40",
+                "--eps",
+                "0.15",
+                "--steps",
+                "4",
+                "--attack-mutants",
+                "3",
+                "--square-queries",
+                "40",
+                "--verdict-tries",
+                "2",
+                "--n-boot",
+                "100",
+                "--sets",
+                "cond+lcr",
+            ]
+        )
+        == 0
+    )
     files = {k: out / v for k, v in adaptive_report_files(0.15).items()}
     result = json.loads(files["json"].read_text())
     assert files["md"].exists() and files["png"].stat().st_size > 0

@@ -28,8 +28,24 @@ def bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Path:
 
 
 def test_attack_job_success_rate_matches_direct_torchattacks(bundle_copy: Path) -> None:
-    assert main(["attack", "--bundle", str(bundle_copy), "--attack", "fgsm", "--eps", "0.1",
-                 "--images", "60", "--chunk-size", "25"]) == 0
+    assert (
+        main(
+            [
+                "attack",
+                "--bundle",
+                str(bundle_copy),
+                "--attack",
+                "fgsm",
+                "--eps",
+                "0.1",
+                "--images",
+                "60",
+                "--chunk-size",
+                "25",
+            ]
+        )
+        == 0
+    )
     bundle = load_bundle(bundle_copy)
     summary = bundle.manifest["adversarial"]["fgsm-eps0.1"]
     test = load_splits(bundle)["test"]
@@ -69,8 +85,24 @@ def test_resume_gives_the_same_images(bundle_copy: Path) -> None:
 
 
 def test_robustness_report(bundle_copy: Path) -> None:
-    assert main(["attack", "--bundle", str(bundle_copy), "--attack", "pgd-linf", "--eps", "0.2",
-                 "--steps", "5", "--images", "80"]) == 0
+    assert (
+        main(
+            [
+                "attack",
+                "--bundle",
+                str(bundle_copy),
+                "--attack",
+                "pgd-linf",
+                "--eps",
+                "0.2",
+                "--steps",
+                "5",
+                "--images",
+                "80",
+            ]
+        )
+        == 0
+    )
     assert main(["robustness", "--bundle", str(bundle_copy), "--n-boot", "50"]) == 0
     report = bundle_copy / "report"
     result = json.loads((report / "robustness.json").read_text())
@@ -88,22 +120,56 @@ def test_robustness_report(bundle_copy: Path) -> None:
     def msp(logits: np.ndarray) -> np.ndarray:
         return -torch.softmax(torch.as_tensor(logits, dtype=torch.float64), 1).max(1).values.numpy()
 
-    expected = auroc(np.r_[msp(clean["logits"][idx][cc]), msp(ev["logits"][fooled])], np.r_[np.zeros(cc.sum()), np.ones(fooled.sum())])
+    expected = auroc(
+        np.r_[msp(clean["logits"][idx][cc]), msp(ev["logits"][fooled])],
+        np.r_[np.zeros(cc.sum()), np.ones(fooled.sum())],
+    )
     assert abs(r["sets"]["msp"]["adv_vs_clean"]["auroc_a"] - expected) < 1e-9
 
 
 def test_robustness_markdown_names_a_point_that_one_set_lacks(tmp_path: Path) -> None:
     """A set may lack an operating point (a risk target its val scores cannot reach): the table says so."""
-    ci = {"auroc_a": 0.6, "auroc_b": 0.6, "diff": 0.0, "ci_a": [0.5, 0.7], "ci_b": [0.5, 0.7], "ci_diff": [-0.1, 0.1]}
-    point = {"reject_successful_adv": 0.5, "reject_clean_correct": 0.1, "accuracy_accepted_mix": 0.8, "accepted_mix": 0.6}
-    result = {"bundle_id": "b", "n_boot": 10, "attacks": {"fgsm-eps0.1": {
-        "images": 10, "clean_correct": 9, "success_rate": 0.5, "adv_accuracy": 0.4, "mean_lcr_clean_correct": None,
-        "mean_lcr_successful": None, "raw_lcr_auroc": None,
-        "sets": {
-            "msp": {"adv_vs_clean": ci, "wrong_vs_correct": ci, "operating_points": {"equal-recall": point, "risk": point}},
-            "lcr": {"adv_vs_clean": ci, "wrong_vs_correct": ci, "operating_points": {"equal-recall": point}},
+    ci = {
+        "auroc_a": 0.6,
+        "auroc_b": 0.6,
+        "diff": 0.0,
+        "ci_a": [0.5, 0.7],
+        "ci_b": [0.5, 0.7],
+        "ci_diff": [-0.1, 0.1],
+    }
+    point = {
+        "reject_successful_adv": 0.5,
+        "reject_clean_correct": 0.1,
+        "accuracy_accepted_mix": 0.8,
+        "accepted_mix": 0.6,
+    }
+    result = {
+        "bundle_id": "b",
+        "n_boot": 10,
+        "attacks": {
+            "fgsm-eps0.1": {
+                "images": 10,
+                "clean_correct": 9,
+                "success_rate": 0.5,
+                "adv_accuracy": 0.4,
+                "mean_lcr_clean_correct": None,
+                "mean_lcr_successful": None,
+                "raw_lcr_auroc": None,
+                "sets": {
+                    "msp": {
+                        "adv_vs_clean": ci,
+                        "wrong_vs_correct": ci,
+                        "operating_points": {"equal-recall": point, "risk": point},
+                    },
+                    "lcr": {
+                        "adv_vs_clean": ci,
+                        "wrong_vs_correct": ci,
+                        "operating_points": {"equal-recall": point},
+                    },
+                },
+            }
         },
-    }}}
+    }
     write_markdown(result, tmp_path / "r.md")
     text = (tmp_path / "r.md").read_text()
     assert "### risk" in text and "| fgsm-eps0.1 | lcr | not stored for this set |" in text

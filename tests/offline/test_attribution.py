@@ -26,12 +26,38 @@ def _cos(m: np.ndarray, x: np.ndarray) -> float:
 
 def test_attribution_report_matches_captum_called_directly(tiny_bundle: Path, tmp_path: Path) -> None:
     bundle_dir = shutil.copytree(tiny_bundle, tmp_path / "b")
-    assert main(["attack", "--bundle", str(bundle_dir), "--attack", "fgsm", "--eps", "0.1", "--images", "40"]) == 0
+    assert (
+        main(["attack", "--bundle", str(bundle_dir), "--attack", "fgsm", "--eps", "0.1", "--images", "40"])
+        == 0
+    )
     out = tmp_path / "out"
-    assert main(["attribution", "--bundle", str(bundle_dir), "--tag", TAG, "--images", "40",
-                 "--methods", "saliency", "grad_cam", "--n-boot", "50", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "attribution",
+                "--bundle",
+                str(bundle_dir),
+                "--tag",
+                TAG,
+                "--images",
+                "40",
+                "--methods",
+                "saliency",
+                "grad_cam",
+                "--n-boot",
+                "50",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "attribution.json").read_text())
-    assert {p.name for p in out.iterdir()} >= {"attribution.md", "attribution-saliency.png", "attribution-grad_cam.png"}
+    assert {p.name for p in out.iterdir()} >= {
+        "attribution.md",
+        "attribution-saliency.png",
+        "attribution-grad_cam.png",
+    }
     (model_result,) = result["models"].values()
     assert model_result["adversarial_training"] is None and model_result["k"] == round(0.1 * 28 * 28)
 
@@ -48,8 +74,10 @@ def test_attribution_report_matches_captum_called_directly(tiny_bundle: Path, tm
     want_clean = np.mean([_cos(sal_clean[i], clean_images[i]) for i in range(40)])
     want_adv = np.mean([_cos(sal_adv[i], clean_images[i]) for i in range(40)])
     k = model_result["k"]
-    overlap = [len(set(np.argsort(-sal_clean[i].ravel())[:k]) & set(np.argsort(-sal_adv[i].ravel())[:k])) / k
-               for i in range(40)]
+    overlap = [
+        len(set(np.argsort(-sal_clean[i].ravel())[:k]) & set(np.argsort(-sal_adv[i].ravel())[:k])) / k
+        for i in range(40)
+    ]
     sal = model_result["methods"]["saliency"]
     assert sal["cleanliness_clean"]["mean"] == pytest.approx(want_clean, abs=1e-6)
     assert sal["cleanliness_adv"]["mean"] == pytest.approx(want_adv, abs=1e-6)

@@ -23,13 +23,30 @@ from models.signals import conductance_inputs, signal_matrix
 def test_bundle_is_complete(tiny_bundle: Path) -> None:
     bundle = load_bundle(tiny_bundle)
     stages = bundle.manifest["stages"]
-    for stage in ("prepare", "train", "conductance", "mutants", "features:fit", "features:val",
-                  "features:test", "detectors", "report"):
+    for stage in (
+        "prepare",
+        "train",
+        "conductance",
+        "mutants",
+        "features:fit",
+        "features:val",
+        "features:test",
+        "detectors",
+        "report",
+    ):
         assert stage in stages, stage
     assert bundle.manifest["conductance"]["mode"] == "shortcut"
     assert bundle.manifest["mutants"]["count"] == 8
-    for name in ("report.md", "metrics.json", "roc.png", "risk_coverage.png", "lcr_vs_mutants.png",
-                 "confusion.png", "fallback.png", "auroc_vs_cost.png"):
+    for name in (
+        "report.md",
+        "metrics.json",
+        "roc.png",
+        "risk_coverage.png",
+        "lcr_vs_mutants.png",
+        "confusion.png",
+        "fallback.png",
+        "auroc_vs_cost.png",
+    ):
         assert (tiny_bundle / "report" / name).is_file(), name
         assert f"report/{name}" in bundle.manifest["files"]
 
@@ -46,14 +63,18 @@ def test_stored_scores_reproduce_from_features_and_report_equals_sklearn(tiny_bu
         np.testing.assert_allclose(cond, stored[f"0/conductance-detector/{split}"], rtol=0, atol=1e-12)
         for name, signal_set in gate.signal_sets.items():
             x = signal_matrix(signal_set.signals, feats["logits"], cond, feats["lcr"])
-            np.testing.assert_allclose(signal_set.classifier.decision_function(x), stored[f"0/{name}/{split}"], atol=1e-12)
+            np.testing.assert_allclose(
+                signal_set.classifier.decision_function(x), stored[f"0/{name}/{split}"], atol=1e-12
+            )
             assert metrics["methods"][f"set {name}"][split]["auroc"] == pytest.approx(
                 roc_auc_score(wrong, stored[f"0/{name}/{split}"]), abs=1e-12
             )
         for baseline in ("msp", "entropy", "margin", "doctor"):
             expected = roc_auc_score(wrong, BASELINE_SCORES[baseline](feats["logits"]))
             assert metrics["methods"][baseline][split]["auroc"] == pytest.approx(expected, abs=1e-12)
-        assert metrics["methods"]["lcr (raw)"][split]["auroc"] == pytest.approx(roc_auc_score(wrong, feats["lcr"]), abs=1e-12)
+        assert metrics["methods"]["lcr (raw)"][split]["auroc"] == pytest.approx(
+            roc_auc_score(wrong, feats["lcr"]), abs=1e-12
+        )
 
 
 def test_gate_on_raw_images_equals_offline_features(tiny_bundle: Path) -> None:
@@ -88,7 +109,9 @@ def test_stored_operating_points_hold_on_val(tiny_bundle: Path) -> None:
                 assert point["wrong_recall"] >= float(spec.split("=")[1])
 
 
-def test_rerunning_a_finished_build_changes_nothing(tiny_bundle: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
+def test_rerunning_a_finished_build_changes_nothing(
+    tiny_bundle: Path, tiny_data_dir: Path, tmp_path: Path
+) -> None:
     from models.data import DataSource
     from offline.build import build_bundle
     from offline.profiles import BuildProfile
@@ -98,23 +121,37 @@ def test_rerunning_a_finished_build_changes_nothing(tiny_bundle: Path, tiny_data
     shutil.copytree(tiny_bundle, copy)
     before = json.loads((copy / "manifest.json").read_text())
     # Every stage is marked done, so nothing is recomputed and no file changes.
-    bundle = build_bundle(copy, DataSource("fashion-mnist", str(tiny_data_dir)), BuildProfile(**TINY_PROFILE), progress=False)
+    bundle = build_bundle(
+        copy, DataSource("fashion-mnist", str(tiny_data_dir)), BuildProfile(**TINY_PROFILE), progress=False
+    )
     after = json.loads((copy / "manifest.json").read_text())
     assert before["stages"] == after["stages"]
     assert before["files"] == after["files"]
     load_bundle(bundle.path)
     with pytest.raises(BundleError, match="was started with fit=250, not fit=99"):
-        build_bundle(copy, DataSource("fashion-mnist", str(tiny_data_dir)), BuildProfile(**{**TINY_PROFILE, "fit": 99}), progress=False)
+        build_bundle(
+            copy,
+            DataSource("fashion-mnist", str(tiny_data_dir)),
+            BuildProfile(**{**TINY_PROFILE, "fit": 99}),
+            progress=False,
+        )
     # A redone stage may change its own settings, never an earlier stage's.
     with pytest.raises(BundleError, match="epochs=3, not epochs=4"):
         build_bundle(
-            copy, DataSource("fashion-mnist", str(tiny_data_dir)), BuildProfile(**{**TINY_PROFILE, "epochs": 4}),
-            redo="detectors", progress=False,
+            copy,
+            DataSource("fashion-mnist", str(tiny_data_dir)),
+            BuildProfile(**{**TINY_PROFILE, "epochs": 4}),
+            redo="detectors",
+            progress=False,
         )
     with pytest.raises(BundleError, match="use --redo conductance"):
         build_bundle(
-            copy, DataSource("fashion-mnist", str(tiny_data_dir)), BuildProfile(**TINY_PROFILE), layer="layer2",
-            redo="mutants", progress=False,
+            copy,
+            DataSource("fashion-mnist", str(tiny_data_dir)),
+            BuildProfile(**TINY_PROFILE),
+            layer="layer2",
+            redo="mutants",
+            progress=False,
         )
     assert json.loads((copy / "manifest.json").read_text())["files"] == before["files"]
 
@@ -152,7 +189,9 @@ def test_paper_comparison_rows_equal_sklearn_and_the_summary_shows_them(tiny_bun
 
 
 @pytest.mark.slow
-def test_conductance_detector_with_the_predicted_class(tiny_bundle: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
+def test_conductance_detector_with_the_predicted_class(
+    tiny_bundle: Path, tiny_data_dir: Path, tmp_path: Path
+) -> None:
     """``--redo detectors --cond-inputs conductance+class``: the detector reads C + K inputs, the
     manifest and report say so, and the gate computes the scores the stage stored."""
     from models.data import DataSource
@@ -183,7 +222,9 @@ def test_conductance_detector_with_the_predicted_class(tiny_bundle: Path, tiny_d
     assert gate.cond_detector.n_features_in_ == n_channels + n_classes
     stored = bundle.read_arrays("detectors/scores.npz")
     x = conductance_inputs(feats["conductance"], feats["prediction"], "conductance+class", n_classes)
-    np.testing.assert_allclose(gate.cond_detector.decision_function(x), stored["0/conductance-detector/val"], atol=1e-12)
+    np.testing.assert_allclose(
+        gate.cond_detector.decision_function(x), stored["0/conductance-detector/val"], atol=1e-12
+    )
     out = gate.run(bundle.normalisation.apply(load_splits(bundle)["val"].images[:20]), full_evidence=True)
     np.testing.assert_allclose(out.cond_score, stored["0/conductance-detector/val"][:20], atol=1e-5)
     np.testing.assert_allclose(out.unified_score, stored[f"0/{gate.default_set}/val"][:20], atol=1e-5)
@@ -212,19 +253,26 @@ def test_seeds_above_msp_are_counted_against_msp_on_every_detector_seed(tiny_bun
     n_boot = bundle.manifest["profile"]["n_boot"]
     for row in metrics["evidence_value"]:
         above = sum(
-            paired_bootstrap_auroc(stored[f"{s}/{row['signal_set']}/test"], msp, wrong, n_boot=n_boot, seed=s)["ci_diff"][0] > 0
+            paired_bootstrap_auroc(
+                stored[f"{s}/{row['signal_set']}/test"], msp, wrong, n_boot=n_boot, seed=s
+            )["ci_diff"][0]
+            > 0
             for s in seeds
         )
         assert row["seeds_ci_above_0_msp"] == f"{above}/{len(seeds)}"
         seed0 = stored[f"0/{row['signal_set']}/test"]
         assert row["test_auroc"] == pytest.approx(roc_auc_score(wrong, seed0), abs=1e-12)
-        assert row["diff_to_msp"] == pytest.approx(roc_auc_score(wrong, seed0) - roc_auc_score(wrong, msp), abs=1e-12)
+        assert row["diff_to_msp"] == pytest.approx(
+            roc_auc_score(wrong, seed0) - roc_auc_score(wrong, msp), abs=1e-12
+        )
         assert row["ci_diff_msp"][0] <= row["diff_to_msp"] <= row["ci_diff_msp"][1]
     assert "seeds with CI > 0 vs MSP" in (tiny_bundle / "report" / "report.md").read_text()
 
 
 @pytest.mark.slow  # a second open-world run on the tiny bundle
-def test_profile_default_set_from_the_open_world(tiny_bundle: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
+def test_profile_default_set_from_the_open_world(
+    tiny_bundle: Path, tiny_data_dir: Path, tmp_path: Path
+) -> None:
     """A profile whose default is an open-world set (VARIANT/SET) builds a bundle that serves it: the
     set is fitted after the detectors, stored for every seed, the report's headline names it, and a
     rerun of the finished build changes nothing."""
@@ -254,7 +302,9 @@ def test_profile_default_set_from_the_open_world(tiny_bundle: Path, tiny_data_di
     assert (copy / "manifest.json").read_text() == before
 
 
-def test_a_changed_default_set_is_applied_to_a_finished_bundle(tiny_bundle: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
+def test_a_changed_default_set_is_applied_to_a_finished_bundle(
+    tiny_bundle: Path, tiny_data_dir: Path, tmp_path: Path
+) -> None:
     """A bundle built with one default and rebuilt with a profile naming another (as after the quick
     profile's default changed) serves the new one, with a new report, and keeps its features."""
     from models.data import DataSource
@@ -272,4 +322,6 @@ def test_a_changed_default_set_is_applied_to_a_finished_bundle(tiny_bundle: Path
     assert "Default signal set `softmax`" in (copy / "report" / "report.md").read_text()
     assert (copy / "features" / "val.npz").read_bytes() == features_before
     with pytest.raises(Exception, match="not in the bundle"):
-        build_bundle(copy, source, BuildProfile(**{**TINY_PROFILE, "default_set": "nonesuch"}), progress=False)
+        build_bundle(
+            copy, source, BuildProfile(**{**TINY_PROFILE, "default_set": "nonesuch"}), progress=False
+        )

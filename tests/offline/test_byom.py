@@ -25,7 +25,19 @@ from models.image_input import InputContract, decode_image
 ROOT = Path(__file__).resolve().parents[2]
 OWN = "tests.offline.test_byom:SmallNet"
 SIZES = ["--cnn-train", "300", "--fit", "150", "--val", "120", "--test", "120"]
-MICRO = [*SIZES, "--epochs", "10", "--batch-size", "32", "--n-mutants", "4", "--detector-seeds", "1", "--device", "cpu"]
+MICRO = [
+    *SIZES,
+    "--epochs",
+    "10",
+    "--batch-size",
+    "32",
+    "--n-mutants",
+    "4",
+    "--detector-seeds",
+    "1",
+    "--device",
+    "cpu",
+]
 
 
 class SmallNet(nn.Module):
@@ -34,9 +46,13 @@ class SmallNet(nn.Module):
     def __init__(self, width: int = 8, in_channels: int = 1, num_classes: int = 10) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(in_channels, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
         )
         self.pool = nn.AdaptiveAvgPool2d(4)
         self.head = nn.Linear(2 * width * 16, num_classes)
@@ -76,15 +92,33 @@ def rgb_model(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: Path) -> 
     not predgate's), saved the ways a user would: state_dict, TorchScript, torch.export, whole pickle."""
     folder = tmp_path_factory.mktemp("rgb-model")
     out = folder / "trained"
-    code = main([
-        "train", *_data(tiny_data_dir), *_own(in_channels=3), "--channels", "3", "--mean", "0", "--std", "1",
-        *MICRO, "--out", str(out),
-    ])
+    code = main(
+        [
+            "train",
+            *_data(tiny_data_dir),
+            *_own(in_channels=3),
+            "--channels",
+            "3",
+            "--mean",
+            "0",
+            "--std",
+            "1",
+            *MICRO,
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     bundle = load_bundle(out)
     model = bundle.load_model()
-    files = {"bundle": out, "state_dict": folder / "weights.pt", "torchscript": folder / "model.ts",
-             "export": folder / "model.pt2", "pickled": folder / "whole.pt", "onnx": folder / "model.onnx"}
+    files = {
+        "bundle": out,
+        "state_dict": folder / "weights.pt",
+        "torchscript": folder / "model.ts",
+        "export": folder / "model.pt2",
+        "pickled": folder / "whole.pt",
+        "onnx": folder / "model.onnx",
+    }
     torch.save(model.state_dict(), files["state_dict"])
     torch.save(model, files["pickled"])
     with warnings.catch_warnings():
@@ -100,21 +134,47 @@ def rgb_model(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: Path) -> 
 def test_import_path_class_with_training_flags(capsys, tiny_data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "own"
     code, err = _run(
-        capsys, "build", *_data(tiny_data_dir), *_own(), *MICRO, "--optimizer", "adam", "--lr", "0.01",
-        "--weight-decay", "0", "--augment", "on", "--n-boot", "20", "--out", str(out),
+        capsys,
+        "build",
+        *_data(tiny_data_dir),
+        *_own(),
+        *MICRO,
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.01",
+        "--weight-decay",
+        "0",
+        "--augment",
+        "on",
+        "--n-boot",
+        "20",
+        "--out",
+        str(out),
     )
     assert code == 0, err
     bundle = load_bundle(out)
     arch = bundle.manifest["architecture"]
     assert arch["source"] == "import" and arch["name"] == OWN
-    assert arch["kwargs"] == {"width": 8, "num_classes": 10, "in_channels": 1}  # what was passed, made explicit
+    assert arch["kwargs"] == {
+        "width": 8,
+        "num_classes": 10,
+        "in_channels": 1,
+    }  # what was passed, made explicit
     assert arch["code_path"] == str(ROOT) and len(arch["code_sha256"]) == 64
     config = bundle.manifest["training"]["config"]
-    assert (config["optimizer"], config["max_lr"], config["weight_decay"], config["batch_size"]) == ("adam", 0.01, 0.0, 32)
+    assert (config["optimizer"], config["max_lr"], config["weight_decay"], config["batch_size"]) == (
+        "adam",
+        0.01,
+        0.0,
+        32,
+    )
     assert config["flip"] is True and config["crop_padding"] == 4
     profile = bundle.manifest["profile"]
     assert (profile["optimizer"], profile["lr"], profile["augment"]) == ("adam", 0.01, True)
-    assert bundle.manifest["conductance"]["layer"] == "features"  # the last feature map, found by a forward pass
+    assert (
+        bundle.manifest["conductance"]["layer"] == "features"
+    )  # the last feature map, found by a forward pass
     assert bundle.manifest["training"]["accuracy_check"]["verdict"] in ("ok", "warn")
     gate = load_gate(bundle)  # the server's path: the class is imported again from the manifest
     assert isinstance(gate.extractor.model, SmallNet)
@@ -124,7 +184,16 @@ def test_import_path_class_with_training_flags(capsys, tiny_data_dir: Path, tmp_
 def test_timm_model_by_name(capsys, tiny_data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "timm"
     code, err = _run(
-        capsys, "build", *_data(tiny_data_dir), "--arch", "timm:test_resnet", *MICRO, "--n-boot", "20", "--out", str(out),
+        capsys,
+        "build",
+        *_data(tiny_data_dir),
+        "--arch",
+        "timm:test_resnet",
+        *MICRO,
+        "--n-boot",
+        "20",
+        "--out",
+        str(out),
     )
     assert code == 0, err
     bundle = load_bundle(out)
@@ -141,8 +210,20 @@ def test_timm_weights_take_the_timm_config(capsys, tiny_data_dir: Path, tmp_path
     weights = tmp_path / "timm.safetensors"
     save_file(timm.create_model("test_resnet", num_classes=10).state_dict(), str(weights))
     out = tmp_path / "timm-imported"
-    code, err = _run(capsys, "train", *_data(tiny_data_dir), "--arch", "timm:test_resnet", "--weights", str(weights),
-                     "--input-size", "32", *SIZES, "--out", str(out))
+    code, err = _run(
+        capsys,
+        "train",
+        *_data(tiny_data_dir),
+        "--arch",
+        "timm:test_resnet",
+        "--weights",
+        str(weights),
+        "--input-size",
+        "32",
+        *SIZES,
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     pre = load_bundle(out).manifest["preprocessing"]
     assert pre["mean"] == [0.5, 0.5, 0.5] and pre["std"] == [0.5, 0.5, 0.5] and pre["channels"] == 3
@@ -153,8 +234,23 @@ def test_timm_weights_take_the_timm_config(capsys, tiny_data_dir: Path, tmp_path
 def test_torchscript_file(capsys, rgb_model: dict[str, Path], tiny_data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "ts"
     code, err = _run(
-        capsys, "build", *_data(tiny_data_dir), *_own(in_channels=3), "--weights", str(rgb_model["torchscript"]),
-        "--channels", "3", "--mean", "0", "--std", "1", *MICRO, "--n-boot", "20", "--out", str(out),
+        capsys,
+        "build",
+        *_data(tiny_data_dir),
+        *_own(in_channels=3),
+        "--weights",
+        str(rgb_model["torchscript"]),
+        "--channels",
+        "3",
+        "--mean",
+        "0",
+        "--std",
+        "1",
+        *MICRO,
+        "--n-boot",
+        "20",
+        "--out",
+        str(out),
     )
     assert code == 0, err
     bundle = load_bundle(out)
@@ -165,17 +261,40 @@ def test_torchscript_file(capsys, rgb_model: dict[str, Path], tiny_data_dir: Pat
     assert bundle.manifest["training"]["val_accuracy"] == source["val_accuracy"]
     # TorchScript cannot be hooked: its weights must go into a Python class that fits them
     code, err = _run(
-        capsys, "train", *_data(tiny_data_dir), "--weights", str(rgb_model["torchscript"]), "--channels", "3",
-        *SIZES, "--out", str(tmp_path / "wrong-arch"),
+        capsys,
+        "train",
+        *_data(tiny_data_dir),
+        "--weights",
+        str(rgb_model["torchscript"]),
+        "--channels",
+        "3",
+        *SIZES,
+        "--out",
+        str(tmp_path / "wrong-arch"),
     )
     assert code == 2 and "does not fit --arch resnet20" in err and "made from class SmallNet" in err
 
 
-def test_torch_export_program(capsys, rgb_model: dict[str, Path], tiny_data_dir: Path, tmp_path: Path) -> None:
+def test_torch_export_program(
+    capsys, rgb_model: dict[str, Path], tiny_data_dir: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "export"
     code, err = _run(
-        capsys, "train", *_data(tiny_data_dir), *_own(in_channels=3), "--weights", str(rgb_model["export"]),
-        "--channels", "3", "--mean", "0", "--std", "1", *SIZES, "--out", str(out),
+        capsys,
+        "train",
+        *_data(tiny_data_dir),
+        *_own(in_channels=3),
+        "--weights",
+        str(rgb_model["export"]),
+        "--channels",
+        "3",
+        "--mean",
+        "0",
+        "--std",
+        "1",
+        *SIZES,
+        "--out",
+        str(out),
     )
     assert code == 0, err
     training = load_bundle(out).manifest["training"]
@@ -183,14 +302,27 @@ def test_torch_export_program(capsys, rgb_model: dict[str, Path], tiny_data_dir:
     assert training["val_accuracy"] == load_bundle(rgb_model["bundle"]).manifest["training"]["val_accuracy"]
 
 
-def test_three_channel_state_dict_on_grey_data(capsys, rgb_model: dict[str, Path], tiny_data_dir: Path, tmp_path: Path) -> None:
+def test_three_channel_state_dict_on_grey_data(
+    capsys, rgb_model: dict[str, Path], tiny_data_dir: Path, tmp_path: Path
+) -> None:
     """The stock case: RGB weights, grey data. One line says what to do; doing it builds the bundle."""
     out = tmp_path / "rgb-on-grey"
-    common = [*_data(tiny_data_dir), *_own(), "--weights", str(rgb_model["state_dict"]), "--mean", "0", "--std", "1"]
+    common = [
+        *_data(tiny_data_dir),
+        *_own(),
+        "--weights",
+        str(rgb_model["state_dict"]),
+        "--mean",
+        "0",
+        "--std",
+        "1",
+    ]
     code, err = _run(capsys, "build", *common, *MICRO, "--out", str(out))
     assert code == 2
     line = err.strip()
-    assert "\n" not in line and "'features.0' was trained on 3-channel images" in line and "--channels 3" in line
+    assert (
+        "\n" not in line and "'features.0' was trained on 3-channel images" in line and "--channels 3" in line
+    )
     assert not (out / MANIFEST_NAME).exists()  # refused before any bundle file was written
     code, err = _run(capsys, "build", *common, "--channels", "3", *MICRO, "--n-boot", "20", "--out", str(out))
     assert code == 0, err
@@ -226,8 +358,19 @@ def test_own_normalisation_is_recorded_and_a_mismatch_is_named(
     assert source.manifest["preprocessing"]["sources"]["mean"] == "--mean"
     assert source.normalisation.mean == (0.0, 0.0, 0.0) and source.normalisation.std == (1.0, 1.0, 1.0)
     out = tmp_path / "no-flags"
-    code, err = _run(capsys, "train", *_data(tiny_data_dir), *_own(in_channels=3), "--channels", "3",
-                     "--weights", str(rgb_model["state_dict"]), *SIZES, "--out", str(out))
+    code, err = _run(
+        capsys,
+        "train",
+        *_data(tiny_data_dir),
+        *_own(in_channels=3),
+        "--channels",
+        "3",
+        "--weights",
+        str(rgb_model["state_dict"]),
+        *SIZES,
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     check = load_bundle(out).manifest["training"]["accuracy_check"]
     # predgate's own normalisation ruins the model, and the check names the one it was trained with
@@ -240,19 +383,38 @@ def test_own_normalisation_is_recorded_and_a_mismatch_is_named(
 
 def test_degenerate_model_is_stopped_before_the_mutants(capsys, tiny_data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "constant"
-    args = ["build", *_data(tiny_data_dir), "--arch", "tests.offline.test_byom:ConstantNet", "--code-path", str(ROOT),
-            *SIZES, "--epochs", "1", "--device", "cpu", "--out", str(out)]
+    args = [
+        "build",
+        *_data(tiny_data_dir),
+        "--arch",
+        "tests.offline.test_byom:ConstantNet",
+        "--code-path",
+        str(ROOT),
+        *SIZES,
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     for _ in range(2):  # the rerun into the same --out stops the same way (no TypeError, no traceback)
         code, err = _run(capsys, *args)
         assert code == 2
-        assert "build stopped before the mutants" in err and "one class" in err and "--allow-low-accuracy" in err
+        assert (
+            "build stopped before the mutants" in err and "one class" in err and "--allow-low-accuracy" in err
+        )
         stages = load_bundle(out).manifest["stages"]
         assert "train" in stages and "mutants" not in stages and "conductance" not in stages
 
 
-def test_wrong_layer_is_refused_before_training_with_the_closest_names(capsys, tiny_data_dir: Path, tmp_path: Path) -> None:
+def test_wrong_layer_is_refused_before_training_with_the_closest_names(
+    capsys, tiny_data_dir: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "layer"
-    code, err = _run(capsys, "build", *_data(tiny_data_dir), *_own(), "--layer", "featurs", *MICRO, "--out", str(out))
+    code, err = _run(
+        capsys, "build", *_data(tiny_data_dir), *_own(), "--layer", "featurs", *MICRO, "--out", str(out)
+    )
     assert code == 2 and "no module 'featurs'" in err and "'features'" in err
     assert not (out / MANIFEST_NAME).exists()
 
@@ -262,21 +424,57 @@ def test_unfinished_bundle_is_started_afresh(tiny_data_dir: Path, tmp_path: Path
     from models.preprocess import Normalisation
 
     out = tmp_path / "stub"
-    Bundle.create(out, dataset={"name": "fashion-mnist"}, class_names=["a"], input_shape=(1, 28, 28),
-                  normalisation=Normalisation((0.5,), (0.5,)), architecture={"name": "resnet20"})
-    assert main(["train", *_data(tiny_data_dir), *_own(), *SIZES, "--epochs", "1", "--device", "cpu", "--out", str(out)]) == 0
+    Bundle.create(
+        out,
+        dataset={"name": "fashion-mnist"},
+        class_names=["a"],
+        input_shape=(1, 28, 28),
+        normalisation=Normalisation((0.5,), (0.5,)),
+        architecture={"name": "resnet20"},
+    )
+    assert (
+        main(
+            [
+                "train",
+                *_data(tiny_data_dir),
+                *_own(),
+                *SIZES,
+                "--epochs",
+                "1",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert load_bundle(out).stage_done("train")
 
 
-@pytest.mark.parametrize(("kind", "message"), [
-    ("pickled", "holds a pickled Python object (tests.offline.test_byom.SmallNet), not a state_dict"),
-    ("onnx", "ONNX files are not read"),
-])
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("pickled", "holds a pickled Python object (tests.offline.test_byom.SmallNet), not a state_dict"),
+        ("onnx", "ONNX files are not read"),
+    ],
+)
 def test_unsupported_files_are_refused_in_one_line(
     capsys, rgb_model: dict[str, Path], tiny_data_dir: Path, tmp_path: Path, kind: str, message: str
 ) -> None:
-    code, err = _run(capsys, "train", *_data(tiny_data_dir), *_own(in_channels=3), "--channels", "3",
-                     "--weights", str(rgb_model[kind]), *SIZES, "--out", str(tmp_path / kind))
+    code, err = _run(
+        capsys,
+        "train",
+        *_data(tiny_data_dir),
+        *_own(in_channels=3),
+        "--channels",
+        "3",
+        "--weights",
+        str(rgb_model[kind]),
+        *SIZES,
+        "--out",
+        str(tmp_path / kind),
+    )
     assert code == 2 and message in err and err.count("\n") == 1
     if kind == "pickled":
         assert "torch.save(model.state_dict()" in err
@@ -289,9 +487,25 @@ def test_exclude_indices_keep_the_cnns_images_out_of_the_detectors_splits(
     index_file = tmp_path / "trained-on.txt"
     index_file.write_text("\n".join(map(str, named)))
     out = tmp_path / "honest"
-    code, err = _run(capsys, "train", *_data(tiny_data_dir), *_own(in_channels=3), "--channels", "3",
-                     "--mean", "0", "--std", "1", "--weights", str(rgb_model["state_dict"]),
-                     "--exclude-indices", str(index_file), *SIZES, "--out", str(out))
+    code, err = _run(
+        capsys,
+        "train",
+        *_data(tiny_data_dir),
+        *_own(in_channels=3),
+        "--channels",
+        "3",
+        "--mean",
+        "0",
+        "--std",
+        "1",
+        "--weights",
+        str(rgb_model["state_dict"]),
+        "--exclude-indices",
+        str(index_file),
+        *SIZES,
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     bundle = load_bundle(out)
     record = bundle.manifest["splits"]["cnn_train_indices"]

@@ -29,7 +29,9 @@ def _early_stopping_bundle(tiny_bundle: Path, tmp_path: Path, modules: tuple[str
                 del bundle.manifest["stages"][name]
         bundle.save()
         arrays = load_splits(bundle)
-        mutants_stage(bundle, arrays, operator="NAI", rate=0.005, n_mutants=8, modules=modules, progress=False)
+        mutants_stage(
+            bundle, arrays, operator="NAI", rate=0.005, n_mutants=8, modules=modules, progress=False
+        )
         from offline.stages import features_stage
 
         features_stage(bundle, arrays, early_stopping_alpha=0.3, early_stopping_chunk=3, progress=False)
@@ -135,7 +137,9 @@ def test_onnx_backend_stops_early_like_torch(tiny_bundle: Path, tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_bench_gate_times_the_early_stopped_lcr_of_confined_mutants(tiny_bundle: Path, tmp_path: Path) -> None:
+def test_bench_gate_times_the_early_stopped_lcr_of_confined_mutants(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
     from bench.gate import load_subject, stage_factories
 
     path = _early_stopping_bundle(tiny_bundle, tmp_path, ("layer3",))

@@ -70,33 +70,59 @@ def test_open_world_on_the_tiny_bundle(tiny_bundle: Path, tmp_path: Path, cifar1
     shutil.copytree(tiny_bundle, path)
     bundle = load_bundle(path)
     result = run_open_world(
-        bundle, images=30, kinds=("gaussian_noise", "contrast"), severities=(1, 5), exposure_images=80,
-        seeds=2, data_roots={"cifar10": str(cifar10_npz_dir)}, progress=False,
+        bundle,
+        images=30,
+        kinds=("gaussian_noise", "contrast"),
+        severities=(1, 5),
+        exposure_images=80,
+        seeds=2,
+        data_roots={"cifar10": str(cifar10_npz_dir)},
+        progress=False,
     )
     assert set(result.suites) >= {"clean", "gaussian_noise-1", "contrast-5", "digits", "mixed"}
     assert all(s["label"].min() == -1 for n, s in result.suites.items() if s["regime"] == "unknown")
     table = regime_table(result, n_boot=30)
     assert {"clean", "shift-s1", "shift-s5", "mixed", "unknown-far"} <= set(table)
     # the figures are sklearn's on the pooled suites
-    for regime, names, unknown_only in (("shift-s5", ["gaussian_noise-5", "contrast-5"], False),
-                                         ("unknown-digits", ["clean", "digits"], True)):
+    for regime, names, unknown_only in (
+        ("shift-s5", ["gaussian_noise-5", "contrast-5"], False),
+        ("unknown-digits", ["clean", "digits"], True),
+    ):
         label = np.concatenate([result.suites[n]["label"] for n in names])
         pred = np.concatenate([result.suites[n]["prediction"] for n in names])
         positive = (label < 0) if unknown_only else (label != pred)
         logits = np.concatenate([result.suites[n]["logits"] for n in names])
-        assert table[regime]["baselines"]["msp"]["auroc"] == pytest.approx(roc_auc_score(positive, msp_score(logits)))
+        assert table[regime]["baselines"]["msp"]["auroc"] == pytest.approx(
+            roc_auc_score(positive, msp_score(logits))
+        )
         for key in ("clean/cond+lcr", "exposed/maha"):
-            scores = np.concatenate([result.scores[n][(*key.split("/")[:1], 0, key.split("/")[1])] for n in names])
-            assert table[regime]["sets"][key]["per_seed"][0]["auroc"] == pytest.approx(roc_auc_score(positive, scores))
+            scores = np.concatenate(
+                [result.scores[n][(*key.split("/")[:1], 0, key.split("/")[1])] for n in names]
+            )
+            assert table[regime]["sets"][key]["per_seed"][0]["auroc"] == pytest.approx(
+                roc_auc_score(positive, scores)
+            )
     # a rerun reads the cached evidence and gives the same scores
     again = run_open_world(
-        load_bundle(path), images=30, kinds=("gaussian_noise", "contrast"), severities=(1, 5),
-        exposure_images=80, seeds=2, data_roots={"cifar10": str(cifar10_npz_dir)}, progress=False,
+        load_bundle(path),
+        images=30,
+        kinds=("gaussian_noise", "contrast"),
+        severities=(1, 5),
+        exposure_images=80,
+        seeds=2,
+        data_roots={"cifar10": str(cifar10_npz_dir)},
+        progress=False,
     )
-    assert np.array_equal(again.scores["contrast-5"][("clean", 0, "msp")], result.scores["contrast-5"][("clean", 0, "msp")])
+    assert np.array_equal(
+        again.scores["contrast-5"][("clean", 0, "msp")], result.scores["contrast-5"][("clean", 0, "msp")]
+    )
     # adopted sets are served by the gate with the scores the evaluation computed offline
-    names = adopt(load_bundle(path), again, ["exposed/feat+softmax", "clean/everything", "exposed/doctor_pert"],
-                  default="exposed/feat+softmax")
+    names = adopt(
+        load_bundle(path),
+        again,
+        ["exposed/feat+softmax", "clean/everything", "exposed/doctor_pert"],
+        default="exposed/feat+softmax",
+    )
     assert names == ["feat+softmax-exposed", "everything", "doctor_pert-exposed"]
     served = load_bundle(path)
     assert served.manifest["detectors"]["default_set"] == "feat+softmax-exposed"
@@ -106,8 +132,11 @@ def test_open_world_on_the_tiny_bundle(tiny_bundle: Path, tmp_path: Path, cifar1
     pick = np.sort(np.random.default_rng((0, 11)).choice(len(test), 30, replace=False))
     assert np.array_equal(test.labels[pick], clean["label"])
     x = served.normalisation.apply(test.images[pick])
-    for name, key in zip(names, [("exposed", 0, "feat+softmax"), ("clean", 0, "everything"),
-                                 ("exposed", 0, "doctor_pert")], strict=True):
+    for name, key in zip(
+        names,
+        [("exposed", 0, "feat+softmax"), ("clean", 0, "everything"), ("exposed", 0, "doctor_pert")],
+        strict=True,
+    ):
         out = gate.run(x, signal_set=name)
         assert np.allclose(out.unified_score, again.scores["clean"][key], rtol=1e-5, atol=1e-6), name
     assert gate.run(x).signal_set == "feat+softmax-exposed"
@@ -118,7 +147,9 @@ def test_open_world_on_the_tiny_bundle(tiny_bundle: Path, tmp_path: Path, cifar1
     assert info["cond_detector_stem"] == "detectors/conductance-exposed"
     gate = load_gate(served)
     own = gate.run(x, signal_set="cond+feat+softmax-exposed")
-    assert np.allclose(own.unified_score, again.scores["clean"][("exposed", 0, "cond+feat+softmax")], rtol=1e-5, atol=1e-6)
+    assert np.allclose(
+        own.unified_score, again.scores["clean"][("exposed", 0, "cond+feat+softmax")], rtol=1e-5, atol=1e-6
+    )
     assert not np.allclose(own.cond_score, gate.run(x, signal_set="cond+lcr").cond_score)
     # other settings on the same bundle are refused, naming what to do
     with pytest.raises(Exception, match="same settings"):
@@ -129,9 +160,30 @@ def test_open_world_on_the_tiny_bundle(tiny_bundle: Path, tmp_path: Path, cifar1
 def test_open_world_cli_writes_the_report(tiny_bundle: Path, tmp_path: Path, cifar10_npz_dir: Path) -> None:
     path = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, path)
-    code = main(["open-world", "--bundle", str(path), "--images", "20", "--kinds", "rotation", "--severities", "3",
-                 "--exposure-images", "60", "--seeds", "1", "--n-boot", "20", "--cifar10-root", str(cifar10_npz_dir),
-                 "--preview", "--adopt", "--make-default"])
+    code = main(
+        [
+            "open-world",
+            "--bundle",
+            str(path),
+            "--images",
+            "20",
+            "--kinds",
+            "rotation",
+            "--severities",
+            "3",
+            "--exposure-images",
+            "60",
+            "--seeds",
+            "1",
+            "--n-boot",
+            "20",
+            "--cifar10-root",
+            str(cifar10_npz_dir),
+            "--preview",
+            "--adopt",
+            "--make-default",
+        ]
+    )
     assert code == 0
     report = path / "report"
     text = (report / "open_world.md").read_text()
@@ -141,7 +193,9 @@ def test_open_world_cli_writes_the_report(tiny_bundle: Path, tmp_path: Path, cif
     assert chosen is not None
     served = load_bundle(path)
     variant, name = chosen.split("/", 1)
-    assert served.manifest["detectors"]["default_set"] == (name if variant == "clean" else f"{name}-{variant}")
+    assert served.manifest["detectors"]["default_set"] == (
+        name if variant == "clean" else f"{name}-{variant}"
+    )
     assert load_gate(served).default_set == served.manifest["detectors"]["default_set"]
     for png in ("open_world_shift.png", "open_world_unknown.png", "open_world_suites.png"):
         assert (report / png).stat().st_size > 1000
@@ -172,15 +226,35 @@ def test_fit_default_set_serves_the_named_set(tiny_bundle: Path, tmp_path: Path)
         fit_default_set(served, "weird/softmax")
 
 
-def test_shift_writes_the_suites_open_world_measures(tiny_bundle: Path, tmp_path: Path, cifar10_npz_dir: Path) -> None:
+def test_shift_writes_the_suites_open_world_measures(
+    tiny_bundle: Path, tmp_path: Path, cifar10_npz_dir: Path
+) -> None:
     out = tmp_path / "suites"
     held_out = tmp_path / "held-out" / "boots"  # an image folder: one sub-folder per class
     held_out.mkdir(parents=True)
     for i in range(4):
         Image.fromarray(np.full((40, 40, 3), 40 * i, dtype=np.uint8)).save(held_out / f"{i}.png")
-    code = main(["shift", "--bundle", str(tiny_bundle), "--images", "12", "--kinds", "contrast", "rotation",
-                 "--severities", "2", "5", "--out", str(out), "--cifar10-root", str(cifar10_npz_dir),
-                 "--held-out-class", str(held_out.parent)])
+    code = main(
+        [
+            "shift",
+            "--bundle",
+            str(tiny_bundle),
+            "--images",
+            "12",
+            "--kinds",
+            "contrast",
+            "rotation",
+            "--severities",
+            "2",
+            "5",
+            "--out",
+            str(out),
+            "--cifar10-root",
+            str(cifar10_npz_dir),
+            "--held-out-class",
+            str(held_out.parent),
+        ]
+    )
     assert code == 0
     index = json.loads((out / "index.json").read_text())
     names = [s["suite"] for s in index["suites"]]
@@ -188,13 +262,21 @@ def test_shift_writes_the_suites_open_world_measures(tiny_bundle: Path, tmp_path
     assert "mixed" in names and "digits" in names
     bundle = load_bundle(tiny_bundle)
     test = load_splits(bundle)["test"]
-    expected = evaluation_suites(test.images, test.labels, images=12, kinds=("contrast", "rotation"),
-                                 severities=(2, 5), dataset="fashion-mnist", seed=0,
-                                 data_roots={"cifar10": str(cifar10_npz_dir),
-                                             "held-out-class": str(held_out.parent)})
+    expected = evaluation_suites(
+        test.images,
+        test.labels,
+        images=12,
+        kinds=("contrast", "rotation"),
+        severities=(2, 5),
+        dataset="fashion-mnist",
+        seed=0,
+        data_roots={"cifar10": str(cifar10_npz_dir), "held-out-class": str(held_out.parent)},
+    )
     for suite in expected:
         with np.load(out / f"{suite.name}.npz") as stored:
-            assert np.array_equal(stored["images"], suite.images) and np.array_equal(stored["labels"], suite.labels)
+            assert np.array_equal(stored["images"], suite.images) and np.array_equal(
+                stored["labels"], suite.labels
+            )
     clean = np.load(out / "clean.npz")
     assert not np.array_equal(np.load(out / "contrast-5.npz")["images"], clean["images"])
     assert (np.load(out / "digits.npz")["labels"] == -1).all()

@@ -41,11 +41,28 @@ def _copy(bundle: Path, out: Path) -> Path:
     return out
 
 
-def test_features_on_ray_equal_the_single_process_path(tiny_bundle: Path, tmp_path: Path, local_ray: RayEngine) -> None:
+def test_features_on_ray_equal_the_single_process_path(
+    tiny_bundle: Path, tmp_path: Path, local_ray: RayEngine
+) -> None:
     local, on_ray = _copy(tiny_bundle, tmp_path / "local"), _copy(tiny_bundle, tmp_path / "ray")
     # small chunks, so the split cuts into several chunks spread over both actors
     assert main(["features", "--bundle", str(local), "--batch-size", "48"]) == 0
-    assert main(["features", "--bundle", str(on_ray), "--batch-size", "48", "--engine", "ray", "--ray-actors", "2"]) == 0
+    assert (
+        main(
+            [
+                "features",
+                "--bundle",
+                str(on_ray),
+                "--batch-size",
+                "48",
+                "--engine",
+                "ray",
+                "--ray-actors",
+                "2",
+            ]
+        )
+        == 0
+    )
     want, got = load_features(load_bundle(local)), load_features(load_bundle(on_ray))
     assert set(want) == set(got) == {"fit", "val", "test"}
     columns = want["test"]
@@ -59,9 +76,26 @@ def test_features_on_ray_equal_the_single_process_path(tiny_bundle: Path, tmp_pa
     assert load_bundle(local).manifest["stages"]["features:test"]["engine"] == "local"
 
 
-def test_attack_on_ray_stores_the_single_process_images(tiny_bundle: Path, tmp_path: Path, local_ray: RayEngine) -> None:
-    local, on_ray = shutil.copytree(tiny_bundle, tmp_path / "local"), shutil.copytree(tiny_bundle, tmp_path / "ray")
-    common = ["attack", "--attack", "pgd-linf", "--eps", "0.1", "--steps", "3", "--images", "40", "--chunk-size", "20"]
+def test_attack_on_ray_stores_the_single_process_images(
+    tiny_bundle: Path, tmp_path: Path, local_ray: RayEngine
+) -> None:
+    local, on_ray = (
+        shutil.copytree(tiny_bundle, tmp_path / "local"),
+        shutil.copytree(tiny_bundle, tmp_path / "ray"),
+    )
+    common = [
+        "attack",
+        "--attack",
+        "pgd-linf",
+        "--eps",
+        "0.1",
+        "--steps",
+        "3",
+        "--images",
+        "40",
+        "--chunk-size",
+        "20",
+    ]
     assert main([*common, "--bundle", str(local)]) == 0
     assert main([*common, "--bundle", str(on_ray), "--engine", "ray"]) == 0
     tag = "pgd-linf-eps0.1-steps3-alpha0.0833333"

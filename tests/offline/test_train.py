@@ -131,7 +131,9 @@ def _initial_weights_digest(seed: int) -> str:
         "print(hashlib.sha256(b''.join(p.detach().numpy().tobytes() for p in m.parameters())).hexdigest())"
     )
     root = Path(__file__).resolve().parents[2]
-    return subprocess.run([sys.executable, "-c", code], cwd=root, check=True, capture_output=True, text=True).stdout
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=root, check=True, capture_output=True, text=True
+    ).stdout
 
 
 @pytest.mark.slow  # two fresh interpreters importing torch; test_train_twice_with_one_seed_gives_one_cnn checks seeding in-process
@@ -167,7 +169,12 @@ def test_adversarial_training_makes_the_model_robust_where_natural_training_does
     for attack in (None, "pgd-linf"):
         model = _fresh_model()
         config = TrainConfig(
-            epochs=3, batch_size=32, max_lr=0.05, adv_attack=attack, adv_eps=0.15 if attack else 0.0, adv_steps=3,
+            epochs=3,
+            batch_size=32,
+            max_lr=0.05,
+            adv_attack=attack,
+            adv_eps=0.15 if attack else 0.0,
+            adv_steps=3,
         )
         train_model(model, data, norm, config, progress=False, device=torch.device("cpu"))
         assert accuracy(model, norm.apply(test.images), torch.from_numpy(test.labels)) > 0.9

@@ -31,8 +31,21 @@ class RedisServer:
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         command = [
-            str(REDIS_SERVER), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-            "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
+            str(REDIS_SERVER),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
         ]
         log = (self.directory / "redis.log").open("ab")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -41,7 +54,9 @@ class RedisServer:
         try:
             while True:
                 if self.process.poll() is not None:
-                    raise AssertionError(f"redis-server exited:\n{(self.directory / 'redis.log').read_text()}")
+                    raise AssertionError(
+                        f"redis-server exited:\n{(self.directory / 'redis.log').read_text()}"
+                    )
                 try:
                     if client.ping():
                         return self

@@ -19,7 +19,9 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}", "Content-Type": "image/png"}
 
 
-def test_every_configured_key_counts_and_blanks_do_not(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_every_configured_key_counts_and_blanks_do_not(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("PREDGATE_BUNDLE", str(tmp_path))
     monkeypatch.setenv("PREDGATE_API_KEY", "first")
     monkeypatch.setenv("PREDGATE_API_KEYS", " second, ,third,first ")
@@ -73,7 +75,9 @@ def test_the_rate_limit_sheds_with_429_and_retry_after_per_key_and_recovers(
 ) -> None:
     body = png_bytes(sample_images[1])
     with app_client(api_keys="key-a,key-b", rate_limit_per_s=4.0, rate_limit_burst=2, warmup=False) as client:
-        statuses = [client.post("/predict", content=body, headers=bearer("key-a")).status_code for _ in range(2)]
+        statuses = [
+            client.post("/predict", content=body, headers=bearer("key-a")).status_code for _ in range(2)
+        ]
         assert statuses == [200, 200]
         shed = client.post("/predict", content=body, headers=bearer("key-a"))
         assert shed.status_code == 429 and shed.headers["retry-after"] == "1"

@@ -204,7 +204,9 @@ class Faulty(Recorder):
     """Recorder that fails like a real gate can: on a poisoned image (first pixel ``POISON``), or out
     of memory on batches larger than ``fits`` images."""
 
-    def __init__(self, fits: int | None = None, error: type[BaseException] = ValueError, **kwargs: object) -> None:
+    def __init__(
+        self, fits: int | None = None, error: type[BaseException] = ValueError, **kwargs: object
+    ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.fits, self.error = fits, error
 
@@ -311,7 +313,9 @@ def test_an_expired_image_is_dropped_from_the_queue_not_computed() -> None:
         rows = await batcher.results(busy + kept)
         (error,) = await asyncio.gather(*expired, return_exceptions=True)
         await batcher.stop()
-        assert isinstance(error, DeadlineExceeded) and error.status_code == 504 and "not computed" in str(error)
+        assert (
+            isinstance(error, DeadlineExceeded) and error.status_code == 504 and "not computed" in str(error)
+        )
         assert [r.unified_score for r in rows] == pytest.approx([0.1, 0.5])
         assert fn.calls == [(KEY, 1), (KEY, 1)]  # 0.2, 0.3 and 0.4 never reached the gate
 

@@ -35,7 +35,9 @@ def _rotate_head(bundle: Bundle) -> None:
     """Rotate the classifier's output rows by one class and re-record what depends on the weights."""
     k = len(bundle.class_names)
     state = bundle.read_tensors(WEIGHTS_NAME)
-    head = [name for name, t in state.items() if name.endswith("weight") and t.ndim == 2 and t.shape[0] == k][-1]
+    head = [name for name, t in state.items() if name.endswith("weight") and t.ndim == 2 and t.shape[0] == k][
+        -1
+    ]
     for name in (head, head.removesuffix("weight") + "bias"):
         if name in state:
             state[name] = torch.roll(state[name], shifts=1, dims=0)
@@ -61,7 +63,10 @@ def second_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -
     copy = _copy(tiny_bundle, tmp_path_factory.mktemp("cascade"), "rotated")
     _rotate_head(copy)
     norm = copy.manifest["normalisation"]
-    copy.manifest["normalisation"] = {"mean": [m + 0.1 for m in norm["mean"]], "std": [s * 1.5 for s in norm["std"]]}
+    copy.manifest["normalisation"] = {
+        "mean": [m + 0.1 for m in norm["mean"]],
+        "std": [s * 1.5 for s in norm["std"]],
+    }
     copy.save()
     return copy.path
 
@@ -72,7 +77,9 @@ def second_gate(second_bundle: Path) -> Gate:
 
 
 @pytest.fixture(scope="module")
-def point(gate: Gate, bundle: Bundle, second_gate: Gate, second_bundle: Path, sample_images: np.ndarray) -> str:
+def point(
+    gate: Gate, bundle: Bundle, second_gate: Gate, second_bundle: Path, sample_images: np.ndarray
+) -> str:
     """An operating point of the cascade's default set at which it accepts some of the primary's
     rejects among the first 24 sample images and rejects others: every branch is then exercised."""
     images = sample_images[:24]
@@ -87,8 +94,12 @@ def point(gate: Gate, bundle: Bundle, second_gate: Gate, second_bundle: Path, sa
 
 def _settings(tiny_bundle: Path, second_bundle: Path, point: str, **extra: Any) -> Settings:
     return make_settings(
-        tiny_bundle, operating_point=STRICT, cascade_bundle=second_bundle, cascade_operating_point=point,
-        warmup=False, **extra,
+        tiny_bundle,
+        operating_point=STRICT,
+        cascade_bundle=second_bundle,
+        cascade_operating_point=point,
+        warmup=False,
+        **extra,
     )
 
 
@@ -137,7 +148,9 @@ def test_decided_by_and_the_cascade_answer(
         assert record["primary_label"] == int(primary.prediction[i])
         np.testing.assert_allclose(record["probabilities"], primary.probabilities[i], atol=TOL)
         assert record["unified_score"] == pytest.approx(float(primary.unified_score[i]), abs=TOL)
-        assert record["bundle_id"] == bundle.manifest["bundle_id"] and record["signal_set"] == primary.signal_set
+        assert (
+            record["bundle_id"] == bundle.manifest["bundle_id"] and record["signal_set"] == primary.signal_set
+        )
         if want[i] == "primary":
             assert record["cascade"] is None and record["verdict"] == "accept"
             assert record["label"] == int(primary.prediction[i])
@@ -163,7 +176,14 @@ def test_decisions_are_counted_by_who_decided(cascade_client: TestClient, sample
         text = cascade_client.get("/metrics").text
         found = {}
         for who in ("primary", "cascade", "none"):
-            line = next((ln for ln in text.splitlines() if ln.startswith(f'predgate_decisions_total{{decided_by="{who}"}}')), None)
+            line = next(
+                (
+                    ln
+                    for ln in text.splitlines()
+                    if ln.startswith(f'predgate_decisions_total{{decided_by="{who}"}}')
+                ),
+                None,
+            )
             found[who] = float(line.split()[-1]) if line else 0.0
         return found
 
@@ -178,8 +198,11 @@ def test_only_images_unknown_after_the_cascade_reach_the_outbox(
     tiny_bundle: Path, second_bundle: Path, point: str, sample_images: np.ndarray, tmp_path: Path
 ) -> None:
     settings = _settings(
-        tiny_bundle, second_bundle, point,
-        fallback_url="http://127.0.0.1:9/items", fallback_dir=tmp_path / "outbox",  # nobody listens: pending
+        tiny_bundle,
+        second_bundle,
+        point,
+        fallback_url="http://127.0.0.1:9/items",
+        fallback_dir=tmp_path / "outbox",  # nobody listens: pending
     )
     with TestClient(create_app(settings)) as client:
         records = _batch(client, sample_images[:24])
@@ -204,7 +227,9 @@ def test_without_a_cascade_answers_are_unchanged_but_for_decided_by(
         assert client.get("/v1/bundle").json()["cascade"] is None
     assert [r["decided_by"] for r in records] == ["none" if rej else "primary" for rej in out.reject]
     for i, record in enumerate(records):
-        assert record["cascade"] is None and record["label"] == record["primary_label"] == int(out.prediction[i])
+        assert record["cascade"] is None and record["label"] == record["primary_label"] == int(
+            out.prediction[i]
+        )
         assert record["verdict"] == ("unknown" if out.reject[i] else "accept")
 
 
@@ -236,7 +261,9 @@ def test_a_mismatched_cascade_bundle_stops_start_up(
     assert says in str(refused.value) and str(copy.path) in str(refused.value)
 
 
-def test_cascade_names_are_checked_at_start_and_need_a_cascade(tiny_bundle: Path, second_bundle: Path) -> None:
+def test_cascade_names_are_checked_at_start_and_need_a_cascade(
+    tiny_bundle: Path, second_bundle: Path
+) -> None:
     with pytest.raises(ConfigError, match="cascade_operating_point"):
         load_service(make_settings(tiny_bundle, cascade_bundle=second_bundle, cascade_operating_point="nope"))
     with pytest.raises(ConfigError, match="cascade_signal_set 'nope'"):

@@ -57,7 +57,12 @@ def test_dashboard_has_the_required_panels() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     titles = " | ".join(p["title"].lower() for p in dashboard["panels"])
     for word in (
-        "rejection rate", "per predicted class", "request rate", "latency per stage", "batch size", "drift"
+        "rejection rate",
+        "per predicted class",
+        "request rate",
+        "latency per stage",
+        "batch size",
+        "drift",
     ):
         assert word in titles
     exprs = dashboard_queries()

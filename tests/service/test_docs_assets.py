@@ -14,7 +14,10 @@ def _asset_urls(html: str) -> list[str]:
 
 
 def test_docs_pages_reference_only_local_assets_that_are_served(client: TestClient) -> None:
-    for page, wanted in (("/docs", {"swagger-ui-bundle.js", "swagger-ui.css"}), ("/redoc", {"redoc.standalone.js"})):
+    for page, wanted in (
+        ("/docs", {"swagger-ui-bundle.js", "swagger-ui.css"}),
+        ("/redoc", {"redoc.standalone.js"}),
+    ):
         response = client.get(page)
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
         html = response.text

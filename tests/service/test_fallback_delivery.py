@@ -33,11 +33,25 @@ def start_receiver(port: int, db: Path, log: Path) -> subprocess.Popen[bytes]:
     # a lost acknowledgement in a quarter of the stored deliveries: over the 20-30 items of a test the
     # chance that none is resent (and the "retried" check below has nothing to see) is below 1e-3
     command = [
-        sys.executable, str(ROOT / "examples" / "fallback_receiver.py"), "--port", str(port), "--db", str(db),
-        "--fail-rate", "0.33", "--lost-ack-rate", "0.25", "--delay-s", "0.1", "--seed", str(port),
+        sys.executable,
+        str(ROOT / "examples" / "fallback_receiver.py"),
+        "--port",
+        str(port),
+        "--db",
+        str(db),
+        "--fail-rate",
+        "0.33",
+        "--lost-ack-rate",
+        "0.25",
+        "--delay-s",
+        "0.1",
+        "--seed",
+        str(port),
     ]
     process = subprocess.Popen(command, stdout=log.open("ab"), stderr=subprocess.STDOUT)
-    wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/items", timeout=2).status_code == 200, 30, "the receiver")
+    wait_for(
+        lambda: httpx.get(f"http://127.0.0.1:{port}/items", timeout=2).status_code == 200, 30, "the receiver"
+    )
     return process
 
 
@@ -65,14 +79,20 @@ def delivery_env(receiver_port: int, **outbox: str) -> dict[str, str]:
 
 
 def post_noise(
-    base: str, rng: np.random.Generator, rounds: range, expected: dict[str, tuple[str, int]], verdicts: list[str]
+    base: str,
+    rng: np.random.Generator,
+    rounds: range,
+    expected: dict[str, tuple[str, int]],
+    verdicts: list[str],
 ) -> None:
     """``len(rounds)`` batches of 10 noise PNGs to ``base``; each unknown's item key goes into ``expected``
     with (request id, bytes of the image sent)."""
     for r in rounds:
         pngs = [png_bytes(rng.integers(0, 256, (28, 28), dtype=np.uint8)) for _ in range(10)]
         body = {"images": [base64.b64encode(p).decode() for p in pngs]}
-        answer = httpx.post(f"{base}/predict/batch", json=body, headers={"x-request-id": f"batch-{r}"}, timeout=60)
+        answer = httpx.post(
+            f"{base}/predict/batch", json=body, headers={"x-request-id": f"batch-{r}"}, timeout=60
+        )
         assert answer.status_code == 200, answer.text
         for png, record in zip(pngs, answer.json(), strict=True):
             verdicts.append(record["verdict"])
@@ -90,7 +110,9 @@ def assert_received_once(listing: dict[str, dict], expected: dict[str, tuple[str
         assert listing[key]["image_bytes"] == size  # the PNG as sent
 
 
-def test_every_unknown_reaches_a_flaky_receiver_once_through_a_kill_9(tiny_bundle: Path, tmp_path: Path) -> None:
+def test_every_unknown_reaches_a_flaky_receiver_once_through_a_kill_9(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
     receiver_port, port = free_port(), free_port()
     base = f"http://127.0.0.1:{port}"
     env = delivery_env(receiver_port, PREDGATE_FALLBACK_DIR=str(tmp_path / "outbox"))
@@ -150,7 +172,9 @@ def test_two_replicas_on_one_redis_deliver_every_unknown_once_through_a_kill_9_o
     receiver_port, port_a, port_b = free_port(), free_port(), free_port()
     base_a, base_b = f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"
     env = delivery_env(
-        receiver_port, PREDGATE_FALLBACK_REDIS_URL=redis_server.url, PREDGATE_FALLBACK_REDIS_PREFIX=redis_prefix
+        receiver_port,
+        PREDGATE_FALLBACK_REDIS_URL=redis_server.url,
+        PREDGATE_FALLBACK_REDIS_PREFIX=redis_prefix,
     )
     log_a, log_b = tmp_path / "replica-a.log", tmp_path / "replica-b.log"
     receiver = start_receiver(receiver_port, tmp_path / "received.sqlite3", tmp_path / "receiver.log")
@@ -173,7 +197,8 @@ def test_two_replicas_on_one_redis_deliver_every_unknown_once_through_a_kill_9_o
             names = [c["name"] for c in box.client.xinfo_consumers(stream, GROUP)]
             mine = [n for n in names if f":{replica_a.pid}:" in n.decode()]
             ids = [
-                p["message_id"] for n in mine
+                p["message_id"]
+                for n in mine
                 for p in box.client.xpending_range(stream, GROUP, "-", "+", 1000, consumername=n)
             ]
             return {i.decode(): box.client.xrange(stream, i, i)[0][1][b"key"].decode() for i in ids}

@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _receiver_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("fallback_receiver", ROOT / "examples" / "fallback_receiver.py")
+    spec = importlib.util.spec_from_file_location(
+        "fallback_receiver", ROOT / "examples" / "fallback_receiver.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -74,7 +76,9 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     else:
         url, prefix = request.getfixturevalue("redis_server").url, request.getfixturevalue("redis_prefix")
         chosen = Store(
-            "redis", lambda: RedisOutbox(url, prefix), ["--redis-url", url, "--redis-prefix", prefix],
+            "redis",
+            lambda: RedisOutbox(url, prefix),
+            ["--redis-url", url, "--redis-prefix", prefix],
             {"fallback_redis_url": url, "fallback_redis_prefix": prefix},
         )
     yield chosen
@@ -89,8 +93,11 @@ def outbox(store: Store) -> FallbackStore:
 
 def items(n: int) -> list[NewItem]:
     return [
-        NewItem({"request_id": f"r{i}", "index": 0, "bundle_id": "b", "prediction": {"verdict": "unknown"}},
-                bytes([i % 256]) * 10, "image/png")
+        NewItem(
+            {"request_id": f"r{i}", "index": 0, "bundle_id": "b", "prediction": {"verdict": "unknown"}},
+            bytes([i % 256]) * 10,
+            "image/png",
+        )
         for i in range(n)
     ]
 
@@ -103,7 +110,13 @@ def drain(worker: DeliveryWorker, outbox: FallbackStore, seconds: float = 20.0) 
 
 
 def fast_policy(url: str, **overrides: float) -> DeliveryPolicy:
-    values = {"timeout_s": 2.0, "max_attempts": 50, "backoff_base_s": 0.01, "backoff_cap_s": 0.05, "lease_s": 5.0}
+    values = {
+        "timeout_s": 2.0,
+        "max_attempts": 50,
+        "backoff_base_s": 0.01,
+        "backoff_cap_s": 0.05,
+        "lease_s": 5.0,
+    }
     values.update(overrides)
     return DeliveryPolicy(url=url, **values)  # type: ignore[arg-type]
 
@@ -172,7 +185,9 @@ def test_a_delivery_that_died_holding_its_lease_is_replayed_after_it_expires(sto
     time.sleep(0.6)
     again = second.claim(10, lease_s=0.5)
     assert sorted(c.key for c in again) == sorted(keys)
-    assert again[0].item.meta["prediction"] == {"verdict": "unknown"} and again[0].item.image_type == "image/png"
+    assert (
+        again[0].item.meta["prediction"] == {"verdict": "unknown"} and again[0].item.image_type == "image/png"
+    )
 
 
 def test_enqueue_is_all_or_nothing(outbox: FallbackStore) -> None:
@@ -209,7 +224,9 @@ def test_dead_items_can_be_listed_and_requeued_from_the_command_line(
 
 
 def test_the_predict_route_stores_unknowns_before_answering_and_refuses_when_it_cannot(
-    app_client, sample_images, store: Store  # type: ignore[no-untyped-def]
+    app_client,
+    sample_images,
+    store: Store,  # type: ignore[no-untyped-def]
 ) -> None:
     import io
 
@@ -224,7 +241,9 @@ def test_the_predict_route_stores_unknowns_before_answering_and_refuses_when_it_
         "warmup": False,
     }
     with app_client(**settings) as client:
-        files = [("files", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(sample_images[:12])]
+        files = [
+            ("files", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(sample_images[:12])
+        ]
         answer = client.post("/predict/batch", files=files, headers={"x-request-id": "fb-1"})
         assert answer.status_code == 200, answer.text
         records = answer.json()

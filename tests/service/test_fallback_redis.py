@@ -24,8 +24,10 @@ from tests.service.redis_server import RedisServer
 
 
 def items(n: int) -> list[NewItem]:
-    return [NewItem({"request_id": f"r{i}", "prediction": {"verdict": "unknown"}}, bytes([i]) * 8, "image/png")
-            for i in range(n)]
+    return [
+        NewItem({"request_id": f"r{i}", "prediction": {"verdict": "unknown"}}, bytes([i]) * 8, "image/png")
+        for i in range(n)
+    ]
 
 
 @pytest.fixture
@@ -70,7 +72,9 @@ def test_a_late_duplicate_worker_can_neither_resurrect_nor_double_count_an_item(
     assert slow.client.xpending(slow.prefix + "stream", GROUP)["pending"] == 0
 
 
-def test_a_retry_waits_in_the_delay_queue_and_rejoins_the_stream_when_due(boxes: Callable[[], RedisOutbox]) -> None:
+def test_a_retry_waits_in_the_delay_queue_and_rejoins_the_stream_when_due(
+    boxes: Callable[[], RedisOutbox],
+) -> None:
     box = boxes()
     (key,) = box.enqueue(items(1))
     (claimed,) = box.claim(10, lease_s=30)

@@ -58,7 +58,11 @@ class Injector:
 @pytest.fixture(scope="module")
 def faulty(tiny_bundle: Path) -> Iterator[tuple[TestClient, Injector]]:
     settings = make_settings(
-        tiny_bundle, warmup=False, signal_set="msp", max_queue_delay_ms=150.0, batch_watchdog_s=WATCHDOG_S,
+        tiny_bundle,
+        warmup=False,
+        signal_set="msp",
+        max_queue_delay_ms=150.0,
+        batch_watchdog_s=WATCHDOG_S,
         liveness_stuck_s=LIVENESS_S,
     )
     loaded = load_service(settings)
@@ -94,7 +98,9 @@ def test_a_poisoned_image_fails_alone_and_its_batch_mates_are_answered(
         answers = [pool.submit(client.post, "/predict", json={"tensor": tensor(bundle, firsts[0])})]
         time.sleep(0.2)
         answers += [
-            pool.submit(client.post, "/predict", json={"tensor": tensor(bundle, v)}, headers={"x-request-id": f"r{i}"})
+            pool.submit(
+                client.post, "/predict", json={"tensor": tensor(bundle, v)}, headers={"x-request-id": f"r{i}"}
+            )
             for i, v in enumerate(firsts[1:], start=1)
         ]
         time.sleep(0.1)
@@ -103,7 +109,12 @@ def test_a_poisoned_image_fails_alone_and_its_batch_mates_are_answered(
     statuses = [r.status_code for r in responses]
     assert statuses == [200, 200, 200, 422, 200, 200], [r.text for r in responses]
     assert "not finite" in responses[3].json()["error"]["message"]
-    assert [r.json()["request_id"] for i, r in enumerate(responses[1:], start=1) if i != 3] == ["r1", "r2", "r4", "r5"]
+    assert [r.json()["request_id"] for i, r in enumerate(responses[1:], start=1) if i != 3] == [
+        "r1",
+        "r2",
+        "r4",
+        "r5",
+    ]
     assert injector.calls[:2] == [1, 5] and 1 in injector.calls[2:]  # the batch of 5 failed, then was split
 
 
@@ -125,7 +136,9 @@ def test_out_of_memory_on_a_large_batch_splits_it_and_one_image_answers_503(
     assert client.get("/readyz").status_code == 200
 
 
-def test_a_stuck_batch_turns_readiness_off_until_it_returns(gate_faults: tuple[TestClient, Injector], bundle: Bundle) -> None:
+def test_a_stuck_batch_turns_readiness_off_until_it_returns(
+    gate_faults: tuple[TestClient, Injector], bundle: Bundle
+) -> None:
     client, injector = gate_faults
     injector.hold.clear()
     with ThreadPoolExecutor(1) as pool:
@@ -187,7 +200,10 @@ def test_a_request_whose_deadline_passes_while_queued_is_not_computed(
         busy = pool.submit(client.post, "/predict", json={"tensor": tensor(bundle, 0.1)})
         time.sleep(0.1)
         late = pool.submit(
-            client.post, "/predict", json={"tensor": tensor(bundle, 0.2)}, headers={"x-request-timeout": "0.2"}
+            client.post,
+            "/predict",
+            json={"tensor": tensor(bundle, 0.2)},
+            headers={"x-request-timeout": "0.2"},
         )
         response = late.result(timeout=30)  # answered at its deadline, while the worker is still held
         injector.hold.set()

@@ -54,7 +54,9 @@ CONFIG = schemathesis.Config.from_dict(
         "checks": {
             "not_a_server_error": {"expected-statuses": ["2xx", "3xx", "4xx", *map(str, DOCUMENTED_5XX)]},
             # 413 is how this server refuses a list over maxItems
-            "negative_data_rejection": {"expected-statuses": ["400", "401", "405", "406", "413", "415", "422"]},
+            "negative_data_rejection": {
+                "expected-statuses": ["400", "401", "405", "406", "413", "415", "422"]
+            },
         },
     }
 )
@@ -95,11 +97,18 @@ def with_real_images(case: Any, data: st.DataObject) -> None:
         body["images"] = [data.draw(base64_images()) for _ in body["images"]]
 
 
-def fuzz_operation(operation: Any, mode: GenerationMode, app: Any, seen: collections.Counter[Any],
-                   server_errors: list[dict[str, Any]]) -> None:
+def fuzz_operation(
+    operation: Any,
+    mode: GenerationMode,
+    app: Any,
+    seen: collections.Counter[Any],
+    server_errors: list[dict[str, Any]],
+) -> None:
     # the predict operations parse images and run the gate: most of the budget; the others read
     # stored records or settings, and a tenth of it each covers their few parameters
-    examples = PER_OPERATION_AND_MODE if "/predict" in operation.label else max(1, PER_OPERATION_AND_MODE // 10)
+    examples = (
+        PER_OPERATION_AND_MODE if "/predict" in operation.label else max(1, PER_OPERATION_AND_MODE // 10)
+    )
 
     @given(case=operation.as_strategy(generation_mode=mode), data=st.data())
     @settings(
@@ -126,12 +135,19 @@ def fuzz_operation(operation: Any, mode: GenerationMode, app: Any, seen: collect
     run()
 
 
-def test_schemathesis_finds_no_5xx_and_every_answer_matches_the_schema(tiny_bundle: Path, tmp_path: Path) -> None:
+def test_schemathesis_finds_no_5xx_and_every_answer_matches_the_schema(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
     # the msp set by default: positive cases still reach the gate (and may name any stored set), but
     # most skip the mutants, which the fuzzer does not test and which would make this the slowest test.
     # The review page is on, so its routes are fuzzed as served (off, they answer 404 to everything).
     settings = make_settings(
-        tiny_bundle, api_key=API_KEY, warmup=False, signal_set="msp", review=True, fallback_dir=tmp_path / "outbox"
+        tiny_bundle,
+        api_key=API_KEY,
+        warmup=False,
+        signal_set="msp",
+        review=True,
+        fallback_dir=tmp_path / "outbox",
     )
     app = create_app(settings)
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=CONFIG)
@@ -150,7 +166,11 @@ def test_schemathesis_finds_no_5xx_and_every_answer_matches_the_schema(tiny_bund
         for result in schema.get_all_operations():
             operation = result.ok()
             has_inputs = bool(operation.body) or any(True for _ in operation.iter_parameters())
-            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE) if has_inputs else (GenerationMode.POSITIVE,):
+            for mode in (
+                (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
+                if has_inputs
+                else (GenerationMode.POSITIVE,)
+            ):
                 fuzz_operation(operation, mode, app, seen, server_errors)
     finally:
         from schemathesis.python import asgi
@@ -162,9 +182,9 @@ def test_schemathesis_finds_no_5xx_and_every_answer_matches_the_schema(tiny_bund
     for key, count in sorted(seen.items(), key=str):
         print("  ", *key, count)
     assert total >= MIN_CASES
-    assert all(
-        DOCUMENTED_5XX.get(e["status"]) == e["type"] and e["timeout_header"] for e in server_errors
-    ), server_errors
+    assert all(DOCUMENTED_5XX.get(e["status"]) == e["type"] and e["timeout_header"] for e in server_errors), (
+        server_errors
+    )
     # the fuzzer reached every body form with a valid image, and the gate answered
     ok = {(label, media) for (label, mode, media, status) in seen if mode == "positive" and status == 200}
     assert {"application/json", "multipart/form-data", "image/png", "image/jpeg"} <= {
@@ -186,24 +206,33 @@ def test_the_served_document_states_the_bundle(served: TestClient, bundle: Bundl
     query = {p["name"]: p for p in post["parameters"]}
     sets = sorted(bundle.manifest["detectors"]["signal_sets"])
     assert query["signal_set"]["schema"]["anyOf"][0]["enum"] == sets
-    assert {"X-Request-ID", "X-Request-Timeout"} <= set(query) and query["X-Request-Timeout"]["in"] == "header"
+    assert {"X-Request-ID", "X-Request-Timeout"} <= set(query) and query["X-Request-Timeout"][
+        "in"
+    ] == "header"
     body = post["requestBody"]["content"]
     tensor = body["application/json"]["schema"]["properties"]["tensor"]["anyOf"][0]["anyOf"][0]
     c, h, w = bundle.input_shape
-    assert (tensor["minItems"], tensor["items"]["minItems"], tensor["items"]["items"]["maxItems"]) == (c, h, w)
+    assert (tensor["minItems"], tensor["items"]["minItems"], tensor["items"]["items"]["maxItems"]) == (
+        c,
+        h,
+        w,
+    )
     assert body["multipart/form-data"]["encoding"]["file"]["contentType"] == "image/png, image/jpeg"
     assert {"image/png", "image/jpeg"} <= set(body)
     assert "request_id" in doc["components"]["schemas"]["Prediction"]["required"]
     assert {"503", "504"} <= set(post["responses"]) and "Retry-After" in post["responses"]["503"]["headers"]
 
 
-def test_multipart_parts_without_a_filename_are_read_as_files(served: TestClient, sample_images: np.ndarray) -> None:
+def test_multipart_parts_without_a_filename_are_read_as_files(
+    served: TestClient, sample_images: np.ndarray
+) -> None:
     """Found by the fuzzer: a part with ``Content-Type: image/png`` and no filename (RFC 7578 allows it)
     was decoded as text, and the batch refused with 'must be a file upload'."""
     boundary = "fuzzXb0und"
     parts = b"".join(
         f'--{boundary}\r\nContent-Disposition: form-data; name="files"\r\nContent-Type: image/png\r\n\r\n'.encode()
-        + png_bytes(image) + b"\r\n"
+        + png_bytes(image)
+        + b"\r\n"
         for image in sample_images[:2]
     )
     response = served.post(
@@ -228,7 +257,13 @@ def test_tensor_values_that_overflow_the_network_are_refused(served: TestClient,
 
 @pytest.mark.parametrize(
     ("where", "field"),
-    [("form", "operating_point"), ("form", "top_k"), ("form", "full_evidence"), ("query", "signal_set"), ("json", "signal_set")],
+    [
+        ("form", "operating_point"),
+        ("form", "top_k"),
+        ("form", "full_evidence"),
+        ("query", "signal_set"),
+        ("json", "signal_set"),
+    ],
 )
 def test_an_empty_option_is_refused_not_read_as_the_default(
     served: TestClient, sample_images: np.ndarray, where: str, field: str

@@ -38,7 +38,9 @@ def test_cors_is_off_by_default_and_on_for_named_origins(app_client: Callable[..
         assert "access-control-allow-origin" not in client.options("/predict", headers=preflight).headers
 
 
-async def _call(app: Any, receive: Callable[[], Any], headers: list[tuple[bytes, bytes]]) -> list[dict[str, Any]]:
+async def _call(
+    app: Any, receive: Callable[[], Any], headers: list[tuple[bytes, bytes]]
+) -> list[dict[str, Any]]:
     sent: list[dict[str, Any]] = []
 
     async def send(message: dict[str, Any]) -> None:

@@ -52,7 +52,9 @@ def hostile_client(app_client: Callable[..., TestClient]) -> Iterator[TestClient
 
 @pytest.mark.parametrize("case", IN_PROCESS, ids=[case.name for case in IN_PROCESS])
 def test_hostile_case_in_process(hostile_client: TestClient, case: Case) -> None:
-    response = hostile_client.request(case.method, case.path, content=case.content or None, headers=case.headers)
+    response = hostile_client.request(
+        case.method, case.path, content=case.content or None, headers=case.headers
+    )
     assert check_answer(case, response.status_code, response.content) is None, response.text[:300]
     assert response.headers.get("x-request-id")  # every answer, refusals included, names its request
     assert hostile_client.get("/healthz").status_code == 200
@@ -81,4 +83,6 @@ def test_hostile_suite_against_a_real_server(tiny_bundle: Path, tmp_path: Path) 
 def test_remote_targets_are_refused_without_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert hostile.main(["--url", "http://192.0.2.1:8000"]) == 2
     assert "not a loopback address" in capsys.readouterr().err
-    assert hostile.is_loopback("127.0.0.1") and hostile.is_loopback("[::1]") and hostile.is_loopback("localhost")
+    assert (
+        hostile.is_loopback("127.0.0.1") and hostile.is_loopback("[::1]") and hostile.is_loopback("localhost")
+    )

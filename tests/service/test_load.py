@@ -26,7 +26,9 @@ QUEUE_LIMIT = 16
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Popen[bytes], Path]]:
+def server(
+    tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Popen[bytes], Path]]:
     port = free_port()
     log = tmp_path_factory.mktemp("load") / "server.log"
     process = start_server(
@@ -50,8 +52,20 @@ def test_64_clients_for_10_s_get_their_own_answers_or_503_and_nothing_is_lost(
     out = tmp_path / "load.json"
     code = load.main(
         [
-            "--url", base, "--concurrency", "64", "--seconds", "10", "--deadline-every", "5",
-            "--deadline-s", "0.05", "--server-pid", str(process.pid), "--json", str(out),
+            "--url",
+            base,
+            "--concurrency",
+            "64",
+            "--seconds",
+            "10",
+            "--deadline-every",
+            "5",
+            "--deadline-s",
+            "0.05",
+            "--server-pid",
+            str(process.pid),
+            "--json",
+            str(out),
         ]
     )
     result = json.loads(out.read_text())
@@ -63,14 +77,26 @@ def test_64_clients_for_10_s_get_their_own_answers_or_503_and_nothing_is_lost(
     assert set(result["statuses"]) <= {"200", "503", "504"}
 
 
-def test_sigterm_under_load_drains_the_requests_in_flight(server: tuple[str, Popen[bytes], Path], tmp_path: Path) -> None:
+def test_sigterm_under_load_drains_the_requests_in_flight(
+    server: tuple[str, Popen[bytes], Path], tmp_path: Path
+) -> None:
     """Runs last in this module: it ends the server."""
     base, process, log = server
     out = tmp_path / "sigterm.json"
     load.main(
         [
-            "--url", base, "--concurrency", "32", "--seconds", "8", "--sigterm-after", "3",
-            "--server-pid", str(process.pid), "--json", str(out),
+            "--url",
+            base,
+            "--concurrency",
+            "32",
+            "--seconds",
+            "8",
+            "--sigterm-after",
+            "3",
+            "--server-pid",
+            str(process.pid),
+            "--json",
+            str(out),
         ]
     )
     result = json.loads(out.read_text())
@@ -79,4 +105,6 @@ def test_sigterm_under_load_drains_the_requests_in_flight(server: tuple[str, Pop
     assert result["in_flight_at_sigterm"] > 0
     assert result["in_flight_answered"] == result["in_flight_at_sigterm"]
     text = log.read_text()
-    assert text.index("Application shutdown complete") > text.index("predgate stopped: batching queue drained")
+    assert text.index("Application shutdown complete") > text.index(
+        "predgate stopped: batching queue drained"
+    )

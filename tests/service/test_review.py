@@ -30,7 +30,9 @@ def reviewed(app_client: Any, sample_images: np.ndarray, tmp_path_factory: pytes
         "warmup": False,
     }
     with app_client(**settings) as client:
-        files = [("files", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(sample_images[:12])]
+        files = [
+            ("files", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(sample_images[:12])
+        ]
         answer = client.post("/predict/batch", files=files, headers={**AUTH, "x-request-id": "rv-1"})
         assert answer.status_code == 200, answer.text
         yield client, answer.json()
@@ -54,7 +56,9 @@ def test_the_queue_lists_every_unknown_answer_oldest_first(reviewed: Any) -> Non
     assert queue["class_names"] == client.app.state.predgate.loaded.bundle.class_names
 
 
-def test_a_label_is_stored_corrected_and_settles_the_item_when_the_page_is_the_fallback(reviewed: Any) -> None:
+def test_a_label_is_stored_corrected_and_settles_the_item_when_the_page_is_the_fallback(
+    reviewed: Any,
+) -> None:
     client, records = reviewed
     key = records[_unknown(records)[0]]["fallback_item"]
     before = client.get("/review/items", headers=AUTH).json()["waiting"]
@@ -67,7 +71,11 @@ def test_a_label_is_stored_corrected_and_settles_the_item_when_the_page_is_the_f
     assert queue["waiting"] == before - 1 and key not in {item["key"] for item in queue["items"]}
     # a second word replaces the first
     answer = client.put(f"/review/items/{key}/label", json={"none_of_these": True}, headers=AUTH)
-    assert answer.json()["review"] == {**answer.json()["review"], "label": None, "class_name": "none of these"}
+    assert answer.json()["review"] == {
+        **answer.json()["review"],
+        "label": None,
+        "class_name": "none of these",
+    }
     stored = client.app.state.predgate.reviews.get(key)
     assert stored.label is None and stored.reviewed
     assert client.app.state.predgate.outbox.counts().delivered >= 1
@@ -148,7 +156,12 @@ def test_reviewed_items_export_as_label_studio_tasks(reviewed: Any) -> None:
     choices = config.find("Choices")
     assert choices is not None and choices.get("name") == "choice" and choices.get("toName") == "image"
     values = {c.get("value") for c in choices.findall("Choice")}
-    used = {r["value"]["choices"][0] for t in tasks for part in ("annotations", "predictions") for r in t[part][0]["result"]}
+    used = {
+        r["value"]["choices"][0]
+        for t in tasks
+        for part in ("annotations", "predictions")
+        for r in t[part][0]["result"]
+    }
     assert used <= values and values == {*names, "none of these"}
 
 
@@ -157,10 +170,19 @@ def test_the_review_page_is_off_unless_asked_for(client: Any) -> None:
     assert answer.status_code == 404 and "PREDGATE_REVIEW" in answer.json()["error"]["message"]
 
 
-def test_outbox_and_reviews_survive_a_restart(app_client: Any, sample_images: np.ndarray, tmp_path: Path) -> None:
-    settings = {"review": True, "fallback_dir": tmp_path / "o", "operating_point": "wrong-recall=0.995", "warmup": False}
+def test_outbox_and_reviews_survive_a_restart(
+    app_client: Any, sample_images: np.ndarray, tmp_path: Path
+) -> None:
+    settings = {
+        "review": True,
+        "fallback_dir": tmp_path / "o",
+        "operating_point": "wrong-recall=0.995",
+        "warmup": False,
+    }
     with app_client(**settings) as client:
-        files = [("files", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(sample_images[:6])]
+        files = [
+            ("files", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(sample_images[:6])
+        ]
         records = client.post("/predict/batch", files=files).json()
         key = records[_unknown(records)[0]]["fallback_item"]
         client.put(f"/review/items/{key}/label", json={"label": 2})

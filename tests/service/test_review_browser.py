@@ -36,8 +36,13 @@ def chromium(window: tuple[int, int] = (1100, 900)) -> webdriver.Chrome:
             raise AssertionError(f"{path} not found: install the Debian package {package} (make system-deps)")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                 f"--window-size={window[0]},{window[1]}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        f"--window-size={window[0]},{window[1]}",
+    ):
         options.add_argument(flag)
     return webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
 
@@ -55,14 +60,19 @@ def test_a_person_labels_rejected_inputs_in_chromium(
     port, outbox = free_port(), tmp_path / "outbox"
     base, log = f"http://127.0.0.1:{port}", tmp_path / "server.log"
     env = {
-        "PREDGATE_REVIEW": "1", "PREDGATE_FALLBACK_DIR": str(outbox), "PREDGATE_API_KEY": KEY,
-        "PREDGATE_OPERATING_POINT": "wrong-recall=0.995", "PREDGATE_WARMUP": "false",
+        "PREDGATE_REVIEW": "1",
+        "PREDGATE_FALLBACK_DIR": str(outbox),
+        "PREDGATE_API_KEY": KEY,
+        "PREDGATE_OPERATING_POINT": "wrong-recall=0.995",
+        "PREDGATE_WARMUP": "false",
     }
     server = start_server(tiny_bundle, port, log, env=env)
     driver = None
     try:
         wait_ready(server, base, log)
-        files = [("files", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(sample_images[:12])]
+        files = [
+            ("files", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(sample_images[:12])
+        ]
         records = httpx.post(
             f"{base}/predict/batch", files=files, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
         ).json()

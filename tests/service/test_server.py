@@ -68,5 +68,7 @@ def test_the_server_keeps_idle_connections_longer_than_clients_do(
     assert client_expiry is not None
     assert config.timeout_keep_alive == 75 > max(client_expiry, 60)  # type: ignore[attr-defined]
     seen.clear()
-    assert serve(make_settings(tiny_bundle, port=0, warmup=False, log_level="critical", keep_alive_s=120)) == 0
+    assert (
+        serve(make_settings(tiny_bundle, port=0, warmup=False, log_level="critical", keep_alive_s=120)) == 0
+    )
     assert seen[0].timeout_keep_alive == 120  # type: ignore[attr-defined]

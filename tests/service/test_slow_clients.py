@@ -33,7 +33,9 @@ HALF_HEADERS = 20  # connections that stop in the middle of their headers (slowl
 ABUSER = "127.0.0.2"
 PROBE_S = 4.0
 PROMPT_S = 1.0  # the slowest /healthz answer allowed (the machine may be busy)
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)  # not on PATH
+NGINX = shutil.which("nginx") or (
+    "/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None
+)  # not on PATH
 NGINX_TIMEOUT_S = 1
 
 
@@ -54,9 +56,9 @@ def open_abusers(port: int, idle: int, half: int, stalled_bodies: int = 0) -> li
     send full headers announcing a body and none of it."""
     sockets = []
     payloads = [b""] * idle + [b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Ty"] * half
-    payloads += [b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"] * (
-        stalled_bodies
-    )
+    payloads += [
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
+    ] * (stalled_bodies)
     for payload in payloads:
         sock = socket.socket()
         sock.bind((ABUSER, 0))
@@ -109,12 +111,18 @@ def test_idle_and_half_sent_connections_do_not_starve_healthz(
     try:
         latencies = probe_healthz(base, PROBE_S)
         answer = httpx.post(
-            f"{base}/predict", content=png_bytes(sample_images[0]), headers={"Content-Type": "image/png"}, timeout=30
+            f"{base}/predict",
+            content=png_bytes(sample_images[0]),
+            headers={"Content-Type": "image/png"},
+            timeout=30,
         )
         assert answer.status_code == 200, answer.text
         still_open = sum(not closed_by_peer(s) for s in abusers)
-        print(f"\nuvicorn alone, {IDLE} idle + {HALF_HEADERS} half-sent: " + summary(latencies)
-              + f"; {still_open} of {len(abusers)} abusive connections still open after {PROBE_S:g} s")
+        print(
+            f"\nuvicorn alone, {IDLE} idle + {HALF_HEADERS} half-sent: "
+            + summary(latencies)
+            + f"; {still_open} of {len(abusers)} abusive connections still open after {PROBE_S:g} s"
+        )
         assert max(latencies) < PROMPT_S, summary(latencies)
         assert process.poll() is None
     finally:
@@ -136,7 +144,9 @@ def nginx(server: tuple[int, Popen[bytes]], tmp_path_factory: pytest.TempPathFac
     conf = re.sub(r"(client_(header|body)_timeout) 10s;", rf"\1 {NGINX_TIMEOUT_S}s;", conf)
     assert f"listen 127.0.0.1:{port}" in conf and f"127.0.0.1:{upstream}" in conf
     (root / "predgate.conf").write_text(conf)
-    temp = " ".join(f"{kind}_temp_path {root / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temp = " ".join(
+        f"{kind}_temp_path {root / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     (root / "nginx.conf").write_text(
         ("user root;\n" if os.geteuid() == 0 else "")
         + f"worker_processes 1;\ndaemon off;\npid {root / 'nginx.pid'};\nerror_log {root / 'error.log'} info;\n"
@@ -148,7 +158,9 @@ def nginx(server: tuple[int, Popen[bytes]], tmp_path_factory: pytest.TempPathFac
     assert checked.returncode == 0, checked.stderr
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200, 20, "nginx")
+        wait_for(
+            lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200, 20, "nginx"
+        )
         yield port
     finally:
         process.terminate()
@@ -178,15 +190,21 @@ def test_through_nginx_idle_clients_are_cut_and_one_address_is_capped(
         # another address is served promptly throughout, predictions included
         latencies = probe_healthz(base, NGINX_TIMEOUT_S + 1.5)
         answer = httpx.post(
-            f"{base}/predict", content=png_bytes(sample_images[1]), headers={"Content-Type": "image/png"}, timeout=30
+            f"{base}/predict",
+            content=png_bytes(sample_images[1]),
+            headers={"Content-Type": "image/png"},
+            timeout=30,
         )
         assert answer.status_code == 200 and answer.json()["request_id"], answer.text
         # past the client timeouts nginx has disconnected every idle, half-sent and stalled client
         wait_for(lambda: all(closed_by_peer(s) for s in abusers + stalled), 5, "nginx to cut the abusers")
         cut_s = time.monotonic() - opened
-        print(f"\nnginx, {IDLE} idle + {HALF_HEADERS} half-sent + {limit} stalled bodies: "
-              + summary(latencies) + f"; all {len(abusers) + len(stalled)} closed by nginx when checked, {cut_s:.1f} s after they connected "
-              f"(client timeouts {NGINX_TIMEOUT_S} s)")
+        print(
+            f"\nnginx, {IDLE} idle + {HALF_HEADERS} half-sent + {limit} stalled bodies: "
+            + summary(latencies)
+            + f"; all {len(abusers) + len(stalled)} closed by nginx when checked, {cut_s:.1f} s after they connected "
+            f"(client timeouts {NGINX_TIMEOUT_S} s)"
+        )
         assert max(latencies) < PROMPT_S, summary(latencies)
     finally:
         for sock in abusers + stalled:

@@ -27,7 +27,9 @@ def explainer(gate: Gate, bundle: Bundle) -> Explainer:
     return Explainer.from_gate(gate, bundle)
 
 
-def expected(explainer: Explainer, bundle: Bundle, images: np.ndarray, method: str = "grad_cam", k: int = 5) -> list[Explanation]:
+def expected(
+    explainer: Explainer, bundle: Bundle, images: np.ndarray, method: str = "grad_cam", k: int = 5
+) -> list[Explanation]:
     return explainer.explain(bundle.normalisation.apply(images), method, k)
 
 
@@ -39,7 +41,9 @@ def check(answer: dict[str, Any], want: Explanation, bundle: Bundle) -> None:
     for side, maps in (("predicted", want.predicted_maps), ("runner_up", want.runner_up_maps)):
         got = answer["top_feature_maps"][side]
         assert [m["channel"] for m in got] == [m.channel for m in maps]
-        np.testing.assert_allclose([m["conductance"] for m in got], [m.conductance for m in maps], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            [m["conductance"] for m in got], [m.conductance for m in maps], rtol=1e-5, atol=1e-6
+        )
         assert all(base64.b64decode(m["png"]).startswith(b"\x89PNG") for m in got)
     overlay = Image.open(io.BytesIO(base64.b64decode(answer["overlay_png"])))
     assert overlay.format == "PNG" and overlay.size == Image.open(io.BytesIO(want.overlay_png)).size
@@ -72,7 +76,9 @@ def test_every_method(
 ) -> None:
     image = sample_images[5:6]
     (want,) = expected(explainer, bundle, image, method)
-    response = client.post(f"/explain?method={method}", content=png_bytes(image[0]), headers={"content-type": "image/png"})
+    response = client.post(
+        f"/explain?method={method}", content=png_bytes(image[0]), headers={"content-type": "image/png"}
+    )
     assert response.status_code == 200, response.text
     check(response.json(), want, bundle)
     assert (response.json()["convergence_delta"] is None) == (method != "integrated_gradients")
@@ -83,11 +89,19 @@ def test_bad_method_and_body_options_are_json_422s(client: TestClient, sample_im
     bad = client.post("/explain?method=lime", files={"file": ("x.png", png, "image/png")})
     assert bad.status_code == 422
     error = bad.json()["error"]
-    assert error["type"] == "validation_error" and "method" in error["message"] and "grad_cam" in error["message"]
+    assert (
+        error["type"] == "validation_error"
+        and "method" in error["message"]
+        and "grad_cam" in error["message"]
+    )
     body_option = client.post("/explain", json={"image": base64.b64encode(png).decode(), "top_k": 2})
     assert body_option.status_code == 422 and "query parameters" in body_option.json()["error"]["message"]
-    assert client.post("/explain?top_k_maps=0", files={"file": ("x.png", png, "image/png")}).status_code == 422
-    late = client.post("/explain", files={"file": ("x.png", png, "image/png")}, headers={"x-request-timeout": "1e-9"})
+    assert (
+        client.post("/explain?top_k_maps=0", files={"file": ("x.png", png, "image/png")}).status_code == 422
+    )
+    late = client.post(
+        "/explain", files={"file": ("x.png", png, "image/png")}, headers={"x-request-timeout": "1e-9"}
+    )
     assert late.status_code == 504 and late.json()["error"]["type"] == "deadline_exceeded"
     bad_mode = client.post("/predict?explain=sometimes", files={"file": ("x.png", png, "image/png")})
     assert bad_mode.status_code == 422 and bad_mode.json()["error"]["type"] == "validation_error"
@@ -101,7 +115,11 @@ def test_explain_needs_the_api_key(app_client: Callable[..., TestClient], sample
 
 
 def test_predict_batch_explains_exactly_what_was_asked(
-    app_client: Callable[..., TestClient], gate: Gate, explainer: Explainer, bundle: Bundle, sample_images: np.ndarray
+    app_client: Callable[..., TestClient],
+    gate: Gate,
+    explainer: Explainer,
+    bundle: Bundle,
+    sample_images: np.ndarray,
 ) -> None:
     images = sample_images[:16]
     out = gate.run(bundle.normalisation.apply(images))  # the bundle defaults, as the app below
@@ -132,7 +150,11 @@ def test_predict_batch_explains_exactly_what_was_asked(
 
 
 def test_the_fallback_item_carries_the_explanation(
-    app_client: Callable[..., TestClient], explainer: Explainer, bundle: Bundle, sample_images: np.ndarray, tmp_path: Path
+    app_client: Callable[..., TestClient],
+    explainer: Explainer,
+    bundle: Bundle,
+    sample_images: np.ndarray,
+    tmp_path: Path,
 ) -> None:
     images = sample_images[:16]
     want = expected(explainer, bundle, images)
