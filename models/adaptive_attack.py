@@ -11,8 +11,9 @@ itself with the bundle's operator and rate.
 
 :func:`adaptive_pgd` maximises ``-max(margin, -kappa) - lam * [margin < 0] * max(logit(u) - logit(t)
 + delta, 0)``: first flip the label (margin = true logit minus the best other), then, once flipped,
-push the unified score ``u`` below the operating point's threshold ``t``. Success is judged afterwards by the real gate
-(:meth:`models.gate.Gate.run`) on the uint8 rounding, never by this module's own forward.
+push the unified score ``u`` below the operating point's threshold ``t``. Success is judged
+afterwards by the real gate (:meth:`models.gate.Gate.run`) on the uint8 rounding, never by this
+module's own forward.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from models.conductance import ShortcutConductance
-from models.detectors import _Detector
+from models.detectors import Detector
 from models.errors import ConfigError
 from models.feature_scores import find_head
 from models.gate import Gate, SignalSet
@@ -41,7 +42,7 @@ DIFFERENTIABLE_SIGNALS = ("cond", "lcr", *SOFTMAX_SIGNALS, "maxlogit", "energy",
 DIFFERENTIABLE_KINDS = ("nn", "lda", "qda")  # random forests are not
 
 
-def _wrong_probability(detector: _Detector, x: Tensor) -> Tensor:
+def _wrong_probability(detector: Detector, x: Tensor) -> Tensor:
     """The detector's P(wrong) as a torch function, computed as it scores: standardise, then an
     MLP and a sigmoid, or sklearn's binary LDA / QDA posterior from the fitted arrays."""
     mean = torch.as_tensor(detector.mean_, dtype=torch.float64)

@@ -10,12 +10,13 @@ validates and sets trailing-underscore attributes, methods on an unfitted estima
   (conductance detector score, LCR, optionally softmax baselines): NN 10-10, random forest, LDA or QDA.
 
 Both MLPs come from one implementation (:func:`build_mlp`, :func:`train_mlp`), only the sizes differ.
+A fitted random forest is kept as its trees' arrays and scored by :class:`ForestArrays`, a vectorised
+re-implementation of sklearn's tree traversal, so that no sklearn forest object is needed at serve
+time.
 
-Saving never uses pickle: ``to_state()`` returns a JSON-able config and a dict of named numpy arrays
-(what a safetensors file holds) and ``from_state`` rebuilds the estimator so that it scores exactly
-as before. A random forest is stored as its trees' arrays and scored by :class:`ForestArrays`, a
-vectorised re-implementation of sklearn's tree traversal, so that no sklearn object has to be
-unpickled at serve time; LDA/QDA are rebuilt by setting their fitted attributes.
+This module fits and scores; it does not save. Storing a fitted detector without pickle (a JSON-able
+config and named arrays) and rebuilding it is the job of :mod:`models.detector_state`, which imports
+this module, never the other way round.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,10 +38,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from torch import nn
 
-from models.errors import BundleError, ConfigError, NotFittedError
-
-STATE_FORMAT = 1
-"""Version of the ``to_state`` layout; bump when the arrays or config keys change meaning."""
+from models.errors import ConfigError, NotFittedError
 
 _PREDICT_CHUNK = 8192  # rows per forward pass / tree traversal at predict time, to bound memory
 
@@ -200,15 +198,6 @@ class ForestArrays:
     value: np.ndarray  # (M, n_classes) float64, class fractions of the leaf (weighted)
     node_offsets: np.ndarray  # (T + 1,) int64
 
-    ARRAY_NAMES: ClassVar[tuple[str, ...]] = (
-        "children_left",
-        "children_right",
-        "feature",
-        "threshold",
-        "value",
-        "node_offsets",
-    )
-
     @classmethod
     def from_sklearn(cls, forest: RandomForestClassifier) -> ForestArrays:
         if forest.n_outputs_ != 1:
@@ -266,88 +255,18 @@ class ForestArrays:
         proba /= self.n_trees
         return proba
 
-    def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        return {f"{prefix}.{name}": getattr(self, name) for name in self.ARRAY_NAMES}
-
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> ForestArrays:
-        try:
-            return cls(**{name: np.asarray(arrays[f"{prefix}.{name}"]) for name in cls.ARRAY_NAMES})
-        except KeyError as err:
-            raise BundleError(f"forest state lacks array {err.args[0]!r}") from None
-
-
-# --------------------------------------------------------------------------------------------------
-# LDA / QDA as attributes
-# --------------------------------------------------------------------------------------------------
-
-_DISCRIMINANTS: dict[str, type] = {
-    "LinearDiscriminantAnalysis": LinearDiscriminantAnalysis,
-    "QuadraticDiscriminantAnalysis": QuadraticDiscriminantAnalysis,
-}
-
-
-def _scalar(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def discriminant_to_state(estimator: Any, prefix: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Every fitted attribute of a fitted LDA/QDA: arrays by name, lists of arrays element by element,
-    scalars in the config. Rebuilding sets the same attributes, so sklearn's own ``predict_proba``
-    then computes from identical numbers."""
-    name = type(estimator).__name__
-    if name not in _DISCRIMINANTS:
-        raise TypeError(f"cannot store a {name}")
-    params = estimator.get_params(deep=False)
-    config: dict[str, Any] = {"class": name, "params": params, "scalars": {}, "lists": {}, "arrays": []}
-    arrays: dict[str, np.ndarray] = {}
-    for key, value in vars(estimator).items():
-        if key in params:
-            continue
-        if isinstance(value, np.ndarray):
-            arrays[f"{prefix}.{key}"] = value
-            config["arrays"].append(key)
-        elif isinstance(value, list) and all(isinstance(v, np.ndarray) for v in value):
-            for i, item in enumerate(value):
-                arrays[f"{prefix}.{key}.{i}"] = item
-            config["lists"][key] = len(value)
-        elif value is None or isinstance(value, (bool, int, float, str, np.generic)):
-            config["scalars"][key] = _scalar(value)
-        else:
-            raise TypeError(f"{name}.{key} of type {type(value).__name__} cannot be stored without pickle")
-    return config, arrays
-
-
-def discriminant_from_state(config: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str) -> Any:
-    cls = _DISCRIMINANTS.get(config.get("class", ""))
-    if cls is None:
-        raise BundleError(f"unknown discriminant class {config.get('class')!r}")
-    estimator = cls(**config["params"])
-    try:
-        for key, value in config["scalars"].items():
-            setattr(estimator, key, value)
-        for key in config["arrays"]:
-            setattr(estimator, key, np.asarray(arrays[f"{prefix}.{key}"]))
-        for key, length in config["lists"].items():
-            setattr(estimator, key, [np.asarray(arrays[f"{prefix}.{key}.{i}"]) for i in range(length)])
-    except KeyError as err:
-        raise BundleError(f"discriminant state lacks array {err.args[0]!r}") from None
-    return estimator
-
 
 # --------------------------------------------------------------------------------------------------
 # estimators
 # --------------------------------------------------------------------------------------------------
 
 
-def _json_params(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
+class Detector(ClassifierMixin, BaseEstimator):
+    """What both detectors share: label checks, the fitted check, probabilities.
 
-
-class _Detector(ClassifierMixin, BaseEstimator):
-    """What both detectors share: label checks, the fitted check, probabilities, state dispatch."""
-
-    _fitted_scalars: ClassVar[tuple[str, ...]] = ("n_features_in_",)
+    Public as the type that :mod:`models.detector_state` stores and rebuilds and that
+    :mod:`models.adaptive_attack` differentiates.
+    """
 
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "n_features_in_") and hasattr(self, "mean_")
@@ -357,7 +276,8 @@ class _Detector(ClassifierMixin, BaseEstimator):
         tags.classifier_tags.multi_class = False
         return tags
 
-    def _check_fitted(self) -> None:
+    def check_fitted(self) -> None:
+        """Raise :class:`models.errors.NotFittedError` (an sklearn one too) before ``fit``."""
         try:
             check_is_fitted(self)
         except _SklearnNotFittedError as err:
@@ -381,7 +301,7 @@ class _Detector(ClassifierMixin, BaseEstimator):
         return x, y, x_val, y_val
 
     def _validate_predict(self, x: Any) -> np.ndarray:
-        self._check_fitted()
+        self.check_fitted()
         return validate_data(self, x, reset=False, dtype=np.float64)
 
     def _wrong_probability(self, x: np.ndarray) -> np.ndarray:
@@ -405,57 +325,9 @@ class _Detector(ClassifierMixin, BaseEstimator):
         """``N`` labels, 1 where P(wrong) >= 0.5 (the gate itself uses a tuned operating point)."""
         return (self.decision_function(X) >= 0.5).astype(np.int64)
 
-    # -- state -------------------------------------------------------------------------------
-
-    def _fitted_config(self) -> dict[str, Any]:
-        return {key: _scalar(getattr(self, key)) for key in self._fitted_scalars}
-
-    def to_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """``(config, arrays)``: JSON-able config (with a ``"type"`` key) and named numpy arrays."""
-        self._check_fitted()
-        config = {
-            "type": type(self).__name__,
-            "format": STATE_FORMAT,
-            "params": _json_params(self.get_params(deep=False)),
-            "fitted": self._fitted_config(),
-        }
-        arrays = {"mean": self.mean_, "scale": self.scale_}
-        extra_config, extra_arrays = self._model_state()
-        config.update(extra_config)
-        arrays.update(extra_arrays)
-        return config, arrays
-
-    def _model_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        raise NotImplementedError
-
-    def _load_model_state(self, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        raise NotImplementedError
-
-    @classmethod
-    def from_state(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> _Detector:
-        """Rebuild a fitted detector from :meth:`to_state`'s output; it scores exactly as the original."""
-        if config.get("type") != cls.__name__:
-            raise BundleError(f"state of type {config.get('type')!r} is not a {cls.__name__}")
-        if config.get("format") != STATE_FORMAT:
-            raise BundleError(f"detector state format {config.get('format')!r}, expected {STATE_FORMAT}")
-        params = dict(config["params"])
-        if isinstance(params.get("hidden"), list):
-            params["hidden"] = tuple(params["hidden"])
-        detector = cls(**params)
-        try:
-            for key, value in config["fitted"].items():
-                setattr(detector, key, list(value) if isinstance(value, list) else value)
-            detector.mean_ = np.asarray(arrays["mean"], dtype=np.float64)
-            detector.scale_ = np.asarray(arrays["scale"], dtype=np.float64)
-        except KeyError as err:
-            raise BundleError(f"detector state lacks {err.args[0]!r}") from None
-        detector.classes_ = np.array([0, 1])
-        detector._load_model_state(config, arrays)
-        return detector
-
 
 class _MLPMixin:
-    """Fit/score/save an MLP on standardised inputs: the one implementation both detectors use."""
+    """Fit and score an MLP on standardised inputs: the one implementation both detectors use."""
 
     hidden: Sequence[int]
     dropout: float
@@ -514,21 +386,8 @@ class _MLPMixin:
         )
         return torch.sigmoid(torch.from_numpy(logits)).numpy()
 
-    def _mlp_arrays(self) -> dict[str, np.ndarray]:
-        return {f"net.{k}": v.detach().cpu().numpy() for k, v in self.network_.state_dict().items()}
 
-    def _load_mlp(self, arrays: dict[str, np.ndarray], n_features: int) -> None:
-        network = build_mlp(n_features, tuple(self.hidden), self.dropout)
-        keys = network.state_dict().keys()
-        try:
-            state = {k: torch.from_numpy(np.array(arrays[f"net.{k}"])) for k in keys}
-        except KeyError as err:
-            raise BundleError(f"MLP state lacks array {err.args[0]!r}") from None
-        network.load_state_dict(state)
-        self.network_ = network.to(torch.device(self.device)).eval()
-
-
-class ConductanceDetector(_MLPMixin, _Detector):
+class ConductanceDetector(_MLPMixin, Detector):
     """The paper's conductance detector: MLP over one layer's per-channel conductance.
 
     Inputs are standardised with the fit data's mean and std (conductance scales differ by orders
@@ -554,8 +413,6 @@ class ConductanceDetector(_MLPMixin, _Detector):
     network_ : the trained ``torch.nn.Sequential`` (eval mode).
     best_epoch_, best_val_auroc_, val_auroc_history_ : what early stopping saw.
     """
-
-    _fitted_scalars = ("n_features_in_", "best_epoch_", "best_val_auroc_", "val_auroc_history_")
 
     def __init__(
         self,
@@ -600,17 +457,11 @@ class ConductanceDetector(_MLPMixin, _Detector):
     def _wrong_probability(self, x: np.ndarray) -> np.ndarray:
         return self._mlp_probability(x)
 
-    def _model_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        return {}, self._mlp_arrays()
-
-    def _load_model_state(self, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        self._load_mlp(arrays, int(self.n_features_in_))
-
 
 UNIFIED_KINDS = ("nn", "rf", "lda", "qda")
 
 
-class UnifiedClassifier(_MLPMixin, _Detector):
+class UnifiedClassifier(_MLPMixin, Detector):
     """The paper's unified classifier over a few scalar signals per input.
 
     Typical columns: [conductance detector score, LCR], optionally max softmax probability, entropy
@@ -673,12 +524,6 @@ class UnifiedClassifier(_MLPMixin, _Detector):
         self.device = device
         self.progress = progress
 
-    @property
-    def _fitted_scalars(self) -> tuple[str, ...]:  # type: ignore[override]
-        if self.kind == "nn":
-            return ("n_features_in_", "best_epoch_", "best_val_auroc_", "val_auroc_history_")
-        return ("n_features_in_",)
-
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> UnifiedClassifier:
         """Train on ``N x F`` signals with labels 1 = prediction wrong.
 
@@ -719,42 +564,3 @@ class UnifiedClassifier(_MLPMixin, _Detector):
         if self.kind == "rf":
             return self.forest_.predict_proba(xs)[:, 1]
         return self.estimator_.predict_proba(xs)[:, 1]
-
-    def _model_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        if self.kind == "nn":
-            return {}, self._mlp_arrays()
-        if self.kind == "rf":
-            return {}, self.forest_.to_arrays("forest")
-        est_config, est_arrays = discriminant_to_state(self.estimator_, "estimator")
-        return {"estimator": est_config}, est_arrays
-
-    def _load_model_state(self, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        if self.kind == "nn":
-            self._load_mlp(arrays, int(self.n_features_in_))
-        elif self.kind == "rf":
-            self.forest_ = ForestArrays.from_arrays(arrays, "forest")
-        elif self.kind in ("lda", "qda"):
-            if "estimator" not in config:
-                raise BundleError(f"{self.kind} state lacks its 'estimator' section")
-            self.estimator_ = discriminant_from_state(config["estimator"], arrays, "estimator")
-        else:
-            raise BundleError(f"unknown unified classifier kind {self.kind!r}")
-
-
-DETECTOR_TYPES: dict[str, type[_Detector]] = {
-    "ConductanceDetector": ConductanceDetector,
-    "UnifiedClassifier": UnifiedClassifier,
-}
-
-
-def save_state(detector: _Detector) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """``(config, arrays)`` of any detector; ``config["type"]`` names its class for :func:`load_state`."""
-    return detector.to_state()
-
-
-def load_state(config: dict[str, Any], arrays: dict[str, np.ndarray]) -> _Detector:
-    """Rebuild whichever detector ``config["type"]`` names (only the classes in ``DETECTOR_TYPES``)."""
-    cls = DETECTOR_TYPES.get(config.get("type", ""))
-    if cls is None:
-        raise BundleError(f"unknown detector type {config.get('type')!r}; known: {sorted(DETECTOR_TYPES)}")
-    return cls.from_state(config, arrays)

@@ -44,7 +44,7 @@ from models.bundle import (
     variant_conductance_stem,
 )
 from models.data import ImageArrays, load_splits
-from models.detectors import save_state
+from models.detector_state import save_state
 from models.errors import ConfigError
 from models.evidence import EvidenceExtractor
 from models.feature_scores import ClassMahalanobis, DeepKNN, PenultimateProbe

@@ -1,4 +1,6 @@
-"""The report's figures (PNG, matplotlib's Agg backend so no display is needed)."""
+"""Plotting functions of the evaluation and review reports, one per kind of figure (PNG,
+matplotlib's Agg backend so no display is needed). Which figures a report shows, from which scores,
+is the report's own choice: :mod:`offline.report_figures`, :mod:`offline.review_report`."""
 
 from __future__ import annotations
 

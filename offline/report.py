@@ -2,6 +2,9 @@
 
 Everything is recomputed from what the bundle stores (features per split, detector scores per
 seed), so a report can be regenerated, and tested against sklearn, without rerunning the model.
+This module computes the numbers (``report/metrics.json``), renders them as markdown
+(``report/report.md``) and runs the whole report; the figures are drawn from the same numbers by
+:mod:`offline.report_figures`.
 """
 
 from __future__ import annotations
@@ -33,8 +36,16 @@ from models.metrics import accuracy_with_fallback, auroc, paired_bootstrap_auroc
 from models.operating_points import choose_threshold
 from models.scores import BASELINE_SCORES
 from models.signals import PAPER_SET
-from offline import plots
 from offline.markdown import fit_source, fmt, interval, signed_ci
+from offline.report_figures import (
+    AUROC_VS_COST_FIGURE,
+    CONFUSION_FIGURE,
+    FALLBACK_FIGURE,
+    LCR_VS_MUTANTS_FIGURE,
+    RISK_COVERAGE_FIGURE,
+    ROC_FIGURE,
+    write_figures,
+)
 from offline.sweep import sweep_markdown
 
 BASELINES = ("msp", "entropy", "margin", "doctor")
@@ -212,7 +223,10 @@ def paper_comparison(
 def paper_comparison_markdown(rows: list[dict[str, Any]]) -> list[str]:
     """Markdown rows of :func:`paper_comparison` (shared by the report and the multi-bundle summary)."""
     lines = [
-        "| method | paper val AUROC | ours val AUROC | ours test AUROC [95% CI] | diff to MSP [95% CI] | paper test recall correct / wrong | ours test recall correct / wrong |",
+        (
+            "| method | paper val AUROC | ours val AUROC | ours test AUROC [95% CI] | diff to MSP "
+            "[95% CI] | paper test recall correct / wrong | ours test recall correct / wrong |"
+        ),
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -223,9 +237,9 @@ def paper_comparison_markdown(rows: list[dict[str, Any]]) -> list[str]:
             else "–"
         )
         lines.append(
-            f"| {r['label']} | {paper} | {fmt(r['val_auroc'], 3)} | {fmt(r['test_auroc'], 4)} {interval(r['test_ci'])} | "
-            f"{r['diff_to_msp']:+.4f} {signed_ci(r['ci_diff_to_msp'])} | {paper_rec} | "
-            f"{fmt(r['test_recall_correct'], 3)} / {fmt(r['test_recall_wrong'], 3)} |"
+            f"| {r['label']} | {paper} | {fmt(r['val_auroc'], 3)} | {fmt(r['test_auroc'], 4)} "
+            f"{interval(r['test_ci'])} | {r['diff_to_msp']:+.4f} {signed_ci(r['ci_diff_to_msp'])} | "
+            f"{paper_rec} | {fmt(r['test_recall_correct'], 3)} / {fmt(r['test_recall_wrong'], 3)} |"
         )
     return lines
 
@@ -233,7 +247,8 @@ def paper_comparison_markdown(rows: list[dict[str, Any]]) -> list[str]:
 def write_report(
     bundle: Bundle, *, val_images: np.ndarray | None = None, n_boot: int = 1000, progress: bool = True
 ) -> Path:
-    """Compute every figure, write ``report/metrics.json``, ``report/report.md`` and the PNGs."""
+    """Compute every number, write ``report/metrics.json``, the PNGs (:mod:`offline.report_figures`)
+    and ``report/report.md``."""
     out = bundle.path / REPORT_DIR
     out.mkdir(exist_ok=True)
     features = load_features(bundle)
@@ -290,25 +305,7 @@ def write_report(
     }
     (bundle.path / REPORT_METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=float))
 
-    roc_curves = {
-        n: scores[n]["test"] for n in (gate_name, "conductance", "lcr (raw)", best_baseline) if n in scores
-    }
-    plots.plot_roc(roc_curves, wrong["test"], out / "roc.png", "ROC on test: detecting wrong predictions")
-    plots.plot_risk_coverage(roc_curves, wrong["test"], out / "risk_coverage.png", "risk-coverage on test")
-    plots.plot_confusion(confusion, out / "confusion.png", f"{default_set} at equal-recall (test)")
-    plots.plot_fallback([(r[0], r[1], r[2]) for r in fallback_rows], out / "fallback.png")
-    if curve:
-        plots.plot_lcr_vs_mutants(
-            curve["count"],
-            curve["auroc"],
-            curve["std"],
-            table["msp"]["val"]["auroc"],
-            out / "lcr_vs_mutants.png",
-        )
-    if costs:
-        plots.plot_auroc_vs_cost(
-            [(r["signal_set"], r["cost_fe"], r["test_auroc"]) for r in evidence], out / "auroc_vs_cost.png"
-        )
+    write_figures(out, metrics, scores, wrong["test"])
     markdown = render_markdown(bundle, metrics)
     if bundle.has_file(SWEEP_FILE):
         markdown += "\n" + sweep_markdown(bundle.read_json(SWEEP_FILE))
@@ -350,9 +347,10 @@ def _model_lines(man: dict[str, Any]) -> list[str]:
         )
         lines.append(
             f"Model: `{arch['name']}` ({arch.get('source', 'builtin')}), {origin}; input "
-            f"{pre['channels']} x {pre['input_size'][0]} x {pre['input_size'][1]} (size from {sources.get('input_size')}, "
-            f"channels from {sources.get('channels')}), normalised with mean {[round(v, 4) for v in pre['mean']]}, "
-            f"std {[round(v, 4) for v in pre['std']]} (from {sources.get('mean')})."
+            f"{pre['channels']} x {pre['input_size'][0]} x {pre['input_size'][1]} (size from "
+            f"{sources.get('input_size')}, channels from {sources.get('channels')}), normalised with mean "
+            f"{[round(v, 4) for v in pre['mean']]}, std {[round(v, 4) for v in pre['std']]} (from "
+            f"{sources.get('mean')})."
         )
     check = training.get("accuracy_check")
     if check and check.get("messages"):
@@ -377,30 +375,34 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
         ),
         (
             f"Conductance: layer `{man['conductance']['layer']}`, mode **{man['conductance']['mode']}** "
-            f"(max relative difference to the 11-point form {man['conductance'].get('shortcut_max_rel_diff', float('nan')):.2g}). "
-            f"Detectors trained on {fit_source(man)} (unified classifiers on out-of-fold conductance scores); "
-            f"the conductance detector reads {_cond_inputs(det)}."
+            "(max relative difference to the 11-point form "
+            f"{man['conductance'].get('shortcut_max_rel_diff', float('nan')):.2g}). Detectors trained on "
+            f"{fit_source(man)} (unified classifiers on out-of-fold conductance scores); the conductance "
+            f"detector reads {_cond_inputs(det)}."
         ),
     ]
     lines += _model_lines(man)
     if mut:
         lines.append(
-            f"Mutants: {mut['count']} x {mut['operator']} at rate {mut['rate']} ({', '.join(map(str, mut['filters_per_mutant']))} "
-            f"of {mut['total_filters']} filters each); {mut['attempts']} candidates tried, acceptance rate "
-            f"{mut['acceptance_rate']:.2f} (>= 90% of the original's accuracy on {mut['acceptance_images']} val images)."
+            f"Mutants: {mut['count']} x {mut['operator']} at rate {mut['rate']} "
+            f"({', '.join(map(str, mut['filters_per_mutant']))} of {mut['total_filters']} filters each); "
+            f"{mut['attempts']} candidates tried, acceptance rate {mut['acceptance_rate']:.2f} (>= 90% of "
+            f"the original's accuracy on {mut['acceptance_images']} val images)."
         )
     stopping = (man.get("lcr") or {}).get("early_stopping")
     if stopping:
         rule, used = stopping["rule"], man["lcr"]["mean_mutants_used"]
         lines.append(
-            f"LCR stops early: {rule['rule'].upper()} p0 = {rule['p0']:.4f}, p1 = {rule['p1']:.4f} (mean LCR of the "
-            f"fit split's correct / wrong predictions), alpha = {rule['alpha']}, beta = {rule['beta']}, chunks of "
-            f"{stopping['chunk_size']} mutants; mean mutants used per image: "
-            f"{', '.join(f'{k} {v:.1f}' for k, v in used.items())}. The row `lcr (all mutants)` is the LCR without stopping."
+            f"LCR stops early: {rule['rule'].upper()} p0 = {rule['p0']:.4f}, p1 = {rule['p1']:.4f} (mean LCR "
+            f"of the fit split's correct / wrong predictions), alpha = {rule['alpha']}, beta = "
+            f"{rule['beta']}, chunks of {stopping['chunk_size']} mutants; mean mutants used per image: "
+            f"{', '.join(f'{k} {v:.1f}' for k, v in used.items())}. The row `lcr (all mutants)` is the LCR "
+            "without stopping."
         )
     diff_ok = boot["ci_diff"][0] > 0
     verdict = (
-        f"**The gate beats {m['best_baseline'].upper()}** on test: the 95% CI of the AUROC difference is above 0."
+        f"**The gate beats {m['best_baseline'].upper()}** on test: the 95% CI of the AUROC difference is "
+        "above 0."
         if diff_ok
         else f"**The gate does not beat the best softmax baseline ({m['best_baseline'].upper()})** on test: "
         "the 95% CI of the AUROC difference includes or lies below 0."
@@ -410,8 +412,8 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
         "## Headline",
         "",
         (
-            f"Default signal set `{m['default_set']}` vs best softmax baseline `{m['best_baseline']}` (chosen on val), "
-            f"test AUROC with {boot['n_boot']} paired bootstrap resamples:"
+            f"Default signal set `{m['default_set']}` vs best softmax baseline `{m['best_baseline']}` "
+            f"(chosen on val), test AUROC with {boot['n_boot']} paired bootstrap resamples:"
         ),
         "",
         "| score | test AUROC | 95% CI |",
@@ -424,7 +426,10 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
         "",
         "## Paper-style table (threshold: equal recall of correct and wrong, chosen on val)",
         "",
-        "| method | val AUROC | val recall correct | val recall wrong | test AUROC | test recall correct | test recall wrong | test AUPR-error | test FPR@95 | test AURC |",
+        (
+            "| method | val AUROC | val recall correct | val recall wrong | test AUROC | test "
+            "recall correct | test recall wrong | test AUPR-error | test FPR@95 | test AURC |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in m["methods"].items():
@@ -440,7 +445,8 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
         "",
         (
             "Recalls at the equal-recall threshold chosen on val; CIs from "
-            f"{boot['n_boot']} bootstrap resamples of test, the difference to MSP paired (MSP is not in the paper)."
+            f"{boot['n_boot']} bootstrap resamples of test, the difference to MSP paired (MSP is not in the "
+            "paper)."
         ),
         "",
         *paper_comparison_markdown(m["paper_comparison"]),
@@ -449,21 +455,24 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
         "",
         (
             f"Difference = test AUROC minus `{m['best_baseline']}`'s, paired bootstrap 95% CI (seed 0); "
-            f"mean and std over {len(det.seeds)} detector seeds; cost in forward-equivalents per image at batch 64, "
-            "measured on this machine in the same process."
+            f"mean and std over {len(det.seeds)} detector seeds; cost in forward-equivalents per image at "
+            "batch 64, measured on this machine in the same process."
         ),
         "",
-        "| signal set | kind | val AUROC | test AUROC | diff | 95% CI | seeds: mean ± std | seeds with CI > 0 | diff to MSP [95% CI] | seeds with CI > 0 vs MSP | cost (fwd-eq) |",
+        (
+            "| signal set | kind | val AUROC | test AUROC | diff | 95% CI | seeds: mean ± std | "
+            "seeds with CI > 0 | diff to MSP [95% CI] | seeds with CI > 0 vs MSP | cost (fwd-eq) |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     best_val = max(m["evidence_value"], key=lambda r: r["val_auroc"])
     for r in m["evidence_value"]:
         name = f"**{r['signal_set']}**" if r is best_val else r["signal_set"]
         lines.append(
-            f"| {name} | {r['kind']} | {fmt(r['val_auroc'])} | {fmt(r['test_auroc'])} | {r['diff_to_baseline']:+.4f} | "
-            f"{signed_ci(r['ci_diff'])} | {r['seed_diff_mean']:+.4f} ± {r['seed_diff_std']:.4f} | {r['seeds_ci_above_0']} | "
-            f"{r['diff_to_msp']:+.4f} {signed_ci(r['ci_diff_msp'])} | {r['seeds_ci_above_0_msp']} | "
-            f"{fmt(r['cost_fe'], 1)} |"
+            f"| {name} | {r['kind']} | {fmt(r['val_auroc'])} | {fmt(r['test_auroc'])} | "
+            f"{r['diff_to_baseline']:+.4f} | {signed_ci(r['ci_diff'])} | {r['seed_diff_mean']:+.4f} ± "
+            f"{r['seed_diff_std']:.4f} | {r['seeds_ci_above_0']} | {r['diff_to_msp']:+.4f} "
+            f"{signed_ci(r['ci_diff_msp'])} | {r['seeds_ci_above_0_msp']} | {fmt(r['cost_fe'], 1)} |"
         )
     holds = best_val["ci_diff"][0] > 0
     lines += [
@@ -477,9 +486,9 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
         "",
         "## Figures",
         "",
-        "![ROC](roc.png) ![risk-coverage](risk_coverage.png)",
+        f"![ROC]({ROC_FIGURE}) ![risk-coverage]({RISK_COVERAGE_FIGURE})",
         "",
-        "![confusion at the operating point](confusion.png) ![fallback accuracy](fallback.png)",
+        f"![confusion at the operating point]({CONFUSION_FIGURE}) ![fallback accuracy]({FALLBACK_FIGURE})",
         "",
     ]
     if m["lcr_vs_mutants"]:
@@ -490,11 +499,11 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
                 f"{k}: {a:.3f} ± {s:.3f}" for k, a, s in zip(c["count"], c["auroc"], c["std"], strict=True)
             ),
             "",
-            "![LCR vs mutants](lcr_vs_mutants.png)",
+            f"![LCR vs mutants]({LCR_VS_MUTANTS_FIGURE})",
             "",
         ]
     if m["costs"]:
-        lines += ["![AUROC vs cost](auroc_vs_cost.png)", ""]
+        lines += [f"![AUROC vs cost]({AUROC_VS_COST_FIGURE})", ""]
     lines += [
         "## Accuracy if every rejected input goes to the fallback (test)",
         "",
@@ -503,7 +512,8 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
     ]
     for r in m["fallback"]:
         lines.append(
-            f"| {r['method']} | {fmt(r['accuracy'])} | {fmt(r['accuracy_with_fallback'])} | {fmt(r['coverage'], 3)} |"
+            f"| {r['method']} | {fmt(r['accuracy'])} | {fmt(r['accuracy_with_fallback'])} | "
+            f"{fmt(r['coverage'], 3)} |"
         )
     lines += [
         "",
@@ -515,8 +525,8 @@ def render_markdown(bundle: Bundle, m: dict[str, Any]) -> str:
     info = det.signal_sets[m["default_set"]]
     for name, p in info.operating_points.items():
         lines.append(
-            f"| {name} | {p['threshold']:.4g} | {fmt(p['correct_recall'], 3)} | {fmt(p['wrong_recall'], 3)} | "
-            f"{fmt(p['coverage'], 3)} | {fmt(p['risk'], 4)} |"
+            f"| {name} | {p['threshold']:.4g} | {fmt(p['correct_recall'], 3)} | {fmt(p['wrong_recall'], 3)} "
+            f"| {fmt(p['coverage'], 3)} | {fmt(p['risk'], 4)} |"
         )
     for name, why in info.details.get("skipped_points", {}).items():
         lines.append(f"| {name} | not stored: {why} | | | | |")

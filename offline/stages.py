@@ -53,7 +53,7 @@ from models.data import (
     make_splits,
     read_index_file,
 )
-from models.detectors import save_state
+from models.detector_state import save_state
 from models.devices import resolve_device
 from models.errors import BundleError, ConfigError
 from models.gate import load_extractor
@@ -217,8 +217,9 @@ def _reopen(out: Path, profile: BuildProfile, request: ModelRequest, redo: str |
         changed = sorted(k for k in wanted if wanted[k] != asked.get(k))
         if changed:
             raise BundleError(
-                f"{out} was started for another model or preprocessing ({', '.join(f'{k}={asked.get(k)!r}' for k in changed)}): "
-                "use another --out, or --overwrite to start it afresh"
+                f"{out} was started for another model or preprocessing "
+                f"({', '.join(f'{k}={asked.get(k)!r}' for k in changed)}): use another --out, or --overwrite "
+                "to start it afresh"
             )
     layer = request.layer
     recorded_layer = (bundle.manifest.get("conductance") or {}).get("layer")
@@ -504,13 +505,15 @@ def accuracy_check(
     if acc <= chance + 0.05 or collapsed:
         why = f"gives one class for {top_share:.0%} of val images" if collapsed else "is near chance"
         messages.append(
-            f"the CNN's val accuracy is {acc:.1%} (chance: {chance:.1%}) and it {why}: its errors are not something "
-            f"a detector can learn.{hint or ' Check --mean/--std, --input-size, --channels and the class order, or train longer.'}"
+            f"the CNN's val accuracy is {acc:.1%} (chance: {chance:.1%}) and it {why}: its errors are not "
+            "something a detector can learn."
+            + (hint or " Check --mean/--std, --input-size, --channels and the class order, or train longer.")
         )
         verdict = "stop"
     elif expected is not None and acc < expected - 0.1:
         messages.append(
-            f"the CNN's val accuracy is {acc:.1%}, far below the {expected:.1%} claimed for it.{hint or ' Check that --mean/--std, --input-size and --channels are those it was trained with.'}"
+            f"the CNN's val accuracy is {acc:.1%}, far below the {expected:.1%} claimed for it."
+            + (hint or " Check that --mean/--std, --input-size and --channels are those it was trained with.")
         )
         verdict = "warn"
     elif expected is None and acc < (1 + chance) / 2:

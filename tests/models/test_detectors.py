@@ -1,153 +1,86 @@
-"""One conformance suite for every detector, plus the pieces behind them (forest arrays, LDA/QDA
-state, early stopping) and the softmax baseline scores."""
+"""One conformance suite for every detector of :mod:`models.detectors`, plus the pieces behind them
+(early stopping, the internal holdout, the forest arrays against sklearn). Storing and rebuilding them
+is tested in ``test_detector_state.py``, on the same cases (``tests/models/conftest.py``)."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
-from scipy.special import softmax
 from sklearn.base import clone
-from sklearn.discriminant_analysis import LinearDiscriminantAnalysis, QuadraticDiscriminantAnalysis
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 from sklearn.metrics import roc_auc_score
 
-from models.detectors import (
-    ConductanceDetector,
-    ForestArrays,
-    UnifiedClassifier,
-    discriminant_from_state,
-    discriminant_to_state,
-    load_state,
-    mlp_logits,
-    save_state,
-)
-from models.errors import BundleError, ConfigError, NotFittedError
-from models.scores import BASELINE_SCORES, doctor, entropy, margin, msp_score
+from models.detectors import ConductanceDetector, ForestArrays, UnifiedClassifier, mlp_logits
+from models.errors import ConfigError, NotFittedError
+from tests.models.conftest import make_data
 
 torch.set_num_threads(1)
 
 
-def make_data(n: int, n_features: int, seed: int, spread: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Labels drawn from a logistic model of the first features (about 20% positives); with
-    ``spread`` the columns get very different scales so that standardisation matters."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, n_features))
-    logit = 2.5 * x[:, 0] - 2.0 * x[:, 1] + 0.8 * x[:, 2] * x[:, 1 % n_features] - 2.0
-    y = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
-    return (x * np.logspace(-2, 2, n_features) if spread else x), y
+def test_fit_returns_self(detector_case):
+    assert detector_case["returned"] is detector_case["detector"]
 
 
-DETECTORS = {
-    "conductance": lambda: ConductanceDetector(max_epochs=15, patience=4, batch_size=256, seed=3),
-    "unified-nn": lambda: UnifiedClassifier(kind="nn", max_epochs=40, seed=3),
-    "unified-rf": lambda: UnifiedClassifier(kind="rf", n_estimators=30, seed=3),
-    "unified-lda": lambda: UnifiedClassifier(kind="lda"),
-    "unified-qda": lambda: UnifiedClassifier(kind="qda"),
-}
-N_FEATURES = {"conductance": 16}
-
-
-@pytest.fixture(scope="module", params=sorted(DETECTORS))
-def case(request):
-    """(name, make, data, one fitted detector): fitted once per detector for the whole file."""
-    name = request.param
-    n_features = N_FEATURES.get(name, 4)
-    x, y = make_data(1500, n_features, seed=0)
-    x_val, y_val = make_data(500, n_features, seed=1)
-    x_test, y_test = make_data(1000, n_features, seed=2)
-    detector = DETECTORS[name]()
-    returned = detector.fit(x, y, x_val, y_val)
-    return {
-        "name": name,
-        "make": DETECTORS[name],
-        "fit": (x, y, x_val, y_val),
-        "test": (x_test, y_test),
-        "detector": detector,
-        "returned": returned,
-    }
-
-
-def test_fit_returns_self(case):
-    assert case["returned"] is case["detector"]
-
-
-def test_not_fitted_before_fit(case):
-    x_test, _ = case["test"]
-    fresh = case["make"]()
+def test_not_fitted_before_fit(detector_case):
+    x_test, _ = detector_case["test"]
+    fresh = detector_case["make"]()
     for method in (fresh.predict_proba, fresh.decision_function, fresh.predict):
         with pytest.raises(NotFittedError) as info:
             method(x_test)
         assert isinstance(info.value, SklearnNotFittedError)
-    with pytest.raises(NotFittedError):
-        fresh.to_state()
 
 
-def test_init_only_stores_params(case):
-    fresh = case["make"]()
+def test_init_only_stores_params(detector_case):
+    fresh = detector_case["make"]()
     assert not [k for k in vars(fresh) if k.endswith("_")]
     assert clone(fresh).get_params() == fresh.get_params()
 
 
-def test_probabilities(case):
-    x_test, _ = case["test"]
-    proba = case["detector"].predict_proba(x_test)
+def test_probabilities(detector_case):
+    x_test, _ = detector_case["test"]
+    proba = detector_case["detector"].predict_proba(x_test)
     assert proba.shape == (len(x_test), 2)
     assert np.all((proba >= 0) & (proba <= 1))
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-12)
-    np.testing.assert_array_equal(case["detector"].decision_function(x_test), proba[:, 1])
-    np.testing.assert_array_equal(case["detector"].predict(x_test), (proba[:, 1] >= 0.5).astype(int))
-    np.testing.assert_array_equal(case["detector"].classes_, [0, 1])
+    np.testing.assert_array_equal(detector_case["detector"].decision_function(x_test), proba[:, 1])
+    np.testing.assert_array_equal(detector_case["detector"].predict(x_test), (proba[:, 1] >= 0.5).astype(int))
+    np.testing.assert_array_equal(detector_case["detector"].classes_, [0, 1])
 
 
-def test_learns_held_out(case):
-    x_test, y_test = case["test"]
-    assert roc_auc_score(y_test, case["detector"].decision_function(x_test)) > 0.8
+def test_learns_held_out(detector_case):
+    x_test, y_test = detector_case["test"]
+    assert roc_auc_score(y_test, detector_case["detector"].decision_function(x_test)) > 0.8
 
 
-def test_deterministic_with_seed(case):
-    x, y, x_val, y_val = case["fit"]
-    x_test, _ = case["test"]
-    again = case["make"]().fit(x, y, x_val, y_val)
-    np.testing.assert_array_equal(again.decision_function(x_test), case["detector"].decision_function(x_test))
+def test_deterministic_with_seed(detector_case):
+    x, y, x_val, y_val = detector_case["fit"]
+    x_test, _ = detector_case["test"]
+    again = detector_case["make"]().fit(x, y, x_val, y_val)
+    np.testing.assert_array_equal(
+        again.decision_function(x_test), detector_case["detector"].decision_function(x_test)
+    )
 
 
-def test_state_round_trip(case):
-    """Through JSON and a safetensors file, as a bundle would store it: identical scores."""
-    x_test, _ = case["test"]
-    config, arrays = save_state(case["detector"])
-    assert all(isinstance(v, np.ndarray) for v in arrays.values())
-    config = json.loads(json.dumps(config, allow_nan=False))
-    arrays = st_load(st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()}))
-    loaded = load_state(config, arrays)
-    assert type(loaded) is type(case["detector"])
-    assert loaded.get_params() == case["detector"].get_params()
-    np.testing.assert_array_equal(loaded.predict_proba(x_test), case["detector"].predict_proba(x_test))
-
-
-def test_rejects_bad_inputs(case):
-    x, y, _, _ = case["fit"]
-    x_test, _ = case["test"]
+def test_rejects_bad_inputs(detector_case):
+    x, y, _, _ = detector_case["fit"]
+    x_test, _ = detector_case["test"]
     with pytest.raises(ValueError, match="both"):
-        case["make"]().fit(x, np.zeros_like(y))
+        detector_case["make"]().fit(x, np.zeros_like(y))
     with pytest.raises(ValueError, match="0 .*1"):
-        case["make"]().fit(x, y * 2)
+        detector_case["make"]().fit(x, y * 2)
     with pytest.raises(ValueError):
-        case["detector"].predict_proba(x_test[:, :-1])
+        detector_case["detector"].predict_proba(x_test[:, :-1])
     with pytest.raises(ValueError):
-        case["detector"].predict_proba(np.full_like(x_test, np.nan))
+        detector_case["detector"].predict_proba(np.full_like(x_test, np.nan))
 
 
-def test_sklearn_estimator_checks(case):
+def test_sklearn_estimator_checks(detector_case):
     """The cheap parts of sklearn's own conformance suite that a binary-only detector can pass."""
     from sklearn.utils import estimator_checks as checks
 
-    fresh = case["make"]()
+    fresh = detector_case["make"]()
     name = type(fresh).__name__
     checks.check_no_attributes_set_in_init(name, fresh)
     checks.check_parameters_default_constructible(name, fresh)
@@ -188,22 +121,14 @@ def test_internal_holdout_without_val():
         UnifiedClassifier(kind="nn").fit(x, y, x[:10])
 
 
-def test_unknown_kind_and_type():
+def test_unknown_kind():
     x, y = make_data(200, 3, seed=0)
     with pytest.raises(ConfigError, match="kind"):
         UnifiedClassifier(kind="svm").fit(x, y)
-    with pytest.raises(BundleError, match="unknown detector type"):
-        load_state({"type": "Pickle"}, {})
-    config, arrays = UnifiedClassifier(kind="lda").fit(x, y).to_state()
-    with pytest.raises(BundleError):
-        ConductanceDetector.from_state(config, arrays)
-    del arrays["estimator.coef_"]
-    with pytest.raises(BundleError, match="coef_"):
-        load_state(config, arrays)
 
 
 # ---------------------------------------------------------------------------------------------
-# random forest arrays and LDA/QDA state against sklearn itself
+# random forest arrays against sklearn itself
 # ---------------------------------------------------------------------------------------------
 
 
@@ -234,62 +159,3 @@ def test_unified_rf_matches_sklearn_forest():
     np.testing.assert_allclose(
         det.predict_proba(x_test), ref.predict_proba((x_test - mean) / scale), atol=1e-12
     )
-
-
-@pytest.mark.parametrize("cls", [LinearDiscriminantAnalysis, QuadraticDiscriminantAnalysis])
-def test_discriminant_state_rebuilds_estimator(cls):
-    x, y = make_data(800, 3, seed=0, spread=False)
-    x_test, _ = make_data(300, 3, seed=2, spread=False)
-    est = cls().fit(x, y)
-    config, arrays = discriminant_to_state(est, "e")
-    rebuilt = discriminant_from_state(json.loads(json.dumps(config)), arrays, "e")
-    for key, value in vars(est).items():
-        other = getattr(rebuilt, key)
-        if isinstance(value, list):
-            assert all(np.array_equal(a, b) for a, b in zip(value, other, strict=True))
-        else:
-            np.testing.assert_array_equal(other, value)
-    np.testing.assert_array_equal(rebuilt.predict_proba(x_test), est.predict_proba(x_test))
-
-
-# ---------------------------------------------------------------------------------------------
-# softmax baseline scores
-# ---------------------------------------------------------------------------------------------
-
-
-def test_baseline_scores_match_naive_softmax():
-    rng = np.random.default_rng(0)
-    logits = rng.normal(scale=3.0, size=(200, 10))
-    p = softmax(logits, axis=1)
-    top2 = np.sort(logits, axis=1)[:, -2:]
-    expected = {
-        "msp": 1.0 - p.max(axis=1),
-        "entropy": -(p * np.log(p)).sum(axis=1),
-        "margin": top2[:, 0] - top2[:, 1],
-        "doctor": 1.0 - (p**2).sum(axis=1),
-    }
-    assert set(BASELINE_SCORES) == set(expected)
-    for name, fn in BASELINE_SCORES.items():
-        np.testing.assert_allclose(fn(logits), expected[name], rtol=1e-10, atol=1e-12, err_msg=name)
-        as_torch = fn(torch.from_numpy(logits).float())
-        assert isinstance(as_torch, torch.Tensor) and as_torch.dtype == torch.float32
-        np.testing.assert_allclose(as_torch.numpy(), expected[name], rtol=1e-4, atol=1e-5, err_msg=name)
-
-
-def test_baseline_scores_stable_for_confident_and_huge_logits():
-    # two classes, gap 40: 1 - p_max = sigmoid(-40), far below float64 epsilon
-    logits = np.array([[0.0, -40.0], [1e4, -1e4], [-1e4, 1e4 - 1.0]])
-    tail = 1.0 / (1.0 + np.exp(40.0))
-    np.testing.assert_allclose(msp_score(logits)[0], tail, rtol=1e-12)
-    # 1 - (p1^2 + p2^2) = 2 p1 p2 for two classes
-    np.testing.assert_allclose(doctor(logits)[0], 2 * tail * (1 - tail), rtol=1e-12)
-    log_tail = -40.0 - np.log1p(np.exp(-40.0))
-    np.testing.assert_allclose(
-        entropy(logits)[0], -tail * log_tail - (1 - tail) * np.log1p(-tail), rtol=1e-12
-    )
-    for fn in (msp_score, entropy, margin, doctor):
-        assert np.all(np.isfinite(fn(logits)))
-    assert entropy(logits)[1] == 0.0
-    np.testing.assert_array_equal(margin(logits), [-40.0, -2e4, -(2e4 - 1.0)])
-    with pytest.raises(ValueError):
-        msp_score(np.zeros((3, 1)))
