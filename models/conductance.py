@@ -453,6 +453,9 @@ class ShortcutConductance:
         ``F(x')``.
     check : ShortcutCheck or None
         Outcome of the comparison with the general form, if already made.
+    activation_forward : callable or None
+        ``x -> (logits, A(x))`` from another runtime (ONNX Runtime's graph returns both); None: the
+        torch model's forward, with ``A(x)`` read by a hook on ``layer``.
     """
 
     def __init__(
@@ -464,8 +467,10 @@ class ShortcutConductance:
         head_jacobian: Tensor,
         baseline_logits: Tensor,
         check: ShortcutCheck | None = None,
+        activation_forward: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
     ) -> None:
         self.model = model
+        self.activation_forward = activation_forward
         self.layer_name = layer
         self.layer = resolve_layer(model, layer)
         self.baseline = baseline
@@ -582,10 +587,13 @@ class ShortcutConductance:
     def _attribute_chunk(
         self, x: Tensor, target: Tensor | None, return_activation: bool
     ) -> ConductanceResult:
-        capture = _LayerCapture(self.layer, track_grad=False)
-        with capture, torch.no_grad():
-            logits = self.model(x)
-        act = capture.take()
+        if self.activation_forward is not None:
+            logits, act = self.activation_forward(x)
+        else:
+            capture = _LayerCapture(self.layer, track_grad=False)
+            with capture, torch.no_grad():
+                logits = self.model(x)
+            act = capture.take()
         if tuple(act.shape[1:]) != tuple(self.baseline_activation.shape):
             raise InputError(
                 f"layer output is {tuple(act.shape[1:])} but the shortcut was built for "

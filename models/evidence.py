@@ -7,16 +7,41 @@ online gate alike (:mod:`models.gate` puts detectors and verdicts on top).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from models.conductance import LayerConductance, ShortcutConductance
 from models.errors import ConfigError
-from models.lcr import MutantEnsemble, label_change_rate
-from models.prefix_ensemble import PrefixSharingEnsemble
-from models.sequential_lcr import EarlyStopping, SequentialLCR
+from models.lcr import label_change_rate
+from models.mutation import MutantSpec
+from models.sequential_lcr import EarlyStopping
+
+EarlyStoppedLCR = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""``(x, prediction) -> (lcr (N,), mutants_used (N,))``: a backend's early-stopping LCR."""
+
+
+class MutantBackend(Protocol):
+    """What the extractor needs of a mutant ensemble, whichever runs it: torch
+    (:class:`models.lcr.MutantEnsemble`), torch with a shared prefix
+    (:class:`models.prefix_ensemble.PrefixSharingEnsemble`) or ONNX Runtime
+    (:class:`models.onnx_backend.OnnxMutantEnsemble`). Each checks its model (eval mode) and builds
+    its state in its constructor; the extractor picks none of them by type."""
+
+    specs: tuple[MutantSpec, ...]
+
+    def __len__(self) -> int: ...
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """``M x N`` labels of ``x`` under each mutant, in spec order."""
+        ...
+
+    def early_stopped(self, stopping: EarlyStopping) -> EarlyStoppedLCR:
+        """The early-stopping LCR of these mutants under ``stopping``, ready to call."""
+        ...
 
 
 @dataclass
@@ -49,34 +74,27 @@ class EvidenceExtractor:
     early_stopping : when set, LCR is the sequential test's (mutants in chunks, each image stops once
         its rule is settled) rather than the share over all mutants; the detectors of such a bundle
         learnt from the same test replayed on stored labels.
+    forward : ``x -> logits`` of the plain forward pass (when no conductance is asked for) from
+        another runtime (ONNX Runtime); None: ``model`` itself. ``model`` stays the torch CNN.
     """
 
     def __init__(
         self,
         model: nn.Module,
         conductance: ShortcutConductance | LayerConductance | None,
-        ensemble: MutantEnsemble | PrefixSharingEnsemble | None = None,
+        ensemble: MutantBackend | None = None,
         early_stopping: EarlyStopping | None = None,
+        forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if early_stopping is not None and ensemble is None:
             raise ConfigError("early-stopping LCR needs mutants")
         self.model = model
+        self.forward = forward if forward is not None else model
         self.conductance = conductance
         self.ensemble = ensemble
         self.early_stopping = early_stopping
-        # Chunks are built here, at start-up, not in the first request. Prefix-sharing mutants run
-        # their own chunks over the prefix computed once; an ensemble that knows how to build its
-        # chunks (ONNX Runtime) keeps its backend.
-        self._sequential: SequentialLCR | None = None
-        if early_stopping is not None and not isinstance(ensemble, PrefixSharingEnsemble):
-            self._sequential = SequentialLCR(
-                ensemble.model,
-                ensemble.specs,
-                early_stopping.rule,
-                early_stopping.chunk_size,
-                early_stopping.min_mutants,
-                getattr(ensemble, "chunk_factory", None),
-            )
+        # Chunks are built here, at start-up, not in the first request, by the backend itself.
+        self._sequential = ensemble.early_stopped(early_stopping) if early_stopping is not None else None
 
     @property
     def device(self) -> torch.device:
@@ -102,7 +120,7 @@ class EvidenceExtractor:
             seconds["forward+conductance"] = time.perf_counter() - start
         else:
             with torch.no_grad():
-                logits = self.model(x)
+                logits = self.forward(x)
             seconds["forward"] = time.perf_counter() - start
         logits = logits.float().cpu()
         prediction = logits.argmax(1)
@@ -121,13 +139,6 @@ class EvidenceExtractor:
 
     def sequential_lcr(self, x: torch.Tensor, prediction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Early-stopped ``(lcr (N,), mutants_used (N,))`` of ``x`` given the CNN's ``prediction``."""
-        stopping = self.early_stopping
-        if stopping is None or self.ensemble is None:
+        if self._sequential is None:
             raise ConfigError("this gate does not stop LCR early")
-        x = x.to(self.device)
-        if self._sequential is None:  # prefix-sharing mutants: the prefix runs once for all chunks
-            assert isinstance(self.ensemble, PrefixSharingEnsemble)
-            return self.ensemble.sequential_lcr(
-                x, prediction, stopping.rule, stopping.chunk_size, stopping.min_mutants
-            )
-        return self._sequential(x, prediction)
+        return self._sequential(x.to(self.device), prediction)

@@ -239,10 +239,10 @@ class Explainer:
 
     @classmethod
     def from_gate(cls, gate: Gate, bundle: Bundle, **kwargs: int) -> Explainer:
-        """The explainer of a gate loaded from ``bundle``: the gate's torch model (the ONNX backend
-        keeps one as ``torch_model``) and conductance object, the bundle's layer and normalisation."""
+        """The explainer of a gate loaded from ``bundle``: the gate's torch model (on every backend)
+        and conductance object, the bundle's layer and normalisation."""
         extractor = gate.extractor
-        model = getattr(extractor, "torch_model", extractor.model)
+        model = extractor.model
         if extractor.conductance is None:
             raise ConfigError("explanations need the gate's conductance layer, and this gate has none")
         layer = str(bundle.manifest["conductance"]["layer"])

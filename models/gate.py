@@ -1,14 +1,15 @@
 """The gate: CNN prediction, conductance, LCR, detectors and verdict, as one call.
 
-Offline feature extraction and the online service both go through :class:`models.evidence.EvidenceExtractor` and
-:class:`Gate`, so the numbers a detector was fitted on are the numbers it sees when serving.
+Offline feature extraction and the online service both go through
+:class:`models.evidence.EvidenceExtractor` and :class:`Gate`, so the numbers a detector was fitted
+on are the numbers it sees when serving.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -16,7 +17,8 @@ from torch import nn
 
 from models.bundle import CONDUCTANCE_FILE, MUTANTS_FILE, Bundle
 from models.conductance import LayerConductance, ShortcutConductance
-from models.detectors import ConductanceDetector, UnifiedClassifier, load_state
+from models.detector_state import load_state
+from models.detectors import ConductanceDetector, UnifiedClassifier
 from models.errors import BundleError, ConfigError
 from models.evidence import EvidenceExtractor
 from models.lcr import MutantEnsemble
@@ -60,9 +62,45 @@ class SignalSet:
             ) from None
 
 
+Verdict = Literal["accept", "unknown"]
+
+
+@dataclass(frozen=True)
+class GatePlan:
+    """A signal set and operating point resolved once (by :meth:`Gate.plan`), for every image of a
+    group: the names are checked when a request arrives, and the objects travel with its images to
+    :meth:`Gate.run`. Plans compare and hash by name, so they are the batcher's group key."""
+
+    signal_set: SignalSet = field(compare=False, hash=False, repr=False)
+    point: OperatingPoint = field(compare=False, hash=False, repr=False)
+    full_evidence: bool = False
+    set_name: str = field(init=False)
+    point_name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "set_name", self.signal_set.name)
+        object.__setattr__(self, "point_name", self.point.name)
+
+    @property
+    def needs_conductance(self) -> bool:
+        return self.full_evidence or needs_conductance(self.signal_set.signals)
+
+    @property
+    def needs_lcr(self) -> bool:
+        return self.full_evidence or needs_lcr(self.signal_set.signals)
+
+    @property
+    def needs_open_world(self) -> bool:
+        return any(s in OPEN_WORLD_SIGNALS for s in self.signal_set.signals)
+
+
 @dataclass
 class GateOutput:
-    """Per-image results of :meth:`Gate.run` (numpy, CPU); ``None`` where a signal was not computed."""
+    """Per-image results of :meth:`Gate.run` (numpy, CPU); ``None`` where a signal was not computed.
+
+    The one result type from the gate to the response: the service answers each image from its row of
+    the batch's output (``len`` rows), never from a copy.
+    """
 
     logits: np.ndarray
     probabilities: np.ndarray
@@ -76,6 +114,13 @@ class GateOutput:
     operating_point: OperatingPoint
     seconds: dict[str, float]
     mutants_used: np.ndarray | None = None  # per image, where LCR stopped early
+
+    def __len__(self) -> int:
+        return len(self.prediction)
+
+    def verdict(self, i: int) -> Verdict:
+        """Image ``i``'s verdict, from the operating point's decision (the one place it is spelt)."""
+        return "unknown" if self.reject[i] else "accept"
 
 
 class Gate:
@@ -127,33 +172,41 @@ class Gate:
         except KeyError:
             raise ConfigError(f"unknown signal set {name!r}; stored: {sorted(self.signal_sets)}") from None
 
+    def plan(
+        self, signal_set: str | None = None, operating_point: str | None = None, full_evidence: bool = False
+    ) -> GatePlan:
+        """The named set and point (None: the defaults) resolved into the objects :meth:`run` uses;
+        an unknown name raises :class:`ConfigError` naming what is stored."""
+        chosen = self.signal_set(signal_set)
+        return GatePlan(chosen, chosen.point(operating_point), bool(full_evidence))
+
     def run(
         self,
         x: torch.Tensor,
         *,
+        plan: GatePlan | None = None,
         signal_set: str | None = None,
         operating_point: str | None = None,
         full_evidence: bool = False,
     ) -> GateOutput:
         """Predict, gather the evidence the signal set needs (all of it with ``full_evidence``),
-        score and decide."""
-        chosen = self.signal_set(signal_set)
-        point = chosen.point(operating_point)
-        want_cond = full_evidence or needs_conductance(chosen.signals)
-        want_lcr = full_evidence or needs_lcr(chosen.signals)
-        want_open = any(s in OPEN_WORLD_SIGNALS for s in chosen.signals)
+        score and decide. ``plan`` (from :meth:`plan`) replaces the three names."""
+        if plan is None:
+            plan = self.plan(signal_set, operating_point, full_evidence)
+        chosen, point = plan.signal_set, plan.point
+        want_open = plan.needs_open_world
         if want_open:
             assert self.open_world is not None  # checked at construction
             self.open_world.reset()  # the forward below leaves its penultimate features in the probe
-        evidence = self.extractor(x, conductance=want_cond, lcr=want_lcr)
+        evidence = self.extractor(x, conductance=plan.needs_conductance, lcr=plan.needs_lcr)
         seconds = dict(evidence.seconds)
         start = time.perf_counter()
         cond_score = None
+        conductance = evidence.conductance.numpy() if evidence.conductance is not None else None
+        prediction = evidence.prediction.numpy()
         has_detector = self.cond_detector is not None or chosen.cond_detector is not None
-        if evidence.conductance is not None and has_detector:
-            cond_score = self.cond_score(
-                evidence.conductance.double().numpy(), evidence.prediction.numpy(), chosen
-            )
+        if conductance is not None and has_detector:
+            cond_score = self.cond_score(conductance, prediction, chosen)  # float64 once, in its inputs
         logits = evidence.logits.numpy()
         lcr = evidence.lcr.numpy() if evidence.lcr is not None else None
         extra = None
@@ -169,8 +222,8 @@ class Gate:
         return GateOutput(
             logits=logits,
             probabilities=torch.softmax(evidence.logits, 1).numpy(),
-            prediction=evidence.prediction.numpy(),
-            conductance=evidence.conductance.numpy() if evidence.conductance is not None else None,
+            prediction=prediction,
+            conductance=conductance,
             cond_score=cond_score,
             lcr=lcr,
             unified_score=unified,
@@ -208,7 +261,8 @@ def load_mutants(bundle: Bundle, model: nn.Module, *, verify: bool = True) -> Mu
         for i, (spec, expected) in enumerate(zip(mutants.specs, hashes, strict=True)):
             if mutant_weights_hash(model, spec) != expected:
                 raise BundleError(
-                    f"{MUTANTS_FILE}: mutant {i} (seed {spec.seed}) does not regenerate the weights recorded at build time"
+                    f"{MUTANTS_FILE}: mutant {i} (seed {spec.seed}) does not regenerate the weights "
+                    "recorded at build time"
                 )
     return mutants
 

@@ -27,6 +27,7 @@ from torch.func import functional_call, vmap
 from models.architectures import check_eval
 from models.errors import ConfigError, InputError
 from models.mutation import MutantSpec, Patches, mutant_patches, mutant_tensors
+from models.sequential_lcr import EarlyStopping, SequentialLCR
 
 STRATEGIES = ("auto", "vmap", "loop")
 
@@ -96,6 +97,18 @@ class MutantEnsemble:
         # Both strategies change the private model for the duration of a call (functional_call
         # swaps parameters in, loop writes rows): serialise calls from several threads.
         self._lock = threading.Lock()
+
+    def early_stopped(self, stopping: EarlyStopping) -> SequentialLCR:
+        """The early-stopping LCR over these mutants: chunks of ``stopping.chunk_size`` ensembles,
+        built now (at load, not in the first request)."""
+        return SequentialLCR(
+            self.model,
+            self.specs,
+            stopping.rule,
+            stopping.chunk_size,
+            stopping.min_mutants,
+            factory=MutantEnsemble,
+        )
 
     def __len__(self) -> int:
         return len(self.specs)

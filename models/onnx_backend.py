@@ -45,7 +45,7 @@ from models.conductance import LayerConductance, ShortcutConductance
 from models.errors import ConfigError, InputError
 from models.evidence import EvidenceExtractor
 from models.mutation import MutantSpec, mutant_patches
-from models.sequential_lcr import EarlyStopping
+from models.sequential_lcr import EarlyStopping, SequentialLCR
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -58,9 +58,7 @@ DEVICES = ("cpu", "cuda")
 _EXAMPLE_BATCH = 2
 
 __all__ = [
-    "OnnxEvidenceExtractor",
     "OnnxForward",
-    "OnnxForwardModule",
     "OnnxMutantEnsemble",
     "export_forward",
     "export_stacked_mutants",
@@ -115,7 +113,8 @@ def providers_for(device: str | torch.device) -> list[str]:
 def make_session(
     model_bytes: bytes, *, threads: int | None = None, device: str = "cpu"
 ) -> ort.InferenceSession:
-    """An inference session over a serialised graph; ``threads`` sets ORT's intra-op pool (None: ORT's default)."""
+    """An inference session over a serialised graph; ``threads`` sets ORT's intra-op pool (None:
+    ORT's default)."""
     import onnxruntime as ort  # heavy, loaded only when the ONNX backend is used
 
     if threads is not None and threads < 1:
@@ -282,29 +281,6 @@ class OnnxForward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``N x K`` (CPU float32)."""
         return self.run(x)[0]
-
-
-class OnnxForwardModule(nn.Module):
-    """:class:`OnnxForward` behind an ``nn.Module`` face, so torch-side code that hooks a layer works on it.
-
-    ``forward`` returns the logits and passes the layer's activation through the child module
-    ``activation`` (an identity): a :class:`models.conductance.ShortcutConductance` built on this
-    module with ``layer="activation"`` then reads the activation from ORT and applies its closed
-    form exactly as on the torch model. It has no parameters and cannot be mutated or
-    differentiated: the general conductance and the mutants need the torch model.
-    """
-
-    def __init__(self, runner: OnnxForward) -> None:
-        super().__init__()
-        self.runner = runner
-        self.activation = nn.Identity()
-        self.eval()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits, activation = self.runner.run(x)
-        if activation is not None:
-            self.activation(activation)
-        return logits
 
 
 # ------------------------------------------------------------------------------------- stacked mutants
@@ -508,7 +484,8 @@ def _attr(module: nn.Module, target: str) -> object:
 def export_stacked_mutants(
     model: nn.Module, specs: Sequence[MutantSpec], input_shape: Sequence[int]
 ) -> bytes:
-    """ONNX graph of :func:`stack_mutants`: input ``x`` (``N x C x H x W``), output ``labels`` (``M x N`` int64)."""
+    """ONNX graph of :func:`stack_mutants`: input ``x`` (``N x C x H x W``), output ``labels``
+    (``M x N`` int64)."""
     return _export(
         stack_mutants(model, specs, input_shape), _example(input_shape), ["labels"], {"labels": {1: "n"}}
     )
@@ -571,6 +548,17 @@ class OnnxMutantEnsemble:
     def __len__(self) -> int:
         return len(self.specs)
 
+    def early_stopped(self, stopping: EarlyStopping) -> SequentialLCR:
+        """The early-stopping LCR with each chunk as its own ORT graph (:meth:`chunk_factory`)."""
+        return SequentialLCR(
+            self.model,
+            self.specs,
+            stopping.rule,
+            stopping.chunk_size,
+            stopping.min_mutants,
+            factory=self.chunk_factory,
+        )
+
     def chunk_factory(self, model: nn.Module, specs: Sequence[MutantSpec]) -> OnnxMutantEnsemble:
         """One graph for ``specs`` with this ensemble's settings: the chunks of an early-stopping LCR
         (:func:`models.sequential_lcr.chunk_ensembles`) then run on ONNX Runtime too."""
@@ -605,33 +593,6 @@ class OnnxMutantEnsemble:
 
 
 # ------------------------------------------------------------------------------------- extractor
-class OnnxEvidenceExtractor(EvidenceExtractor):
-    """An :class:`models.evidence.EvidenceExtractor` whose forward, shortcut conductance and LCR run on ORT.
-
-    ``model`` is an :class:`OnnxForwardModule` (the plain forward of ``__call__`` goes through ORT);
-    the torch model stays available as ``torch_model`` for what needs torch (the general
-    conductance, mutating, benchmarks' references). Early-stopping LCR, where the bundle asks for
-    it, runs each chunk of mutants as its own ORT graph (:meth:`OnnxMutantEnsemble.chunk_factory`).
-    """
-
-    def __init__(
-        self,
-        torch_model: nn.Module,
-        model: OnnxForwardModule,
-        conductance: ShortcutConductance | LayerConductance | None,
-        ensemble: OnnxMutantEnsemble | None,
-        early_stopping: EarlyStopping | None = None,
-    ) -> None:
-        super().__init__(model, conductance, ensemble, early_stopping)
-        self.torch_model = torch_model
-
-    @property
-    def device(self) -> torch.device:
-        """Where inputs go: the torch model's device, for a general conductance kept on torch (ORT
-        graphs take their inputs from wherever they are)."""
-        return next(self.torch_model.parameters()).device
-
-
 def onnx_extractor(
     extractor: EvidenceExtractor,
     *,
@@ -639,32 +600,33 @@ def onnx_extractor(
     chunk_size: int = 25,
     device: str | torch.device = "cpu",
     input_shape: Sequence[int] | None = None,
-) -> OnnxEvidenceExtractor:
+) -> EvidenceExtractor:
     """The same evidence from ONNX Runtime graphs exported from ``extractor``'s torch model.
 
-    A :class:`ShortcutConductance` keeps its stored constants and closed form and reads the
-    logits and the layer's activation from one ORT forward; a general :class:`LayerConductance`
-    needs autograd and stays on torch. The mutant ensemble (plain or prefix-sharing) becomes an
-    :class:`OnnxMutantEnsemble` over the same specs. ``input_shape`` ``(C, H, W)`` exports every
-    graph now (a server should, so that a broken export fails its start, not a request).
+    The result is an :class:`~models.evidence.EvidenceExtractor` like any other: its ``model`` stays
+    the torch CNN (for what needs torch: the general conductance, mutating, the open-world probe,
+    explanations), its plain forward is :class:`OnnxForward`, a :class:`ShortcutConductance` keeps
+    its stored constants and closed form and reads the logits and the layer's activation from that
+    one ORT forward (``activation_forward``), a general :class:`LayerConductance` needs autograd and
+    stays on torch, and the mutants (plain or prefix-sharing) become an :class:`OnnxMutantEnsemble`
+    over the same specs (early-stopping chunks as their own graphs). ``input_shape`` ``(C, H, W)``
+    exports every graph now (a server should, so that a broken export fails its start, not a request).
     """
     model = extractor.model
-    if isinstance(extractor, OnnxEvidenceExtractor):
-        model = extractor.torch_model
     source = extractor.conductance
     layer = source.layer_name if isinstance(source, ShortcutConductance) else None
     runner = OnnxForward(model, layer, input_shape=input_shape, threads=threads, device=device)
-    front = OnnxForwardModule(runner)
     conductance: ShortcutConductance | LayerConductance | None = source
     if isinstance(source, ShortcutConductance):
         conductance = ShortcutConductance(
-            front,
-            "activation",
+            model,
+            source.layer_name,
             source.baseline.cpu(),
             source.baseline_activation.cpu(),
             source.head_jacobian.cpu(),
             source.baseline_logits.cpu(),
             check=source.check_,
+            activation_forward=runner.run,  # type: ignore[arg-type]
         )
     ensemble = None
     if extractor.ensemble is not None:
@@ -677,4 +639,4 @@ def onnx_extractor(
             input_shape=input_shape,
             eager=extractor.early_stopping is None,
         )
-    return OnnxEvidenceExtractor(model, front, conductance, ensemble, extractor.early_stopping)
+    return EvidenceExtractor(model, conductance, ensemble, extractor.early_stopping, forward=runner)

@@ -14,9 +14,10 @@ so hashes, bundle storage and :class:`models.lcr.MutantEnsemble` work on them un
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import fx, nn
@@ -30,7 +31,7 @@ from models.mutation import (
     mutant_patches,
     plan_mutant,
 )
-from models.sequential_lcr import StoppingRule, sequential_lcr
+from models.sequential_lcr import EarlyStopping, StoppingRule, sequential_lcr
 
 
 def _inside(name: str, modules: Sequence[str]) -> bool:
@@ -246,6 +247,17 @@ class PrefixSharingEnsemble:
             for i in range(0, len(self.specs), chunk_size)
         ]
         return sequential_lcr(chunks, tuple(shared), original_pred, rule, min_mutants)
+
+    def early_stopped(
+        self, stopping: EarlyStopping
+    ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """The early-stopping LCR with the prefix run once per batch (:meth:`sequential_lcr`)."""
+        return functools.partial(
+            self.sequential_lcr,
+            rule=stopping.rule,
+            chunk_size=stopping.chunk_size,
+            min_mutants=stopping.min_mutants,
+        )
 
     def suffix_flop_share(self, x: torch.Tensor) -> float:
         """Share of the model's conv + linear multiply-accumulates that each mutant recomputes.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,14 +31,28 @@ class Normalisation:
         return cls(tuple(data["mean"]), tuple(data["std"]))
 
     def apply(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """``N x H x W x C`` uint8 -> ``N x C x H x W`` float32, normalised."""
+        """``N x H x W x C`` uint8 -> ``N x C x H x W`` float32, normalised: ``(x / 255 - mean) / std``.
+
+        One float32 batch is written and normalised in place (no intermediate batches), with the
+        per-channel constants of :attr:`_constants` built once per normalisation, not per call; the
+        arithmetic is the same, operation for operation, as the out-of-place form.
+        """
         tensor = torch.as_tensor(np.asarray(images))
         if tensor.ndim != 4:
             raise ValueError(f"expected N x H x W x C images, got shape {tuple(tensor.shape)}")
-        tensor = tensor.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+        mean, std = self._constants
+        out = torch.empty(
+            (tensor.shape[0], tensor.shape[3], tensor.shape[1], tensor.shape[2]), dtype=torch.float32
+        )
+        out.copy_(tensor.permute(0, 3, 1, 2))
+        return out.div_(255.0).sub_(mean).div_(std)
+
+    @functools.cached_property
+    def _constants(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, std)``, each ``1 x C x 1 x 1`` float32."""
         mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
-        return (tensor - mean) / std
+        return mean, std
 
     def invert(self, tensor: np.ndarray | torch.Tensor) -> np.ndarray:
         """``C x H x W`` normalised floats -> ``H x W x C`` uint8, the inverse of :meth:`apply` (rounded,

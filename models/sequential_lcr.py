@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 from models.errors import ConfigError, InputError
-from models.lcr import MutantEnsemble
 from models.mutation import MutantSpec
 
 
@@ -257,16 +256,16 @@ def chunk_ensembles(
     model: nn.Module,
     specs: Sequence[MutantSpec],
     chunk_size: int = 10,
-    factory: Callable[[nn.Module, Sequence[MutantSpec]], MutantPredictor] | None = None,
+    *,
+    factory: Callable[[nn.Module, Sequence[MutantSpec]], MutantPredictor],
 ) -> list[MutantPredictor]:
     """One predictor per ``chunk_size`` consecutive specs (the last may be shorter).
 
-    ``factory(model, specs)`` builds each; default :class:`models.lcr.MutantEnsemble`. Each keeps
-    its own model copy, which for a CNN the size of ResNet20 (about 1 MB) is cheap.
+    ``factory(model, specs)`` builds each (the backend's own ensemble class: torch's
+    :class:`models.lcr.MutantEnsemble`, or ONNX Runtime's). Each keeps its own model copy, which for
+    a CNN the size of ResNet20 (about 1 MB) is cheap.
     """
     _check_args(chunk_size, 0)
-    if factory is None:
-        factory = MutantEnsemble
     return [factory(model, specs[i : i + chunk_size]) for i in range(0, len(specs), chunk_size)]
 
 
@@ -279,8 +278,8 @@ class SequentialLCR:
     rule : :class:`SPRT` or :class:`Curtailed`.
     chunk_size : mutants evaluated between two checks of the rule.
     min_mutants : no image stops earlier.
-    factory : how each chunk is evaluated (default :class:`models.lcr.MutantEnsemble`; a
-        :class:`models.prefix_ensemble.PrefixSharingEnsemble` also fits).
+    factory : how each chunk is evaluated (:class:`models.lcr.MutantEnsemble`, or ONNX Runtime's
+        chunk factory); backends build this through their ``early_stopped`` method.
     """
 
     def __init__(
@@ -290,7 +289,8 @@ class SequentialLCR:
         rule: StoppingRule,
         chunk_size: int = 10,
         min_mutants: int = 0,
-        factory: Callable[[nn.Module, Sequence[MutantSpec]], MutantPredictor] | None = None,
+        *,
+        factory: Callable[[nn.Module, Sequence[MutantSpec]], MutantPredictor],
     ) -> None:
         _check_args(chunk_size, min_mutants)
         if not specs:
@@ -298,7 +298,7 @@ class SequentialLCR:
         self.rule = rule
         self.chunk_size = chunk_size
         self.min_mutants = min_mutants
-        self.chunks = chunk_ensembles(model, specs, chunk_size, factory)
+        self.chunks = chunk_ensembles(model, specs, chunk_size, factory=factory)
 
     def __len__(self) -> int:
         return sum(len(c) for c in self.chunks)

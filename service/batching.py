@@ -1,14 +1,19 @@
 """Dynamic micro-batching in the shape of Ray Serve's ``@serve.batch``.
 
+The batcher knows nothing of gates: ``Batcher[KeyT, ItemT, OutT]`` queues items under a group key,
+collates each group's items into one batch, hands it to a batch function that returns an output with
+one row per item (``len(output)``), and answers each caller with :class:`Batched` (that output, the
+item's row index in it, its wait and the batch size). :mod:`service.gate_batches` plugs the gate in.
+
 Three parts:
 
-- :class:`PendingImage`, one waiting image with the future its caller awaits;
-- a bounded queue (:class:`Batcher`): ``submit`` enqueues all of a request's images or none of them,
+- :class:`Pending`, one waiting item with the future its caller awaits;
+- a bounded queue (:class:`Batcher`): ``submit`` enqueues all of a request's items or none of them,
   and answers :class:`~service.errors.QueueFull` (HTTP 503) when they would not fit;
 - one worker loop that takes up to ``max_batch_size`` images; it waits up to ``max_queue_delay`` for
   a batch to fill only while busy (work arrived while the last batch ran), so a lone request on an
   idle worker, or a closed-loop client's next request, starts at once, and batches form when work
-  piles up; it groups them by :class:`GroupKey` (signal set, operating point,
+  piles up; it groups them by key (for the gate: signal set, operating point,
   full evidence: images that need the same computation), runs the batch function once per group on a
   single worker thread (off the event loop, so requests keep arriving while the gate runs), checks that
   it returned one row per image, and resolves each future with its row or the group's exception.
@@ -35,89 +40,46 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Generic, TypeVar
 
-import numpy as np
 import torch
 from prometheus_client import Gauge, Histogram
 
-from models.gate import GateOutput
-from models.operating_points import OperatingPoint
 from service import metrics
 from service.errors import BatchStuck, DeadlineExceeded, OutOfMemory, QueueFull, ShuttingDown
 
 log = logging.getLogger("predgate.service")
 
-
-class GroupKey(NamedTuple):
-    """What makes two images computable in one gate run."""
-
-    signal_set: str
-    operating_point: str
-    full_evidence: bool
+KeyT = TypeVar("KeyT", bound=Hashable)
+"""What makes two items computable in one run of the batch function."""
+ItemT = TypeVar("ItemT")
+"""One queued item (for the gate: one ``C x H x W`` image)."""
+OutT = TypeVar("OutT", bound=Sized)
+"""The batch function's output for a whole batch: ``len(OutT)`` rows, one per item, in order."""
 
 
 @dataclass(frozen=True)
-class Row:
-    """One image's share of a :class:`~models.gate.GateOutput`, plus how it was batched.
+class Batched(Generic[OutT]):
+    """One item's answer: the output of the batch it ran in, its row there, its wait before the batch
+    started and the batch's size. The output is shared by the batch-mates, not copied per item."""
 
-    ``probabilities`` and ``conductance`` are 1-D (``K`` classes, ``C`` channels); ``seconds`` holds
-    the gate stages of the whole batch; ``queue_seconds`` this image's wait before its batch started.
-    """
-
-    probabilities: np.ndarray
-    prediction: int
-    conductance: np.ndarray | None
-    cond_score: float | None
-    lcr: float | None
-    mutants_used: int | None
-    unified_score: float
-    reject: bool
-    signal_set: str
-    operating_point: OperatingPoint
-    seconds: dict[str, float]
+    output: OutT
+    index: int
     queue_seconds: float
     batch_size: int
 
 
-def split_rows(out: GateOutput, queue_seconds: list[float]) -> list[Row]:
-    """Cut a gate output into one :class:`Row` per image, in batch order."""
-    n = len(queue_seconds)
-
-    def opt(values: np.ndarray | None, i: int) -> float | None:
-        return None if values is None else float(values[i])
-
-    return [
-        Row(
-            probabilities=out.probabilities[i],
-            prediction=int(out.prediction[i]),
-            conductance=None if out.conductance is None else out.conductance[i],
-            cond_score=opt(out.cond_score, i),
-            lcr=opt(out.lcr, i),
-            mutants_used=None if out.mutants_used is None else int(out.mutants_used[i]),
-            unified_score=float(out.unified_score[i]),
-            reject=bool(out.reject[i]),
-            signal_set=out.signal_set,
-            operating_point=out.operating_point,
-            seconds=dict(out.seconds),
-            queue_seconds=queue_seconds[i],
-            batch_size=n,
-        )
-        for i in range(n)
-    ]
-
-
 @dataclass(eq=False)  # compared by identity: the queue removes a given item, never an equal one
-class PendingImage:
-    """One image waiting for its batch: ``x`` is ``C x H x W`` (normalised); ``deadline`` is a
-    ``time.monotonic()`` instant after which its caller no longer wants the answer (None: no limit)."""
+class Pending(Generic[KeyT, ItemT, OutT]):
+    """One item waiting for its batch; ``deadline`` is a ``time.monotonic()`` instant after which its
+    caller no longer wants the answer (None: no limit)."""
 
-    x: torch.Tensor
-    key: GroupKey
-    future: asyncio.Future[Row]
+    item: ItemT
+    key: KeyT
+    future: asyncio.Future[Batched[OutT]]
     enqueued: float = field(default_factory=time.perf_counter)
     deadline: float | None = None
 
@@ -136,28 +98,30 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 @dataclass(frozen=True)
 class BatcherMetrics:
-    """Where a batcher reports its queue depth, batch sizes and gate stages: the primary gate's
-    batcher and the cascade's each have their own, so one queue's depth never overwrites the other's."""
+    """Where a batcher reports its queue depth and batch sizes: the primary gate's batcher and the
+    cascade's each have their own, so one queue's depth never overwrites the other's."""
 
     queue_depth: Gauge
     batch_size: Histogram
-    stage_prefix: str = ""
 
 
 PRIMARY_METRICS = BatcherMetrics(metrics.QUEUE_DEPTH, metrics.BATCH_SIZE)
-CASCADE_METRICS = BatcherMetrics(metrics.CASCADE_QUEUE_DEPTH, metrics.CASCADE_BATCH_SIZE, "cascade_")
+CASCADE_METRICS = BatcherMetrics(metrics.CASCADE_QUEUE_DEPTH, metrics.CASCADE_BATCH_SIZE)
 
 
-BatchFunction = Callable[[torch.Tensor, GroupKey], GateOutput]
-"""Runs the gate on ``N x C x H x W`` for one group; called on the worker thread."""
+def _as_list(items: list[ItemT]) -> list[ItemT]:
+    return items
 
 
-class Batcher:
+class Batcher(Generic[KeyT, ItemT, OutT]):
     """Bounded queue plus one worker loop; see the module docstring.
 
     Parameters
     ----------
-    run_batch : the batch function (blocking; runs on a dedicated thread).
+    run_batch : the batch function ``(batch, key) -> OutT`` (blocking; runs on a dedicated thread), where
+        ``batch`` is ``collate`` of the group's items.
+    collate : turns a group's items (in queue order) into the batch function's input (default: the
+        list itself).
     max_batch_size : most images taken from the queue per round.
     max_queue_delay_s : how long the loop waits, after the first image, for a batch to fill.
     queue_limit : most images waiting; ``submit`` beyond it raises :class:`QueueFull`.
@@ -167,8 +131,9 @@ class Batcher:
 
     def __init__(
         self,
-        run_batch: BatchFunction,
+        run_batch: Callable[[object, KeyT], OutT],
         *,
+        collate: Callable[[list[ItemT]], object] = _as_list,
         max_batch_size: int,
         max_queue_delay_s: float,
         queue_limit: int,
@@ -180,6 +145,7 @@ class Batcher:
         if watchdog_s is not None and watchdog_s <= 0:
             raise ValueError("watchdog_s must be > 0 (or None)")
         self.run_batch = run_batch
+        self.collate = collate
         self.metrics = batcher_metrics
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
@@ -188,7 +154,7 @@ class Batcher:
         self._gate_started: float | None = None  # time.monotonic() when the running gate call began
         self._watchdog: asyncio.Task[None] | None = None
         self._stuck_reported = False
-        self._queue: deque[PendingImage] = deque()
+        self._queue: deque[Pending[KeyT, ItemT, OutT]] = deque()
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -220,12 +186,13 @@ class Batcher:
             self._watchdog = asyncio.create_task(self._watch(self.watchdog_s), name="predgate-watchdog")
 
     def submit(
-        self, images: torch.Tensor, key: GroupKey, deadline: float | None = None
-    ) -> list[asyncio.Future[Row]]:
-        """Queue every image of ``images`` (``N x C x H x W``) or none; one future per image, in order.
+        self, items: Sequence[ItemT], key: KeyT, deadline: float | None = None
+    ) -> list[asyncio.Future[Batched[OutT]]]:
+        """Queue every one of ``items`` or none; one future per item, in order (a tensor's items are
+        its rows, views that :func:`service.gate_batches.stack_rows` joins back without a copy).
 
-        ``deadline`` (``time.monotonic()``): images still queued then are dropped, not computed. A
-        future cancelled by its caller takes its image out of the queue."""
+        ``deadline`` (``time.monotonic()``): items still queued then are dropped, not computed. A
+        future cancelled by its caller takes its item out of the queue."""
         if self._closing or self._task is None:
             raise ShuttingDown(
                 "the server is shutting down" if self._closing else "the batcher is not running"
@@ -236,26 +203,28 @@ class Batcher:
                 f"a gate batch has been running for {stuck:.1f} s, over the watchdog limit of "
                 f"{self.watchdog_s:g} s; this replica is not ready, retry on another"
             )
-        n = int(images.shape[0])
+        n = len(items)
         if len(self._queue) + n > self.queue_limit:
             raise QueueFull(
                 f"queue full: {len(self._queue)} images waiting, limit {self.queue_limit}; retry shortly"
             )
         loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[Row]] = []
+        futures: list[asyncio.Future[Batched[OutT]]] = []
         for i in range(n):
-            future: asyncio.Future[Row] = loop.create_future()
-            item = PendingImage(images[i], key, future, deadline=deadline)
-            future.add_done_callback(self._withdraw_if_cancelled(item))
-            self._queue.append(item)
+            future: asyncio.Future[Batched[OutT]] = loop.create_future()
+            pending: Pending[KeyT, ItemT, OutT] = Pending(items[i], key, future, deadline=deadline)
+            future.add_done_callback(self._withdraw_if_cancelled(pending))
+            self._queue.append(pending)
             futures.append(future)
         self.metrics.queue_depth.set(len(self._queue))
         self._arrived_while_running = self._arrived_while_running or self._running
         self._wakeup.set()
         return futures
 
-    def _withdraw_if_cancelled(self, item: PendingImage) -> Callable[[asyncio.Future[Row]], None]:
-        def callback(future: asyncio.Future[Row]) -> None:
+    def _withdraw_if_cancelled(
+        self, item: Pending[KeyT, ItemT, OutT]
+    ) -> Callable[[asyncio.Future[Batched[OutT]]], None]:
+        def callback(future: asyncio.Future[Batched[OutT]]) -> None:
             if future.cancelled():
                 try:
                     self._queue.remove(item)  # still queued: its place goes to the next request
@@ -265,8 +234,10 @@ class Batcher:
 
         return callback
 
-    async def results(self, futures: list[asyncio.Future[Row]], deadline: float | None = None) -> list[Row]:
-        """The rows of ``futures`` (from :meth:`submit`), in order (the first image's exception, if
+    async def results(
+        self, futures: list[asyncio.Future[Batched[OutT]]], deadline: float | None = None
+    ) -> list[Batched[OutT]]:
+        """The answers of ``futures`` (from :meth:`submit`), in order (the first image's exception, if
         any, is raised once all have finished). Past ``deadline`` the caller stops waiting with
         :class:`DeadlineExceeded`; its images still queued leave the queue uncomputed."""
         if not futures:
@@ -321,7 +292,8 @@ class Batcher:
                 self._stuck_reported = True
                 metrics.BATCH_STUCK.set(1)
                 log.error(
-                    "gate batch running for %.1f s, over the watchdog limit of %g s: not ready until it returns",
+                    "gate batch running for %.1f s, over the watchdog limit of %g s: "
+                    "not ready until it returns",
                     stuck,
                     limit,
                 )
@@ -373,10 +345,10 @@ class Batcher:
             finally:
                 self._running = False
 
-    def _take(self) -> list[PendingImage]:
+    def _take(self) -> list[Pending[KeyT, ItemT, OutT]]:
         """Up to ``max_batch_size`` live images from the queue; cancelled ones are skipped and those
         whose deadline has passed are answered :class:`DeadlineExceeded` without being computed."""
-        batch: list[PendingImage] = []
+        batch: list[Pending[KeyT, ItemT, OutT]] = []
         now = time.monotonic()
         while self._queue and len(batch) < self.max_batch_size:
             item = self._queue.popleft()
@@ -394,8 +366,8 @@ class Batcher:
             batch.append(item)
         return batch
 
-    async def _run(self, batch: list[PendingImage]) -> None:
-        groups: dict[GroupKey, list[PendingImage]] = {}
+    async def _run(self, batch: list[Pending[KeyT, ItemT, OutT]]) -> None:
+        groups: dict[KeyT, list[Pending[KeyT, ItemT, OutT]]] = {}
         for item in batch:
             groups.setdefault(item.key, []).append(item)
         for key, items in groups.items():
@@ -404,31 +376,33 @@ class Batcher:
                 continue
             started = time.perf_counter()
             waits = [started - item.enqueued for item in items]
-            x = torch.stack([item.x for item in items])
-            answers = await self._compute(x, key, waits)
+            answers = await self._compute([item.item for item in items], key, waits)
             for item, answer in zip(items, answers, strict=True):
                 if item.future.done():
                     continue
-                if isinstance(answer, Row):
+                if isinstance(answer, Batched):
                     item.future.set_result(answer)
                 else:
                     item.future.set_exception(answer)
 
-    async def _call_gate(self, x: torch.Tensor, key: GroupKey) -> GateOutput:
-        """One gate call on the worker thread; the watchdog sees how long it has been running."""
+    async def _call(self, items: list[ItemT], key: KeyT) -> OutT:
+        """One batch-function call on the worker thread; the watchdog sees how long it has been running."""
         loop = asyncio.get_running_loop()
         self._gate_started = time.monotonic()
         try:
-            return await loop.run_in_executor(self._executor, self.run_batch, x, key)
+            batch = self.collate(items)
+            return await loop.run_in_executor(self._executor, self.run_batch, batch, key)
         finally:
             self._gate_started = None
 
-    async def _compute(self, x: torch.Tensor, key: GroupKey, waits: list[float]) -> list[Row | BaseException]:
-        """One row or one exception per image of ``x``: a failed run of several images is split in two
-        and each half retried, so a poisoned image (or one batch too large for memory) fails alone."""
+    async def _compute(
+        self, items: list[ItemT], key: KeyT, waits: list[float]
+    ) -> list[Batched[OutT] | BaseException]:
+        """One answer or one exception per item: a failed run of several items is split in two and
+        each half retried, so a poisoned image (or one batch too large for memory) fails alone."""
         n = len(waits)
         try:
-            out = await self._call_gate(x, key)
+            out = await self._call(items, key)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - whatever the gate raises stays with its images
@@ -442,8 +416,8 @@ class Batcher:
                 )
                 half = n // 2
                 return [
-                    *await self._compute(x[:half], key, waits[:half]),
-                    *await self._compute(x[half:], key, waits[half:]),
+                    *await self._compute(items[:half], key, waits[:half]),
+                    *await self._compute(items[half:], key, waits[half:]),
                 ]
             if oom:
                 log.error("gate ran out of memory on a single image: %s", exc)
@@ -457,10 +431,14 @@ class Batcher:
                 return [RuntimeError(f"the gate raised {type(exc).__name__}")]
             log.error("gate failed on one image: %s: %s", type(exc).__name__, exc)
             return [exc]
-        if len(out.prediction) != n:  # a bug of the batch function, not of an image: no retry
-            error = RuntimeError(f"batch function returned {len(out.prediction)} rows for {n} images")
+        if len(out) != n:  # a bug of the batch function, not of an image: no retry
+            error = RuntimeError(f"batch function returned {len(out)} rows for {n} images")
             return [error] * n
         self.metrics.batch_size.observe(n)
-        for stage, seconds in out.seconds.items():
-            metrics.STAGE_SECONDS.labels(stage=self.metrics.stage_prefix + stage).observe(seconds)
-        return list(split_rows(out, waits))
+        return answers_of(out, waits)
+
+
+def answers_of(out: OutT, waits: list[float]) -> list[Batched[OutT]]:
+    """One :class:`Batched` per row of ``out``, in batch order (all sharing ``out``)."""
+    n = len(waits)
+    return [Batched(out, i, wait, n) for i, wait in enumerate(waits)]

@@ -14,6 +14,7 @@ second model trained on other statistics sees what its build saw.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +22,7 @@ import torch
 
 from models.bundle import Bundle, load_bundle
 from models.errors import ConfigError
-from models.gate import Gate, load_gate
-from service.batching import GroupKey
+from models.gate import Gate, GatePlan, load_gate
 
 
 @dataclass
@@ -43,10 +43,11 @@ class Cascade:
     def bundle_id(self) -> str:
         return str(self.bundle.manifest["bundle_id"])
 
-    def key(self) -> GroupKey:
+    @functools.cached_property
+    def plan(self) -> GatePlan:
         """What the cascade's batcher groups by: always the configured set and point, only what the set
         needs (a client's ``full_evidence`` asks for the primary's evidence, not for a second LCR)."""
-        return GroupKey(self.signal_set, self.operating_point, False)
+        return self.gate.plan(self.signal_set, self.operating_point)
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         """``N x C x H x W`` normalised for the primary -> the same images normalised for the cascade."""

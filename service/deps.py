@@ -8,8 +8,8 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.auth import retry_after_s
-from service.batching import Batcher
 from service.errors import NotReady, RateLimited, Unauthorized
+from service.gate_batches import GateBatcher
 from service.settings import Settings
 from service.state import LoadedService, ServiceState
 
@@ -39,13 +39,13 @@ def get_loaded(state: StateDep) -> LoadedService:
 LoadedDep = Annotated[LoadedService, Depends(get_loaded)]
 
 
-def get_batcher(state: StateDep) -> Batcher:
+def get_batcher(state: StateDep) -> GateBatcher:
     if not state.ready or state.batcher is None:
         raise NotReady("the service is not ready yet (bundle loading or warming up)")
     return state.batcher
 
 
-BatcherDep = Annotated[Batcher, Depends(get_batcher)]
+BatcherDep = Annotated[GateBatcher, Depends(get_batcher)]
 
 _bearer = HTTPBearer(auto_error=False, description="required when the server has API keys")
 

@@ -2,27 +2,35 @@
 
 Body of every error response: ``{"error": {"type": ..., "message": ...}}``.
 
-| cause | status | type |
-| --- | --- | --- |
-| unreadable input (:class:`models.errors.InputError`): not an image, truncated, bad base64, wrong tensor shape, NaN/inf, empty body | 422 | ``invalid_input`` |
-| unknown signal set or operating point, or an option the gate cannot honour (:class:`models.errors.ConfigError`) | 422 | ``invalid_option`` |
-| malformed fields or query parameters (FastAPI's ``RequestValidationError``) | 422 | ``validation_error`` |
-| ``X-Request-Timeout`` not a positive number | 400 | ``invalid_header`` |
-| body not received within ``body_timeout_s`` (a trickling client) | 408 | ``body_timeout`` |
-| more than 100 headers or 16 KiB of them / URL over 8 KiB | 431 / 414 | ``request_too_large`` |
-| query parameter the route does not declare | 422 | ``validation_error`` |
-| body over ``max_payload_bytes`` | 413 | ``payload_too_large`` |
-| more images than ``max_images_per_request`` | 413 | ``too_many_images`` |
-| content type other than JSON or multipart, or JSON in a charset other than UTF-8 | 415 | ``unsupported_media_type`` |
-| missing or wrong bearer token (the review page: or HTTP Basic password) | 401 | ``unauthorized`` |
-| review page off (``review``), or no such outbox item | 404 | ``not_found`` |
-| more requests than ``rate_limit_per_s`` (+ ``rate_limit_burst``) for one key | 429 + ``Retry-After`` | ``rate_limited`` |
-| batching queue full / not ready yet / shutting down | 503 + ``Retry-After`` | ``queue_full`` / ``not_ready`` / ``shutting_down`` |
-| a gate batch stuck past the watchdog limit / out of memory on a single image | 503 + ``Retry-After`` | ``batch_stuck`` / ``out_of_memory`` |
-| a fallback is configured and an ``unknown`` image's item could not be stored in the outbox | 503 + ``Retry-After`` | ``fallback_unavailable`` |
-| the request's deadline (``X-Request-Timeout``) passed while queued or computing | 504 | ``deadline_exceeded`` |
-| other HTTP errors (404, 405, ...) | as raised | ``http_error`` |
-| anything unexpected (a bug) | 500 | ``internal_error`` |
+Each error, as cause -> status: ``type``:
+
+- unreadable input (:class:`models.errors.InputError`): not an image, truncated, bad base64, wrong tensor
+  shape, NaN/inf, empty body -> 422: ``invalid_input``
+- unknown signal set or operating point, or an option the gate cannot honour
+  (:class:`models.errors.ConfigError`) -> 422: ``invalid_option``
+- malformed fields or query parameters (FastAPI's ``RequestValidationError``) -> 422: ``validation_error``
+- ``X-Request-Timeout`` not a positive number -> 400: ``invalid_header``
+- body not received within ``body_timeout_s`` (a trickling client) -> 408: ``body_timeout``
+- more than 100 headers or 16 KiB of them / URL over 8 KiB -> 431 / 414: ``request_too_large``
+- query parameter the route does not declare -> 422: ``validation_error``
+- body over ``max_payload_bytes`` -> 413: ``payload_too_large``
+- more images than ``max_images_per_request`` -> 413: ``too_many_images``
+- content type other than JSON or multipart, or JSON in a charset other than UTF-8 -> 415:
+  ``unsupported_media_type``
+- missing or wrong bearer token (the review page: or HTTP Basic password) -> 401: ``unauthorized``
+- review page off (``review``), or no such outbox item -> 404: ``not_found``
+- more requests than ``rate_limit_per_s`` (+ ``rate_limit_burst``) for one key -> 429 + ``Retry-After``:
+  ``rate_limited``
+- batching queue full / not ready yet / shutting down -> 503 + ``Retry-After``: ``queue_full`` / ``not_ready``
+  / ``shutting_down``
+- a gate batch stuck past the watchdog limit / out of memory on a single image -> 503 + ``Retry-After``:
+  ``batch_stuck`` / ``out_of_memory``
+- a fallback is configured and an ``unknown`` image's item could not be stored in the outbox -> 503 +
+  ``Retry-After``: ``fallback_unavailable``
+- the request's deadline (``X-Request-Timeout``) passed while queued or computing -> 504:
+  ``deadline_exceeded``
+- other HTTP errors (404, 405, ...) -> as raised: ``http_error``
+- anything unexpected (a bug) -> 500: ``internal_error``
 
 Unknown signal sets and operating points are 422 rather than 400: the request is well formed, one of
 its values names nothing the bundle holds, like any other invalid field value.

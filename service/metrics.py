@@ -60,7 +60,8 @@ DECISIONS = Counter(
 )
 CASCADE_QUEUE_DEPTH = Gauge(
     "predgate_cascade_queue_depth",
-    "Primary rejects waiting in the cascade gate's batching queue (summed over workers; 0 without a cascade).",
+    "Primary rejects waiting in the cascade gate's batching queue "
+    "(summed over workers; 0 without a cascade).",
     multiprocess_mode="livesum",
 )
 CASCADE_BATCH_SIZE = Histogram(
@@ -87,7 +88,8 @@ UNIFIED_SCORE = Histogram(
 )
 DRIFT_KS = Gauge(
     "predgate_drift_ks_statistic",
-    "Two-sample KS statistic of the last window of unified scores against the bundle's val scores (max over workers).",
+    "Two-sample KS statistic of the last window of unified scores against the bundle's val scores "
+    "(max over workers).",
     ["signal_set"],
     multiprocess_mode="livemax",
 )

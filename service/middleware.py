@@ -127,7 +127,8 @@ class RequestContextMiddleware:
                     send_with_id,
                     400,
                     "invalid_header",
-                    f"X-Request-Timeout must be a positive number of seconds, got {headers[TIMEOUT_HEADER][:40]!r}",
+                    "X-Request-Timeout must be a positive number of seconds, "
+                    f"got {headers[TIMEOUT_HEADER][:40]!r}",
                 )
                 return
         context["deadline"] = time.monotonic() + min(timeout, self.max_timeout_s)

@@ -28,7 +28,9 @@ from service.settings import Settings
 from service.state import ServiceState
 
 _REQUEST_ID_HEADER = {
-    "description": "the request this answers: the client's X-Request-ID when it is a plain token, else a fresh id",
+    "description": (
+        "the request this answers: the client's X-Request-ID when it is a plain token, else a fresh id"
+    ),
     "schema": {"type": "string"},
 }
 _RETRY_AFTER_HEADER = {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}

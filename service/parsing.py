@@ -188,8 +188,10 @@ def _tensors(values: list[Any], loaded: LoadedService, names: list[str]) -> torc
             largest = float(tensor.abs().max())
             if largest > MAX_TENSOR_ABS:
                 raise InputError(
-                    f"tensor holds a value of magnitude {largest:.3g}, beyond the limit of {MAX_TENSOR_ABS:g} "
-                    "(values are normalised with the bundle's mean and std, so they lie within a few units of 0)"
+                    f"tensor holds a value of magnitude {largest:.3g}, "
+                    f"beyond the limit of {MAX_TENSOR_ABS:g} "
+                    "(values are normalised with the bundle's mean and std, "
+                    "so they lie within a few units of 0)"
                 )
             parts.append(tensor)
         except InputError as exc:
@@ -319,5 +321,6 @@ async def parse_batch(request: Request, loaded: LoadedService, limit: int) -> Pa
             'empty body: send JSON {"images": [...]} or {"tensors": [...]}, or multipart \'files\''
         )
     raise UnsupportedMediaType(
-        f"content type {media or '(none)'!r} is not accepted here: use application/json or multipart/form-data"
+        f"content type {media or '(none)'!r} is not accepted here: "
+        "use application/json or multipart/form-data"
     )

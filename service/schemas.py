@@ -209,13 +209,15 @@ class Prediction(BaseModel):
     )
     unified_score: float = Field(description="the primary signal set's P(wrong), compared with its threshold")
     verdict: Literal["accept", "unknown"] = Field(
-        description="accept = use label; unknown = no gate accepted (the primary's, then the cascade's if any)"
+        description="accept = use label; unknown = no gate accepted "
+        "(the primary's, then the cascade's if any)"
     )
     signal_set: str = Field(description="the primary's signal set")
     operating_point: OperatingPointRef
     bundle_id: str = Field(description="the primary bundle")
     timings_ms: dict[str, float] = Field(
-        description="queue, forward or forward+conductance, lcr, detectors (gate stages: the whole batch), total"
+        description="queue, forward or forward+conductance, lcr, detectors "
+        "(gate stages: the whole batch), total"
     )
     batch_size: int = Field(description="images in the gate run that answered this one")
     request_id: str = Field(

@@ -186,7 +186,8 @@ def serve(settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m service.server [--bundle PATH] [--host H] [--port P] [--workers N]``; other settings from ``PREDGATE_*``."""
+    """``python -m service.server [--bundle PATH] [--host H] [--port P] [--workers N]``;
+    other settings from ``PREDGATE_*``."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m service.server", description=main.__doc__)

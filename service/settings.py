@@ -29,7 +29,8 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present")
     backend: Literal["torch", "onnx"] = Field(
         "torch",
-        description="onnx: forward, shortcut conductance and mutants run on ONNX Runtime graphs exported at start",
+        description="onnx: forward, shortcut conductance and mutants run on ONNX Runtime graphs "
+        "exported at start",
     )
     max_batch_size: int = Field(32, ge=1, description="most images the gate runs in one batch")
     max_queue_delay_ms: float = Field(5.0, ge=0, description="longest wait for a batch to fill")
@@ -40,9 +41,9 @@ class Settings(BaseSettings):
     liveness_stuck_s: float | None = Field(
         300.0,
         gt=0,
-        description="a gate batch running longer than this fails liveness (/healthz 503) so that the orchestrator "
-        "restarts the replica: a gate thread that never returns cannot be stopped any other way; above "
-        "batch_watchdog_s; unset (null) = liveness never fails",
+        description="a gate batch running longer than this fails liveness (/healthz 503) so that the "
+        "orchestrator restarts the replica: a gate thread that never returns cannot be stopped any other "
+        "way; above batch_watchdog_s; unset (null) = liveness never fails",
     )
     max_payload_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body (413 beyond)")
     max_images_per_request: int = Field(64, ge=1, description="most images in one /predict/batch call")
@@ -106,14 +107,15 @@ class Settings(BaseSettings):
 
     explain: Literal["none", "unknown", "all"] = Field(
         "none",
-        description="which answers of /predict and /predict/batch carry an explanation when the request does "
-        "not say (its `explain` option): none (answers stay lean), unknown (the answers sent to the fallback) "
-        "or all. Each one costs a backward pass or more per image (docs/fallback.md)",
+        description="which answers of /predict and /predict/batch carry an explanation when the request "
+        "does not say (its `explain` option): none (answers stay lean), unknown (the answers sent to the "
+        "fallback) or all. Each one costs a backward pass or more per image (docs/fallback.md)",
     )
     explain_method: Literal["saliency", "integrated_gradients", "grad_cam"] = Field(
         "grad_cam",
-        description="attribution method of the explanations on /predict and the fallback items, and the default "
-        "of /explain: grad_cam and saliency cost one backward pass, integrated_gradients explain_ig_steps",
+        description="attribution method of the explanations on /predict and the fallback items, and the "
+        "default of /explain: grad_cam and saliency cost one backward pass, integrated_gradients "
+        "explain_ig_steps",
     )
     explain_top_k_maps: int = Field(
         5, ge=1, le=1000, description="feature maps listed per class (predicted, runner-up) in an explanation"
@@ -126,8 +128,9 @@ class Settings(BaseSettings):
     )
     fallback_explain: bool = Field(
         True,
-        description="every fallback item's meta carries the explanation of its image (method explain_method), "
-        "computed before the item is stored; false leaves it out (the outbox write then costs no backward pass)",
+        description="every fallback item's meta carries the explanation of its image "
+        "(method explain_method), computed before the item is stored; false leaves it out "
+        "(the outbox write then costs no backward pass)",
     )
 
     fallback_url: str | None = Field(
@@ -163,8 +166,9 @@ class Settings(BaseSettings):
     fallback_lease_s: float = Field(
         30.0,
         gt=0,
-        description="an item being delivered is leased this long; after a crash it is retried once the lease "
-        "expires. Must exceed fallback_timeout_s, or another worker could send it while the first still waits",
+        description="an item being delivered is leased this long; after a crash it is retried once the "
+        "lease expires. Must exceed fallback_timeout_s, or another worker could send it while the first "
+        "still waits",
     )
 
     review: bool = Field(
@@ -179,10 +183,10 @@ class Settings(BaseSettings):
 
     cascade_bundle: Path | None = Field(
         None,
-        description="directory of a second finished bundle (a bigger or differently trained model) that decides "
-        "the images the primary gate answers `unknown`; its accepts answer with decided_by=cascade, the rest "
-        "stay unknown (decided_by=none) and only those go to the fallback. Same input shape and class names "
-        "as the primary; None = no cascade",
+        description="directory of a second finished bundle (a bigger or differently trained model) that "
+        "decides the images the primary gate answers `unknown`; its accepts answer with decided_by=cascade, "
+        "the rest stay unknown (decided_by=none) and only those go to the fallback. Same input shape and "
+        "class names as the primary; None = no cascade",
     )
     cascade_signal_set: str | None = Field(
         None,
@@ -197,7 +201,8 @@ class Settings(BaseSettings):
         if self.fallback_lease_s <= self.fallback_timeout_s:
             raise ValueError(
                 f"fallback_lease_s ({self.fallback_lease_s:g}) must be greater than fallback_timeout_s "
-                f"({self.fallback_timeout_s:g}): set PREDGATE_FALLBACK_LEASE_S above PREDGATE_FALLBACK_TIMEOUT_S"
+                f"({self.fallback_timeout_s:g}): "
+                "set PREDGATE_FALLBACK_LEASE_S above PREDGATE_FALLBACK_TIMEOUT_S"
             )
         return self
 
@@ -214,9 +219,9 @@ class Settings(BaseSettings):
                 )
             if self.review:
                 raise ValueError(
-                    "review (the review page) keeps its labels in the SQLite outbox, so it cannot run on the Redis "
-                    "outbox (fallback_redis_url): unset PREDGATE_FALLBACK_REDIS_URL to review on one replica's "
-                    "SQLite outbox (PREDGATE_FALLBACK_DIR), or unset PREDGATE_REVIEW"
+                    "review (the review page) keeps its labels in the SQLite outbox, so it cannot run on the "
+                    "Redis outbox (fallback_redis_url): unset PREDGATE_FALLBACK_REDIS_URL to review on one "
+                    "replica's SQLite outbox (PREDGATE_FALLBACK_DIR), or unset PREDGATE_REVIEW"
                 )
         return self
 
@@ -241,8 +246,9 @@ class Settings(BaseSettings):
             ]
             if named:
                 raise ValueError(
-                    f"{' and '.join(named)} set without cascade_bundle: set PREDGATE_CASCADE_BUNDLE to the second "
-                    f"bundle's directory, or unset PREDGATE_{named[0].upper()}"
+                    f"{' and '.join(named)} set without cascade_bundle: "
+                    "set PREDGATE_CASCADE_BUNDLE to the second bundle's directory, "
+                    f"or unset PREDGATE_{named[0].upper()}"
                 )
         return self
 

@@ -8,35 +8,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from models.bundle import Bundle, load_bundle
 from models.devices import resolve_device
-from models.errors import ConfigError, InputError
+from models.errors import ConfigError
 from models.explanations import Explainer
-from models.gate import Gate, GateOutput, load_gate
+from models.gate import Gate, load_gate
 from models.image_input import InputContract
 from service import metrics
 from service.auth import KeyRing, RateLimiter, configured_keys
-from service.batching import CASCADE_METRICS, PRIMARY_METRICS, Batcher, BatcherMetrics, GroupKey
+from service.batching import CASCADE_METRICS, PRIMARY_METRICS, BatcherMetrics
 from service.cascade import Cascade, load_cascade
 from service.drift import DriftGauges
 from service.fallback.delivery import DeliveryPolicy, DeliveryWorker
 from service.fallback.outbox import Outbox
 from service.fallback.reviews import ReviewStore
 from service.fallback.store import FallbackStore, open_store
+from service.gate_batches import GateBatcher, gate_batcher
+from service.schemas import BundleSummary
 from service.settings import Settings
 
 log = logging.getLogger("predgate.service")
-
-NOT_FINITE = (
-    "the model's output for this input is not finite (its values overflow inside the network); "
-    "send a normalised image or tensor"
-)
 
 
 @dataclass
@@ -117,23 +112,6 @@ def warm_up(loaded: LoadedService) -> None:
         _warm(loaded.cascade.gate, loaded.cascade.bundle.input_shape)
 
 
-def run_gate(gate: Gate, x: torch.Tensor, key: GroupKey) -> GateOutput:
-    """``gate`` on one group; an output that is not finite raises :class:`InputError` for the whole
-    batch, which the batcher then splits until the image responsible fails alone (422)."""
-    try:
-        out = gate.run(
-            x, signal_set=key.signal_set, operating_point=key.operating_point, full_evidence=key.full_evidence
-        )
-    except ValueError as exc:  # scikit-learn refuses NaN / infinite evidence
-        if "NaN" not in str(exc) and "infinity" not in str(exc):
-            raise
-        raise InputError(NOT_FINITE) from exc
-    finite = np.isfinite(out.probabilities).all(axis=1) & np.isfinite(out.unified_score)
-    if not finite.all():
-        raise InputError(NOT_FINITE)
-    return out
-
-
 class ServiceState:
     """Lifecycle of one app: ``start`` loads (unless given), warms up and starts the batcher; ``stop``
     clears readiness, then drains the batcher."""
@@ -141,8 +119,10 @@ class ServiceState:
     def __init__(self, settings: Settings, loaded: LoadedService | None = None) -> None:
         self.settings = settings
         self.loaded = loaded
-        self.batcher: Batcher | None = None
-        self.cascade_batcher: Batcher | None = None
+        self.batcher: GateBatcher | None = None
+        self.cascade_batcher: GateBatcher | None = None
+        self.bundle_summary: BundleSummary | None = None
+        """``GET /v1/bundle``'s answer, built on its first call (bundle and settings are fixed)."""
         """The cascade gate's own queue and thread, so its runs never wait behind the primary's batches."""
         self.ready = False
         self.outbox: FallbackStore | None = None
@@ -155,22 +135,13 @@ class ServiceState:
             else None
         )
 
-    def run_batch(self, x: torch.Tensor, key: GroupKey) -> GateOutput:
-        """The primary gate on one group (see :func:`run_gate`)."""
-        assert self.loaded is not None
-        return run_gate(self.loaded.gate, x, key)
-
-    def run_cascade_batch(self, x: torch.Tensor, key: GroupKey) -> GateOutput:
-        """The cascade gate on one group of the primary's rejects (already in its normalisation)."""
-        assert self.loaded is not None and self.loaded.cascade is not None
-        return run_gate(self.loaded.cascade.gate, x, key)
-
     def _batcher(
-        self, run: Callable[[torch.Tensor, GroupKey], GateOutput], reports: BatcherMetrics = PRIMARY_METRICS
-    ) -> Batcher:
-        return Batcher(
-            run,
+        self, gate: Gate, reports: BatcherMetrics = PRIMARY_METRICS, prefix: str = ""
+    ) -> GateBatcher:
+        return gate_batcher(
+            gate,
             batcher_metrics=reports,
+            stage_prefix=prefix,
             max_batch_size=self.settings.max_batch_size,
             max_queue_delay_s=self.settings.max_queue_delay_ms / 1000.0,
             queue_limit=self.settings.queue_limit,
@@ -182,11 +153,11 @@ class ServiceState:
             self.loaded = await asyncio.to_thread(load_service, self.settings)
         if self.settings.warmup:
             await asyncio.to_thread(warm_up, self.loaded)
-        self.batcher = self._batcher(self.run_batch)
+        self.batcher = self._batcher(self.loaded.gate)
         await self.batcher.start()
         cascade = self.loaded.cascade
         if cascade is not None:
-            self.cascade_batcher = self._batcher(self.run_cascade_batch, CASCADE_METRICS)
+            self.cascade_batcher = self._batcher(cascade.gate, CASCADE_METRICS, "cascade_")
             await self.cascade_batcher.start()
         if self.settings.fallback_url is not None or self.settings.review:
             await asyncio.to_thread(self._start_fallback, self.settings.fallback_url)
@@ -275,7 +246,10 @@ class ServiceState:
         stuck = self._stuck_for()
         if limit is None or stuck is None or stuck <= limit:
             return None
-        return f"a gate batch has been running for {stuck:.1f} s, over the liveness limit of {limit:g} s: restart me"
+        return (
+            f"a gate batch has been running for {stuck:.1f} s, over the liveness limit of {limit:g} s: "
+            "restart me"
+        )
 
     def _stuck_for(self) -> float | None:
         """The longer stuck time of the primary's and the cascade's batchers (None when neither is stuck)."""

@@ -145,7 +145,8 @@ class Outbox:
         now = time.time() if now is None else now
         with self.transaction() as db:
             db.execute(
-                "UPDATE items SET state = 'delivered', delivered_at = ?, attempts = attempts + 1, lease_until = 0 "
+                "UPDATE items SET state = 'delivered', delivered_at = ?, attempts = attempts + 1, "
+                "lease_until = 0 "
                 "WHERE key = ? AND state = 'pending'",
                 (now, key),
             )
@@ -155,13 +156,15 @@ class Outbox:
         with self.transaction() as db:
             if retry_at is None:
                 db.execute(
-                    "UPDATE items SET state = 'dead', attempts = attempts + 1, last_error = ?, lease_until = 0 "
+                    "UPDATE items SET state = 'dead', attempts = attempts + 1, last_error = ?, "
+                    "lease_until = 0 "
                     "WHERE key = ? AND state = 'pending'",
                     (error[:500], key),
                 )
             else:
                 db.execute(
-                    "UPDATE items SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?, lease_until = 0 "
+                    "UPDATE items SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?, "
+                    "lease_until = 0 "
                     "WHERE key = ? AND state = 'pending'",
                     (error[:500], retry_at, key),
                 )

@@ -99,7 +99,8 @@ repeat
   for _, e in ipairs(r[2]) do table.insert(entries, e) end
 until cursor == '0-0' or #entries >= limit
 if #entries < limit then
-  local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', limit - #entries, 'STREAMS', stream, '>')
+  local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', limit - #entries,
+    'STREAMS', stream, '>')
   if r then
     for _, e in ipairs(r[1][2]) do table.insert(entries, e) end
   end
@@ -109,8 +110,8 @@ for _, e in ipairs(entries) do
   local id, fields = e[1], e[2]
   local h = false
   if fields and fields[2] then
-    h = redis.call('HMGET', p .. 'item:' .. fields[2], 'state', 'entry', 'created_at', 'attempts', 'meta', 'image',
-      'image_type')
+    h = redis.call('HMGET', p .. 'item:' .. fields[2], 'state', 'entry', 'created_at', 'attempts', 'meta',
+      'image', 'image_type')
   end
   if h and h[1] == 'pending' and h[2] == id then
     table.insert(out, {fields[2], h[3], h[4], h[5], h[6], h[7]})
@@ -172,7 +173,8 @@ local dead = redis.call('ZRANGE', p .. 'dead', 0, -1, 'WITHSCORES')
 for i = 1, #dead, 2 do
   local key, created = dead[i], dead[i + 1]
   local id = redis.call('XADD', p .. 'stream', '*', 'key', key)
-  redis.call('HSET', p .. 'item:' .. key, 'state', 'pending', 'attempts', 0, 'next_attempt_at', now, 'entry', id)
+  redis.call('HSET', p .. 'item:' .. key, 'state', 'pending', 'attempts', 0, 'next_attempt_at', now,
+    'entry', id)
   redis.call('ZADD', p .. 'pending', created, key)
 end
 redis.call('DEL', p .. 'dead')
@@ -244,7 +246,8 @@ class RedisOutbox:
         except redis.RedisError as exc:
             self.client.close()
             raise ConfigError(
-                f"the fallback outbox's Redis at {self.location} cannot be used ({type(exc).__name__}: {exc}): "
+                f"the fallback outbox's Redis at {self.location} cannot be used "
+                f"({type(exc).__name__}: {exc}): "
                 "start it, or correct PREDGATE_FALLBACK_REDIS_URL (unset it for the SQLite outbox)"
             ) from exc
 

@@ -37,7 +37,8 @@ class FallbackStore(Protocol):
         ...
 
     def failed(self, key: str, error: str, retry_at: float | None) -> None:
-        """One failed attempt: pending again from ``retry_at``, or dead when it is None (pending items only)."""
+        """One failed attempt: pending again from ``retry_at``, or dead when it is None (pending items
+        only)."""
         ...
 
     def requeue_dead(self, now: float | None = None) -> int: ...

@@ -7,8 +7,9 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from service.deps import LoadedDep, SettingsDep
+from service.deps import LoadedDep, SettingsDep, StateDep
 from service.schemas import BundleSummary, CascadeSummary, OperatingPointRef, SignalSetSummary
+from service.settings import Settings
 from service.state import LoadedService
 
 router = APIRouter(tags=["bundle"])
@@ -35,7 +36,15 @@ def _scalars(section: Any) -> dict[str, Any] | None:
 @router.get(
     "/v1/bundle", response_model=BundleSummary, summary="Manifest summary, signal sets, operating points"
 )
-async def bundle_summary(loaded: LoadedDep, settings: SettingsDep) -> BundleSummary:
+async def bundle_summary(loaded: LoadedDep, settings: SettingsDep, state: StateDep) -> BundleSummary:
+    """Built on the first call and kept: the bundle and the settings do not change while serving."""
+    if state.bundle_summary is None:
+        state.bundle_summary = build_summary(loaded, settings)
+    return state.bundle_summary
+
+
+def build_summary(loaded: LoadedService, settings: Settings) -> BundleSummary:
+    """The summary of what ``loaded`` serves under ``settings``."""
     manifest = loaded.bundle.manifest
     detectors = loaded.bundle.detectors
     assert detectors is not None  # a gate loads only from a bundle with detectors

@@ -32,7 +32,9 @@ async def healthz(state: StateDep) -> JSONResponse:
     responses={
         503: {
             "model": Readiness,
-            "description": "bundle not loaded or not warmed up, shutting down, or a gate batch stuck past the watchdog",
+            "description": (
+                "bundle not loaded or not warmed up, shutting down, or a gate batch stuck past the watchdog"
+            ),
         }
     },
     summary="The bundle is loaded and warmed up, and no gate batch is stuck",

@@ -16,13 +16,14 @@ from fastapi import APIRouter, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from models.errors import ConfigError
+from models.gate import GateOutput, GatePlan
 from service import metrics
-from service.batching import GroupKey, Row
 from service.deps import BatcherDep, LoadedDep, SettingsDep, require_api_key
 from service.errors import FallbackUnavailable
 from service.explaining import explain_images
 from service.fallback.outbox import NewItem
 from service.fallback.store import FallbackStore
+from service.gate_batches import GateAnswer
 from service.parsing import ParsedRequest, parse_batch, parse_single
 from service.schemas import (
     REQUEST_ERRORS,
@@ -64,16 +65,17 @@ REQUEST_HEADERS: list[dict[str, Any]] = [
         "name": "X-Request-ID",
         "in": "header",
         "required": False,
-        "description": "echoed in the X-Request-ID response header and the body's request_id when it is a plain "
-        "token (letters, digits, '._:-', at most 128), else replaced by a fresh id",
+        "description": "echoed in the X-Request-ID response header and the body's request_id "
+        "when it is a plain token (letters, digits, '._:-', at most 128), else replaced by a fresh id",
         "schema": {"type": "string"},
     },
     {
         "name": "X-Request-Timeout",
         "in": "header",
         "required": False,
-        "description": "seconds this request may take (default: the server's request_timeout_s, at most 3600); "
-        "when it passes the answer is 504 deadline_exceeded and images still queued are not computed; "
+        "description": "seconds this request may take (default: the server's request_timeout_s, "
+        "at most 3600); when it passes the answer is 504 deadline_exceeded and images still queued "
+        "are not computed; "
         "400 when it is not a positive number",
         "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 1.7976931348623157e308},
     },
@@ -166,13 +168,13 @@ def _check_names(loaded: LoadedService, options: PredictOptions) -> None:
             )
 
 
-def resolve_key(loaded: LoadedService, settings: Settings, options: PredictOptions) -> GroupKey:
-    """Request names, else the server's settings, else the bundle's defaults; unknown names raise
-    ``ConfigError`` (422) here, before anything is queued."""
-    chosen = loaded.gate.signal_set(options.signal_set or settings.signal_set)
-    point = chosen.point(options.operating_point or settings.operating_point)
+def resolve_plan(loaded: LoadedService, settings: Settings, options: PredictOptions) -> GatePlan:
+    """Request names, else the server's settings, else the bundle's defaults, resolved once into the
+    plan the gate runs; unknown names raise ``ConfigError`` (422) here, before anything is queued."""
     full = bool(options.full_evidence) or bool(options.return_conductance)
-    return GroupKey(chosen.name, point.name, full)
+    return loaded.gate.plan(
+        options.signal_set or settings.signal_set, options.operating_point or settings.operating_point, full
+    )
 
 
 def _top_k(probs: np.ndarray, names: list[str], top_k: int | None) -> list[ClassProbability]:
@@ -183,86 +185,96 @@ def _top_k(probs: np.ndarray, names: list[str], top_k: int | None) -> list[Class
     ]
 
 
-def _opinion(row: Row, names: list[str], bundle_id: str) -> CascadeOpinion:
-    """The cascade gate's row as the nested ``cascade`` field of an answer."""
+def _optional(values: np.ndarray | None, i: int) -> float | None:
+    return None if values is None else float(values[i])
+
+
+def _timings_ms(answer: GateAnswer, **extra: float) -> dict[str, float]:
+    seconds = {"queue": answer.queue_seconds, **answer.output.seconds, **extra}
+    return {stage: 1000.0 * s for stage, s in seconds.items()}
+
+
+def _point_ref(out: GateOutput) -> OperatingPointRef:
+    return OperatingPointRef(name=out.operating_point.name, threshold=out.operating_point.threshold)
+
+
+def _opinion(answer: GateAnswer, names: list[str], bundle_id: str) -> CascadeOpinion:
+    """The cascade gate's answer as the nested ``cascade`` field of an answer."""
+    out, i = answer.output, answer.index
+    label = int(out.prediction[i])
     return CascadeOpinion(
-        label=row.prediction,
-        class_name=names[row.prediction],
-        probabilities=[float(p) for p in row.probabilities],
-        conductance_score=row.cond_score,
-        lcr=row.lcr,
-        unified_score=row.unified_score,
-        verdict="unknown" if row.reject else "accept",
-        signal_set=row.signal_set,
-        operating_point=OperatingPointRef(
-            name=row.operating_point.name, threshold=row.operating_point.threshold
-        ),
+        label=label,
+        class_name=names[label],
+        probabilities=out.probabilities[i].tolist(),
+        conductance_score=_optional(out.cond_score, i),
+        lcr=_optional(out.lcr, i),
+        unified_score=float(out.unified_score[i]),
+        verdict=out.verdict(i),
+        signal_set=out.signal_set,
+        operating_point=_point_ref(out),
         bundle_id=bundle_id,
-        timings_ms={stage: 1000.0 * s for stage, s in {"queue": row.queue_seconds, **row.seconds}.items()},
-        batch_size=row.batch_size,
+        timings_ms=_timings_ms(answer),
+        batch_size=answer.batch_size,
     )
 
 
-def _decided_by(row: Row, second: Row | None) -> DecidedBy:
-    if not row.reject:
+def _decided_by(answer: GateAnswer, second: GateAnswer | None) -> DecidedBy:
+    if not answer.output.reject[answer.index]:
         return "primary"
-    return "cascade" if second is not None and not second.reject else "none"
+    return "cascade" if second is not None and not second.output.reject[second.index] else "none"
 
 
 def _record(
-    row: Row,
+    answer: GateAnswer,
     loaded: LoadedService,
     options: PredictOptions,
     total_s: float,
     request_id: str,
-    second: Row | None = None,
+    second: GateAnswer | None = None,
 ) -> Prediction:
     """The answer for one image from its primary row and, where the primary rejected and a cascade
     ran, the cascade's row (``second``): label, top classes and verdict follow whoever decided."""
     names = loaded.bundle.class_names
-    probs = row.probabilities
-    decided_by = _decided_by(row, second)
-    decider = second if decided_by == "cascade" and second is not None else row
-    timings = {"queue": row.queue_seconds, **row.seconds, "total": total_s}
+    out, i = answer.output, answer.index
+    decided_by = _decided_by(answer, second)
+    decider = second if decided_by == "cascade" and second is not None else answer
+    label = int(decider.output.prediction[decider.index])
     want_vector = bool(options.full_evidence) or bool(options.return_conductance)
     cascade = loaded.cascade
+    mutants = None if out.mutants_used is None else int(out.mutants_used[i])
     return Prediction(
-        label=decider.prediction,
-        class_name=names[decider.prediction],
-        top_k=_top_k(decider.probabilities, names, options.top_k),
-        probabilities=[float(p) for p in probs],
-        primary_label=row.prediction,
+        label=label,
+        class_name=names[label],
+        top_k=_top_k(decider.output.probabilities[decider.index], names, options.top_k),
+        probabilities=out.probabilities[i].tolist(),
+        primary_label=int(out.prediction[i]),
         decided_by=decided_by,
         cascade=_opinion(second, names, cascade.bundle_id)
         if second is not None and cascade is not None
         else None,
-        conductance_score=row.cond_score,
-        lcr=row.lcr,
-        mutants_used=row.mutants_used,
-        unified_score=row.unified_score,
+        conductance_score=_optional(out.cond_score, i),
+        lcr=_optional(out.lcr, i),
+        mutants_used=mutants,
+        unified_score=float(out.unified_score[i]),
         verdict="unknown" if decided_by == "none" else "accept",
-        signal_set=row.signal_set,
-        operating_point=OperatingPointRef(
-            name=row.operating_point.name, threshold=row.operating_point.threshold
-        ),
+        signal_set=out.signal_set,
+        operating_point=_point_ref(out),
         bundle_id=loaded.bundle_id,
-        timings_ms={stage: 1000.0 * seconds for stage, seconds in timings.items()},
-        batch_size=row.batch_size,
+        timings_ms=_timings_ms(answer, total=total_s),
+        batch_size=answer.batch_size,
         request_id=request_id,
-        conductance=[float(v) for v in row.conductance]
-        if want_vector and row.conductance is not None
-        else None,
+        conductance=out.conductance[i].tolist() if want_vector and out.conductance is not None else None,
     )
 
 
-def _observe(row: Row, class_name: str, total_s: float) -> None:
-    verdict = "unknown" if row.reject else "accept"
-    metrics.PREDICTIONS.labels(verdict=verdict, class_name=class_name, signal_set=row.signal_set).inc()
-    metrics.STAGE_SECONDS.labels(stage="queue").observe(row.queue_seconds)
+def _observe(answer: GateAnswer, class_name: str, total_s: float) -> None:
+    out, i = answer.output, answer.index
+    metrics.PREDICTIONS.labels(verdict=out.verdict(i), class_name=class_name, signal_set=out.signal_set).inc()
+    metrics.STAGE_SECONDS.labels(stage="queue").observe(answer.queue_seconds)
     metrics.STAGE_SECONDS.labels(stage="total").observe(total_s)
-    metrics.UNIFIED_SCORE.labels(signal_set=row.signal_set).observe(row.unified_score)
-    if row.lcr is not None:
-        metrics.LCR.labels(signal_set=row.signal_set).observe(row.lcr)
+    metrics.UNIFIED_SCORE.labels(signal_set=out.signal_set).observe(float(out.unified_score[i]))
+    if out.lcr is not None:
+        metrics.LCR.labels(signal_set=out.signal_set).observe(float(out.lcr[i]))
 
 
 async def _answer(
@@ -277,21 +289,24 @@ async def _answer(
     _check_names(loaded, query)
     _check_names(loaded, parsed.options)
     options = _merge(query, parsed.options)
-    key = resolve_key(loaded, settings, options)
+    plan = resolve_plan(loaded, settings, options)
     x: torch.Tensor = parsed.x
     context = request.scope.get("state", {})  # request id and deadline, set by RequestContextMiddleware
     deadline = context.get("deadline")
-    rows = await batcher.results(batcher.submit(x, key, deadline=deadline), deadline)
-    seconds = await _cascade_rows(request, loaded, x, rows, deadline)
+    answers: list[GateAnswer] = await batcher.results(batcher.submit(x, plan, deadline=deadline), deadline)
+    seconds = await _cascade_answers(request, loaded, x, answers, deadline)
     total = time.perf_counter() - started
     records = []
-    for row, second in zip(rows, seconds, strict=True):
-        _observe(row, loaded.bundle.class_names[row.prediction], total)
-        record = _record(row, loaded, options, total, str(context.get("request_id", "")), second)
+    names = loaded.bundle.class_names
+    for answer, second in zip(answers, seconds, strict=True):
+        _observe(answer, names[int(answer.output.prediction[answer.index])], total)
+        record = _record(answer, loaded, options, total, str(context.get("request_id", "")), second)
         metrics.DECISIONS.labels(decided_by=record.decided_by).inc()
         records.append(record)
     loaded.drift.observe(
-        key.signal_set, np.array([row.unified_score for row in rows]), np.array([row.reject for row in rows])
+        plan.set_name,
+        np.array([a.output.unified_score[a.index] for a in answers]),
+        np.array([a.output.reject[a.index] for a in answers]),
     )
     outbox = request.app.state.predgate.outbox
     mode = options.explain or settings.explain
@@ -332,22 +347,26 @@ async def _explanations(
     return dict(zip(indices, found, strict=True))
 
 
-async def _cascade_rows(
-    request: Request, loaded: LoadedService, x: torch.Tensor, rows: list[Row], deadline: float | None
-) -> list[Row | None]:
-    """The cascade gate's row for every image the primary rejected (None elsewhere, and everywhere
+async def _cascade_answers(
+    request: Request,
+    loaded: LoadedService,
+    x: torch.Tensor,
+    answers: list[GateAnswer],
+    deadline: float | None,
+) -> list[GateAnswer | None]:
+    """The cascade gate's answer for every image the primary rejected (None elsewhere, and everywhere
     without a cascade): through the cascade's own batcher, off the event loop, within the request's
     deadline (past it: 504, as for the primary)."""
     cascade = loaded.cascade
-    rejected = [i for i, row in enumerate(rows) if row.reject]
-    out: list[Row | None] = [None] * len(rows)
+    rejected = [i for i, a in enumerate(answers) if a.output.reject[a.index]]
+    out: list[GateAnswer | None] = [None] * len(answers)
     if cascade is None or not rejected:
         return out
     batcher = request.app.state.predgate.cascade_batcher
     x_second = cascade.inputs(x[rejected])
-    second = await batcher.results(batcher.submit(x_second, cascade.key(), deadline=deadline), deadline)
-    for i, row in zip(rejected, second, strict=True):
-        out[i] = row
+    second = await batcher.results(batcher.submit(x_second, cascade.plan, deadline=deadline), deadline)
+    for i, answer in zip(rejected, second, strict=True):
+        out[i] = answer
     return out
 
 
@@ -388,7 +407,8 @@ async def _hand_to_fallback(
         log.exception("fallback outbox write failed")
         metrics.FALLBACK_ENQUEUE_FAILURES.inc()
         raise FallbackUnavailable(
-            f"the fallback outbox could not store this request's unknown image(s) ({type(exc).__name__}); retry"
+            "the fallback outbox could not store this request's unknown image(s) "
+            f"({type(exc).__name__}); retry"
         ) from None
     metrics.FALLBACK_ENQUEUED.inc(len(keys))
     for i, item_key in zip(unknown, keys, strict=True):

@@ -23,9 +23,7 @@ from models.gate import load_extractor, load_gate
 from models.lcr import MutantEnsemble, predict_model, predict_naive
 from models.mutation import plan_mutant
 from models.onnx_backend import (
-    OnnxEvidenceExtractor,
     OnnxForward,
-    OnnxForwardModule,
     OnnxMutantEnsemble,
     providers_for,
     stack_mutants,
@@ -182,7 +180,6 @@ def test_gate_on_onnx_matches_torch(tiny_bundle: Path) -> None:
     bundle = load_bundle(tiny_bundle)
     torch_gate = load_gate(bundle, "cpu")
     onnx_gate = load_gate(bundle, "cpu", backend="onnx", threads=1)
-    assert isinstance(onnx_gate.extractor, OnnxEvidenceExtractor)
     assert isinstance(onnx_gate.extractor.ensemble, OnnxMutantEnsemble)
     raw = np.random.default_rng(0).integers(0, 256, size=(12, *bundle.input_shape[1:], bundle.input_shape[0]))
     x = bundle.normalisation.apply(raw.astype(np.uint8))
@@ -196,8 +193,9 @@ def test_gate_on_onnx_matches_torch(tiny_bundle: Path) -> None:
         np.testing.assert_allclose(out.unified_score, ref.unified_score, atol=TOL, rtol=1e-4)
         clear = np.abs(ref.unified_score - ref.operating_point.threshold) > 1e-4  # no near-ties
         np.testing.assert_array_equal(out.reject[clear], ref.reject[clear])
-    # the plain forward (no conductance asked for) also comes from ORT
-    assert isinstance(onnx_gate.extractor.model, OnnxForwardModule)
+    # the plain forward (no conductance asked for) also comes from ORT; the model stays torch's
+    assert isinstance(onnx_gate.extractor.forward, OnnxForward)
+    assert onnx_gate.extractor.model is not onnx_gate.extractor.forward
     plain = onnx_gate.extractor(x, conductance=False, lcr=False)
     reference = torch_gate.extractor(x, conductance=False, lcr=False).logits
     torch.testing.assert_close(plain.logits, reference, atol=TOL, rtol=0)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from models.errors import ConfigError
-from models.lcr import label_change_rate, predict_naive
+from models.lcr import MutantEnsemble, label_change_rate, predict_naive
 from models.mutation import plan_mutant
 from models.sequential_lcr import (
     SPRT,
@@ -64,7 +64,7 @@ def test_simulate_equals_live(setup, rule, chunk_size: int, min_mutants: int) ->
     pred = model(x).argmax(1)
     labels = predict_naive(model, specs, x)
     lcr_sim, used_sim = simulate_sequential(labels.numpy(), pred.numpy(), rule, chunk_size, min_mutants)
-    chunks = chunk_ensembles(model, specs, chunk_size)
+    chunks = chunk_ensembles(model, specs, chunk_size, factory=MutantEnsemble)
     lcr_live, used_live = sequential_lcr(chunks, x, pred, rule, min_mutants)
     np.testing.assert_array_equal(used_live.numpy(), used_sim)
     np.testing.assert_allclose(lcr_live.numpy(), lcr_sim, rtol=1e-6)
@@ -84,7 +84,7 @@ def test_never_stopping_equals_full_lcr(setup) -> None:
     lcr, used = simulate_sequential(labels.numpy(), pred.numpy(), never, chunk_size=5)
     np.testing.assert_allclose(lcr, full, rtol=1e-6)
     assert (used == len(specs)).all()
-    live, live_used = SequentialLCR(model, specs, never, chunk_size=7)(x, pred)
+    live, live_used = SequentialLCR(model, specs, never, chunk_size=7, factory=MutantEnsemble)(x, pred)
     np.testing.assert_allclose(live.numpy(), full, rtol=1e-6)
     assert (live_used.numpy() == len(specs)).all()
     # Curtailed at 0 is settled at once (every LCR >= 0): one chunk each.
@@ -152,7 +152,7 @@ def test_live_evaluates_only_undecided_images(setup) -> None:
             seen.append(len(images))
             return self.inner.predict(images)
 
-    chunks = [Counting(c) for c in chunk_ensembles(model, specs, 5)]
+    chunks = [Counting(c) for c in chunk_ensembles(model, specs, 5, factory=MutantEnsemble)]
     _, used = sequential_lcr(chunks, x, pred, RULES[0])
     expected = [int((used.numpy() > k).sum()) for k in range(0, len(specs), 5)]
     assert seen == [e for e in expected if e > 0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -13,8 +14,17 @@ import torch
 
 from models.gate import GateOutput
 from models.operating_points import OperatingPoint
-from service.batching import Batcher, GroupKey
+from service.batching import Batched, Batcher
 from service.errors import BatchStuck, DeadlineExceeded, OutOfMemory, QueueFull, ShuttingDown
+
+
+class GroupKey(NamedTuple):
+    """The batcher groups by any hashable key; the gate's is a GatePlan, these tests use names."""
+
+    signal_set: str
+    operating_point: str
+    full_evidence: bool
+
 
 KEY = GroupKey("msp", "equal-recall", False)
 OTHER = GroupKey("cond+lcr", "equal-recall", True)
@@ -59,6 +69,19 @@ class Recorder:
         )
 
 
+def make(fn: Any, **kwargs: Any) -> Batcher[Any, torch.Tensor, GateOutput]:
+    """A batcher over ``fn`` whose batches are the stacked images (as the gate's)."""
+    return Batcher(fn, collate=torch.stack, **kwargs)
+
+
+def score(answer: Batched[GateOutput]) -> float:
+    return float(answer.output.unified_score[answer.index])
+
+
+def rejected(answer: Batched[GateOutput]) -> bool:
+    return bool(answer.output.reject[answer.index])
+
+
 def images(values: list[float]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()
 
@@ -70,15 +93,15 @@ def run(coro):  # type: ignore[no-untyped-def]
 def test_concurrent_requests_share_a_batch_and_get_their_own_rows() -> None:
     async def main() -> None:
         fn = Recorder()
-        batcher = Batcher(fn, max_batch_size=8, max_queue_delay_s=0.05, queue_limit=32)
+        batcher = make(fn, max_batch_size=8, max_queue_delay_s=0.05, queue_limit=32)
         await batcher.start()
         values = [0.1 * i for i in range(6)]
         futures = [batcher.submit(images([v]), KEY)[0] for v in values]
         rows = await asyncio.gather(*futures)
         await batcher.stop()
         assert fn.calls == [(KEY, 6)]
-        assert [r.unified_score for r in rows] == pytest.approx(values)
-        assert [r.reject for r in rows] == [v > 0.5 for v in values]
+        assert [score(r) for r in rows] == pytest.approx(values)
+        assert [rejected(r) for r in rows] == [v > 0.5 for v in values]
         assert all(r.batch_size == 6 and r.queue_seconds >= 0 for r in rows)
         assert threading.get_ident() not in fn.threads and len(fn.threads) == 1  # one thread, off the loop
 
@@ -88,15 +111,15 @@ def test_concurrent_requests_share_a_batch_and_get_their_own_rows() -> None:
 def test_groups_run_separately_and_batches_respect_the_size_cap() -> None:
     async def main() -> None:
         fn = Recorder()
-        batcher = Batcher(fn, max_batch_size=4, max_queue_delay_s=0.05, queue_limit=32)
+        batcher = make(fn, max_batch_size=4, max_queue_delay_s=0.05, queue_limit=32)
         await batcher.start()
         a = batcher.submit(images([0.1, 0.2, 0.3]), KEY)
         b = batcher.submit(images([0.9]), OTHER)
         c = batcher.submit(images([0.4, 0.6]), KEY)
         rows = await asyncio.gather(*a, *b, *c)
         await batcher.stop()
-        assert [r.signal_set for r in rows] == ["msp"] * 3 + ["cond+lcr"] + ["msp"] * 2
-        assert [r.unified_score for r in rows] == pytest.approx([0.1, 0.2, 0.3, 0.9, 0.4, 0.6])
+        assert [r.output.signal_set for r in rows] == ["msp"] * 3 + ["cond+lcr"] + ["msp"] * 2
+        assert [score(r) for r in rows] == pytest.approx([0.1, 0.2, 0.3, 0.9, 0.4, 0.6])
         # first round takes 4 images (3 KEY + 1 OTHER: two runs), the second the remaining 2
         assert fn.calls == [(KEY, 3), (OTHER, 1), (KEY, 2)]
 
@@ -106,7 +129,7 @@ def test_groups_run_separately_and_batches_respect_the_size_cap() -> None:
 def test_queue_full_refuses_the_whole_request() -> None:
     async def main() -> None:
         fn = Recorder(delay=0.2)
-        batcher = Batcher(fn, max_batch_size=1, max_queue_delay_s=0.0, queue_limit=3)
+        batcher = make(fn, max_batch_size=1, max_queue_delay_s=0.0, queue_limit=3)
         await batcher.start()
         first = batcher.submit(images([0.1]), KEY)
         await asyncio.sleep(0.05)  # the worker is now busy with it
@@ -117,7 +140,7 @@ def test_queue_full_refuses_the_whole_request() -> None:
         later = batcher.submit(images([0.6]), KEY)  # exactly fills the queue
         rows = await asyncio.gather(*first, *queued, *later)
         await batcher.stop()
-        assert [r.unified_score for r in rows] == pytest.approx([0.1, 0.2, 0.3, 0.6])
+        assert [score(r) for r in rows] == pytest.approx([0.1, 0.2, 0.3, 0.6])
 
     run(main())
 
@@ -125,12 +148,12 @@ def test_queue_full_refuses_the_whole_request() -> None:
 def test_stop_finishes_queued_work_then_refuses() -> None:
     async def main() -> None:
         fn = Recorder(delay=0.05)
-        batcher = Batcher(fn, max_batch_size=2, max_queue_delay_s=1.0, queue_limit=32)
+        batcher = make(fn, max_batch_size=2, max_queue_delay_s=1.0, queue_limit=32)
         await batcher.start()
         futures = batcher.submit(images([0.1, 0.2, 0.3, 0.4, 0.5]), KEY)
         await batcher.stop()  # does not wait out the 1 s delay, and drops nothing
         assert all(f.done() for f in futures)
-        assert [f.result().unified_score for f in futures] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+        assert [score(f.result()) for f in futures] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
         assert sum(n for _, n in fn.calls) == 5
         with pytest.raises(ShuttingDown):
             batcher.submit(images([0.1]), KEY)
@@ -141,7 +164,7 @@ def test_stop_finishes_queued_work_then_refuses() -> None:
 def test_failures_reach_every_caller_and_the_loop_survives() -> None:
     async def main() -> None:
         fn = Recorder(fail=True)
-        batcher = Batcher(fn, max_batch_size=8, max_queue_delay_s=0.01, queue_limit=32)
+        batcher = make(fn, max_batch_size=8, max_queue_delay_s=0.01, queue_limit=32)
         await batcher.start()
         futures = batcher.submit(images([0.1, 0.2]), KEY)
         results = await asyncio.gather(*futures, return_exceptions=True)
@@ -151,7 +174,7 @@ def test_failures_reach_every_caller_and_the_loop_survives() -> None:
         assert all(isinstance(r, RuntimeError) and "1 rows for 2 images" in str(r) for r in results)
         fn.short = False
         (row,) = await asyncio.gather(*batcher.submit(images([0.7]), KEY))
-        assert row.reject
+        assert rejected(row)
         await batcher.stop()
 
     run(main())
@@ -160,14 +183,14 @@ def test_failures_reach_every_caller_and_the_loop_survives() -> None:
 def test_cancelled_callers_are_skipped() -> None:
     async def main() -> None:
         fn = Recorder()
-        batcher = Batcher(fn, max_batch_size=8, max_queue_delay_s=0.05, queue_limit=32)
+        batcher = make(fn, max_batch_size=8, max_queue_delay_s=0.05, queue_limit=32)
         await batcher.start()
         gone = batcher.submit(images([0.1]), KEY)
         kept = batcher.submit(images([0.2]), KEY)
         gone[0].cancel()
         (row,) = await asyncio.gather(*kept)
         await batcher.stop()
-        assert fn.calls == [(KEY, 1)] and row.unified_score == pytest.approx(0.2)
+        assert fn.calls == [(KEY, 1)] and score(row) == pytest.approx(0.2)
 
     run(main())
 
@@ -175,7 +198,7 @@ def test_cancelled_callers_are_skipped() -> None:
 def test_a_lone_request_on_an_idle_worker_is_not_held_for_the_delay() -> None:
     async def main() -> None:
         fn = Recorder(delay=0.05)
-        batcher = Batcher(fn, max_batch_size=8, max_queue_delay_s=1.0, queue_limit=32)
+        batcher = make(fn, max_batch_size=8, max_queue_delay_s=1.0, queue_limit=32)
         await batcher.start()
         started = time.perf_counter()
         (row,) = await asyncio.gather(*batcher.submit(images([0.3]), KEY))
@@ -223,7 +246,7 @@ class Faulty(Recorder):
 def test_a_poisoned_image_fails_alone_and_its_batch_mates_get_their_rows() -> None:
     async def main() -> None:
         fn = Faulty()
-        batcher = Batcher(fn, max_batch_size=8, max_queue_delay_s=0.05, queue_limit=32)
+        batcher = make(fn, max_batch_size=8, max_queue_delay_s=0.05, queue_limit=32)
         await batcher.start()
         values = [0.1, 0.2, POISON, 0.4, 0.5, 0.6]
         futures = [batcher.submit(images([v]), KEY)[0] for v in values]
@@ -231,7 +254,7 @@ def test_a_poisoned_image_fails_alone_and_its_batch_mates_get_their_rows() -> No
         await batcher.stop()
         assert isinstance(results[2], ValueError) and str(results[2]) == "poisoned image"
         rows = [r for i, r in enumerate(results) if i != 2]
-        assert [r.unified_score for r in rows] == pytest.approx([0.1, 0.2, 0.4, 0.5, 0.6])  # type: ignore[union-attr]
+        assert [score(r) for r in rows] == pytest.approx([0.1, 0.2, 0.4, 0.5, 0.6])  # type: ignore[union-attr]
         # one run of 6 fails; halves of 3, then the poisoned half split again, down to the poisoned image
         assert fn.calls[0] == (KEY, 6) and (KEY, 1) in fn.calls and len(fn.calls) <= 7
 
@@ -242,10 +265,10 @@ def test_a_poisoned_image_fails_alone_and_its_batch_mates_get_their_rows() -> No
 def test_out_of_memory_splits_the_batch_and_a_single_image_answers_503(error: type[BaseException]) -> None:
     async def main() -> None:
         fn = Faulty(fits=2, error=error)
-        batcher = Batcher(fn, max_batch_size=8, max_queue_delay_s=0.05, queue_limit=32)
+        batcher = make(fn, max_batch_size=8, max_queue_delay_s=0.05, queue_limit=32)
         await batcher.start()
         rows = await batcher.results(batcher.submit(images([0.1 * i for i in range(8)]), KEY))
-        assert [r.unified_score for r in rows] == pytest.approx([0.1 * i for i in range(8)])
+        assert [score(r) for r in rows] == pytest.approx([0.1 * i for i in range(8)])
         assert max(r.batch_size for r in rows) == 2 and fn.calls[0] == (KEY, 8)
         fn.fits = 0  # not even one image fits
         with pytest.raises(OutOfMemory, match="out of memory") as raised:
@@ -253,18 +276,18 @@ def test_out_of_memory_splits_the_batch_and_a_single_image_answers_503(error: ty
         assert raised.value.status_code == 503 and raised.value.retry_after
         fn.fits = None
         (row,) = await batcher.results(batcher.submit(images([0.2]), KEY))
-        assert row.unified_score == pytest.approx(0.2)
+        assert score(row) == pytest.approx(0.2)
         await batcher.stop()
 
     run(main())
 
 
 def test_exceptions_in_the_loop_itself_never_stop_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A bug in the batching code (injected into ``split_rows``) and a BaseException raised by the
+    """A bug in the batching code (injected into ``answers_of``) and a BaseException raised by the
     gate's thread fail their batch's callers; the loop carries on."""
     from service import batching
 
-    real_split = batching.split_rows
+    real_split = batching.answers_of
     calls = {"n": 0}
 
     def broken_once(*args: object) -> object:
@@ -273,7 +296,7 @@ def test_exceptions_in_the_loop_itself_never_stop_it(monkeypatch: pytest.MonkeyP
             raise KeyError("bug in the batching code")
         return real_split(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(batching, "split_rows", broken_once)
+    monkeypatch.setattr(batching, "answers_of", broken_once)
 
     class Exits(Recorder):
         def __call__(self, x: torch.Tensor, key: GroupKey) -> GateOutput:
@@ -282,7 +305,7 @@ def test_exceptions_in_the_loop_itself_never_stop_it(monkeypatch: pytest.MonkeyP
             return super().__call__(x, key)
 
     async def main() -> None:
-        batcher = Batcher(Exits(), max_batch_size=8, max_queue_delay_s=0.01, queue_limit=32)
+        batcher = make(Exits(), max_batch_size=8, max_queue_delay_s=0.01, queue_limit=32)
         await batcher.start()
         failed = await asyncio.gather(*batcher.submit(images([0.1, 0.2]), KEY), return_exceptions=True)
         assert all(isinstance(r, RuntimeError) and "internal error while batching" in str(r) for r in failed)
@@ -290,7 +313,7 @@ def test_exceptions_in_the_loop_itself_never_stop_it(monkeypatch: pytest.MonkeyP
         assert isinstance(exited, RuntimeError) and "SystemExit" in str(exited)
         assert batcher.running
         (row,) = await batcher.results(batcher.submit(images([0.7]), KEY))
-        assert row.reject
+        assert rejected(row)
         await batcher.stop()
 
     run(main())
@@ -299,7 +322,7 @@ def test_exceptions_in_the_loop_itself_never_stop_it(monkeypatch: pytest.MonkeyP
 def test_an_expired_image_is_dropped_from_the_queue_not_computed() -> None:
     async def main() -> None:
         fn = Recorder(delay=0.3)
-        batcher = Batcher(fn, max_batch_size=8, max_queue_delay_s=0.0, queue_limit=32)
+        batcher = make(fn, max_batch_size=8, max_queue_delay_s=0.0, queue_limit=32)
         await batcher.start()
         busy = batcher.submit(images([0.1]), KEY)
         await asyncio.sleep(0.05)  # the worker now runs the first image for 0.3 s
@@ -316,7 +339,7 @@ def test_an_expired_image_is_dropped_from_the_queue_not_computed() -> None:
         assert (
             isinstance(error, DeadlineExceeded) and error.status_code == 504 and "not computed" in str(error)
         )
-        assert [r.unified_score for r in rows] == pytest.approx([0.1, 0.5])
+        assert [score(r) for r in rows] == pytest.approx([0.1, 0.5])
         assert fn.calls == [(KEY, 1), (KEY, 1)]  # 0.2, 0.3 and 0.4 never reached the gate
 
     run(main())
@@ -333,7 +356,7 @@ def test_the_watchdog_flags_a_stuck_batch_until_it_returns() -> None:
                 release.wait(5)
                 return super().__call__(x, key)
 
-        batcher = Batcher(Stuck(), max_batch_size=8, max_queue_delay_s=0.0, queue_limit=32, watchdog_s=0.2)
+        batcher = make(Stuck(), max_batch_size=8, max_queue_delay_s=0.0, queue_limit=32, watchdog_s=0.2)
         await batcher.start()
         first = batcher.submit(images([0.1]), KEY)
         await asyncio.sleep(0.1)
@@ -349,7 +372,7 @@ def test_the_watchdog_flags_a_stuck_batch_until_it_returns() -> None:
         await asyncio.sleep(0.4)
         assert batcher.stuck_for() is None and metrics.BATCH_STUCK._value.get() == 0
         (row,) = await batcher.results(batcher.submit(images([0.3]), KEY))
-        assert row.unified_score == pytest.approx(0.3)
+        assert score(row) == pytest.approx(0.3)
         await batcher.stop()
 
     run(main())

@@ -157,7 +157,8 @@ def test_every_unknown_reaches_a_flaky_receiver_once_through_a_kill_9(
         metrics = wait_for(drained_metrics, 10, "the pending gauge at 0")
         assert "predgate_fallback_delivered_total" in metrics
         print(
-            f"\n{len(verdicts)} images, {len(expected)} unknown; {got_before_kill} received before the SIGKILL; "
+            f"\n{len(verdicts)} images, {len(expected)} unknown; "
+            f"{got_before_kill} received before the SIGKILL; "
             f"{sum(item['deliveries'] for item in listing.values())} deliveries for {len(listing)} keys"
         )
     finally:
@@ -222,7 +223,8 @@ def test_two_replicas_on_one_redis_deliver_every_unknown_once_through_a_kill_9_o
         assert box.client.xlen(box.prefix + "stream") == 0  # no entry left behind
         assert not held_by_a()  # B took every entry A held over
         print(
-            f"\n{len(verdicts)} images, {len(expected)} unknown; {got_before_kill} received before the SIGKILL of "
+            f"\n{len(verdicts)} images, {len(expected)} unknown; "
+            f"{got_before_kill} received before the SIGKILL of "
             f"replica A, which held {len(leased)} leased entries; "
             f"{sum(item['deliveries'] for item in listing.values())} deliveries for {len(listing)} keys"
         )

@@ -230,7 +230,9 @@ def test_multipart_parts_without_a_filename_are_read_as_files(
     was decoded as text, and the batch refused with 'must be a file upload'."""
     boundary = "fuzzXb0und"
     parts = b"".join(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="files"\r\nContent-Type: image/png\r\n\r\n'.encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"\r\nContent-Type: image/png\r\n\r\n'
+        ).encode()
         + png_bytes(image)
         + b"\r\n"
         for image in sample_images[:2]

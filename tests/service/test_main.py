@@ -15,7 +15,6 @@ from fastapi.testclient import TestClient
 from models.bundle import MANIFEST_NAME, Bundle
 from models.errors import BundleError, ConfigError
 from models.gate import Gate
-from service.batching import GroupKey
 from service.errors import ShuttingDown
 from service.main import app_from_env, create_app
 from service.settings import get_settings
@@ -29,7 +28,7 @@ def test_shutdown_clears_readiness_then_drains(
     settings = make_settings(tiny_bundle, max_batch_size=4, max_queue_delay_ms=100, warmup=False)
     x = bundle.normalisation.apply(sample_images[:10])
     expected = gate.run(x)
-    key = GroupKey(expected.signal_set, expected.operating_point.name, False)
+    key = gate.plan()
 
     async def main() -> None:
         state = ServiceState(settings, load_service(settings))
@@ -43,8 +42,10 @@ def test_shutdown_clears_readiness_then_drains(
             state.batcher.submit(x[:1], key)  # type: ignore[union-attr]
         await stopping
         rows = [f.result() for f in futures]  # every queued image was answered
-        np.testing.assert_allclose([r.unified_score for r in rows], expected.unified_score, atol=1e-5)
-        assert [r.reject for r in rows] == list(expected.reject)
+        np.testing.assert_allclose(
+            [r.output.unified_score[r.index] for r in rows], expected.unified_score, atol=1e-5
+        )
+        assert [bool(r.output.reject[r.index]) for r in rows] == list(expected.reject)
 
     asyncio.run(main())
 

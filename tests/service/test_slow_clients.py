@@ -149,7 +149,8 @@ def nginx(server: tuple[int, Popen[bytes]], tmp_path_factory: pytest.TempPathFac
     )
     (root / "nginx.conf").write_text(
         ("user root;\n" if os.geteuid() == 0 else "")
-        + f"worker_processes 1;\ndaemon off;\npid {root / 'nginx.pid'};\nerror_log {root / 'error.log'} info;\n"
+        + f"worker_processes 1;\ndaemon off;\npid {root / 'nginx.pid'};\n"
+        f"error_log {root / 'error.log'} info;\n"
         f"events {{ worker_connections {4 * IDLE + 1024}; }}\n"
         f"http {{ access_log {root / 'access.log'}; {temp} include {root / 'predgate.conf'}; }}\n"
     )
@@ -202,7 +203,8 @@ def test_through_nginx_idle_clients_are_cut_and_one_address_is_capped(
         print(
             f"\nnginx, {IDLE} idle + {HALF_HEADERS} half-sent + {limit} stalled bodies: "
             + summary(latencies)
-            + f"; all {len(abusers) + len(stalled)} closed by nginx when checked, {cut_s:.1f} s after they connected "
+            + f"; all {len(abusers) + len(stalled)} closed by nginx when checked, "
+            f"{cut_s:.1f} s after they connected "
             f"(client timeouts {NGINX_TIMEOUT_S} s)"
         )
         assert max(latencies) < PROMPT_S, summary(latencies)

@@ -1,0 +1,104 @@
+"""The gate as the batcher's batch function: what :mod:`service.batching` (which knows nothing of
+gates) needs to run :meth:`models.gate.Gate.run` on a group of queued images.
+
+- the group key is the request's :class:`~models.gate.GatePlan` (signal set and operating point
+  resolved once, when the request arrives; plans compare by name);
+- :func:`stack_rows` joins a group's images back into one ``N x C x H x W`` batch, as a view when they
+  are consecutive rows of one request's tensor (a lone request, or a ``/predict/batch`` call): the
+  images are decoded into one normalised batch once and never copied again on their way to the CNN;
+- :class:`GateBatches` runs the gate, refuses non-finite outputs and reports the stage timings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from models.errors import InputError
+from models.gate import Gate, GateOutput, GatePlan
+from service import metrics
+from service.batching import PRIMARY_METRICS, Batched, Batcher, BatcherMetrics
+
+GateBatcher = Batcher[GatePlan, torch.Tensor, GateOutput]
+"""The batcher of one gate: images (``C x H x W``) grouped by plan, answered by rows of a GateOutput."""
+GateAnswer = Batched[GateOutput]
+"""One image's answer: its row of the batch's gate output, with its wait and the batch size."""
+
+NOT_FINITE = (
+    "the model's output for this input is not finite (its values overflow inside the network); "
+    "send a normalised image or tensor"
+)
+
+
+def stack_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``N x C x H x W`` from ``N`` images of equal shape: a view when they are consecutive rows of
+    one contiguous tensor (the usual case: one request's decoded batch), else one stacked copy."""
+    first = rows[0]
+    if first.is_contiguous() and all(row.shape == first.shape for row in rows):
+        step = first.numel()
+        storage = first.untyped_storage().data_ptr()
+        offset = first.storage_offset()
+        consecutive = all(
+            row.is_contiguous()
+            and row.dtype == first.dtype
+            and row.untyped_storage().data_ptr() == storage
+            and row.storage_offset() == offset + i * step
+            for i, row in enumerate(rows)
+        )
+        if consecutive:
+            return first.as_strided((len(rows), *first.shape), (step, *first.stride()), offset)
+    return torch.stack(list(rows))
+
+
+def run_gate(gate: Gate, x: torch.Tensor, plan: GatePlan) -> GateOutput:
+    """``gate`` on one group; an output that is not finite raises :class:`InputError` for the whole
+    batch, which the batcher then splits until the image responsible fails alone (422)."""
+    try:
+        out = gate.run(x, plan=plan)
+    except ValueError as exc:  # scikit-learn refuses NaN / infinite evidence
+        if "NaN" not in str(exc) and "infinity" not in str(exc):
+            raise
+        raise InputError(NOT_FINITE) from exc
+    finite = np.isfinite(out.probabilities).all(axis=1) & np.isfinite(out.unified_score)
+    if not finite.all():
+        raise InputError(NOT_FINITE)
+    return out
+
+
+class GateBatches:
+    """Batch function of one gate: runs it on a group and reports each stage's seconds under
+    ``stage_prefix`` (the cascade's stages are ``cascade_forward``, ...)."""
+
+    def __init__(self, gate: Gate, stage_prefix: str = "") -> None:
+        self.gate = gate
+        self.stage_prefix = stage_prefix
+
+    def __call__(self, x: torch.Tensor, plan: GatePlan) -> GateOutput:
+        out = run_gate(self.gate, x, plan)
+        for stage, seconds in out.seconds.items():
+            metrics.STAGE_SECONDS.labels(stage=self.stage_prefix + stage).observe(seconds)
+        return out
+
+
+def gate_batcher(
+    gate: Gate,
+    *,
+    max_batch_size: int,
+    max_queue_delay_s: float,
+    queue_limit: int,
+    watchdog_s: float | None = None,
+    batcher_metrics: BatcherMetrics = PRIMARY_METRICS,
+    stage_prefix: str = "",
+) -> GateBatcher:
+    """A batcher whose batch function is ``gate`` (see :class:`GateBatches`)."""
+    return Batcher(
+        GateBatches(gate, stage_prefix),  # type: ignore[arg-type]
+        collate=stack_rows,
+        max_batch_size=max_batch_size,
+        max_queue_delay_s=max_queue_delay_s,
+        queue_limit=queue_limit,
+        watchdog_s=watchdog_s,
+        batcher_metrics=batcher_metrics,
+    )
