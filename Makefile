@@ -57,9 +57,12 @@ test: setup system-deps
 test-all: setup system-deps
 	$(VENV)/bin/pytest
 
-# ruff (line length from pyproject.toml), then the import contracts of pyproject.toml [tool.importlinter].
+# ruff (rules and line length from pyproject.toml, layout by ruff format), then the import contracts of
+# pyproject.toml [tool.importlinter].
+LINT_PATHS := models offline service bench cli tests examples
 lint: setup
-	$(VENV)/bin/ruff check models offline service bench cli tests
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/lint-imports
 
 # Known vulnerabilities in the installed dependencies (PyPI's advisory data). --strict: a package that

@@ -1,4 +1,4 @@
-"""``python -m bench.below_floor``: two ways below the (1 + M) forward-pass floor, and what they cost in AUROC.
+"""``python -m bench.below_floor``: two ways below the (1 + M) forward-pass floor and what they cost in AUROC.
 
 (a) Early-stopping LCR (:mod:`models.sequential_lcr`) is replayed on the bundle's stored per-mutant
 labels of val and test: no CNN runs, every image of both splits counts. A gated prediction then
@@ -463,8 +463,8 @@ def yes(flag: bool | None) -> str:
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         (
-            f"Bundle `{result['bundle_id']}`. AUROC: of the LCR alone; loss: full LCR's minus this one's on the "
-            f"same images; gate: the same for the gate's unified score. Adopt (LCR / gate): val loss <= "
+            f"Bundle `{result['bundle_id']}`. AUROC: of the LCR alone; loss: full LCR's minus this one's on "
+            "the same images; gate: the same for the gate's unified score. Adopt (LCR / gate): val loss <= "
             f"{MAX_AUROC_LOSS} and <= {MAX_FORWARD_EQUIVALENTS:g} forward-equivalents per gated prediction."
         ),
         "",
@@ -493,11 +493,12 @@ def markdown(result: dict[str, Any]) -> str:
         for rate, r in b["by_rate"].items():
             rt = r["timing"]
             lines.append(
-                f"Restricted to {'+'.join(b['modules'])} @{rate} ({r['filters_per_mutant']} filters): acceptance "
-                f"{r['acceptance_rate']:.2f} over {r['attempts']} candidates on {b['acceptance_images']} val images; "
-                f"suffix FLOP share {rt['suffix_flop_share']:.3f}; prefix {rt['prefix_fe']:.2f} fwd-eq, suffix per "
-                f"mutant {rt['suffix_per_mutant_fe']:.3f} fwd-eq, whole ensemble {rt['restricted_ensemble_fe']:.1f} fwd-eq "
-                f"(gated prediction by FLOPs: {rt['flop_nominal_fe']:.1f} fwd-eq)."
+                f"Restricted to {'+'.join(b['modules'])} @{rate} ({r['filters_per_mutant']} filters): "
+                f"acceptance {r['acceptance_rate']:.2f} over {r['attempts']} candidates on "
+                f"{b['acceptance_images']} val images; suffix FLOP share {rt['suffix_flop_share']:.3f}; "
+                f"prefix {rt['prefix_fe']:.2f} fwd-eq, suffix per mutant {rt['suffix_per_mutant_fe']:.3f} "
+                f"fwd-eq, whole ensemble {rt['restricted_ensemble_fe']:.1f} fwd-eq (gated prediction by "
+                f"FLOPs: {rt['flop_nominal_fe']:.1f} fwd-eq)."
             )
     for r in result["rows"]:
         if "live_batch64" in r:
@@ -508,8 +509,9 @@ def markdown(result: dict[str, Any]) -> str:
             )
     if result.get("gate_signal_set"):
         lines.append(
-            f"Gate AUROC: the bundle's `{result['gate_signal_set']}` classifier (fitted on full LCR) fed each "
-            f"setting's LCR; max |score - stored| with full LCR: {result['gate_score_check_max_abs_diff']}."
+            f"Gate AUROC: the bundle's `{result['gate_signal_set']}` classifier (fitted on full LCR) fed "
+            "each setting's LCR; max |score - stored| with full LCR: "
+            f"{result['gate_score_check_max_abs_diff']}."
         )
     return "\n".join(lines)
 

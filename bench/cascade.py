@@ -86,7 +86,8 @@ def load_gate_point(bundle: Bundle, signal_set: str, point: str | None) -> dict[
     name = point or info.default_point
     if name not in info.operating_points:
         raise SystemExit(
-            f"bench.cascade: {bundle.path} set {signal_set}: no point {name!r}; stored: {sorted(info.operating_points)}"
+            f"bench.cascade: {bundle.path} set {signal_set}: no point {name!r}; stored: "
+            f"{sorted(info.operating_points)}"
         )
     return {"name": name, "threshold": float(info.operating_points[name]["threshold"])}
 
@@ -302,14 +303,18 @@ def markdown(result: dict[str, Any]) -> str:
     p, c, f, ci = result["primary"], result["cascade"], result["figures"], result["ci95_system_minus"]
     lines = [
         (
-            f"Test split: {result['n_test']} images. Primary `{p['bundle']}` ({p['signal_set']} at {p['operating_point']}), "
-            f"cascade `{c['bundle']}` ({c['signal_set']} at {c['operating_point']}). Cost in forward passes of the "
-            f"primary CNN (the cascade CNN's forward = {result['forward_seconds']['ratio']:.2f} of them); wall time per "
-            f"image of the gates on this CPU ({result['timing']['images']} images, batches of {result['timing']['batch_size']}, "
+            f"Test split: {result['n_test']} images. Primary `{p['bundle']}` ({p['signal_set']} at "
+            f"{p['operating_point']}), cascade `{c['bundle']}` ({c['signal_set']} at "
+            f"{c['operating_point']}). Cost in forward passes of the primary CNN (the cascade CNN's forward "
+            f"= {result['forward_seconds']['ratio']:.2f} of them); wall time per image of the gates on this "
+            f"CPU ({result['timing']['images']} images, batches of {result['timing']['batch_size']}, "
             f"{result['timing']['threads']} threads, median of {result['timing']['repeats']})."
         ),
         "",
-        "| | coverage | selective accuracy | overall accuracy | to fallback | accepted errors | cost (fwd-eq) | wall ms/image |",
+        (
+            "| | coverage | selective accuracy | overall accuracy | to "
+            "fallback | accepted errors | cost (fwd-eq) | wall ms/image |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     names = {
@@ -320,8 +325,9 @@ def markdown(result: dict[str, Any]) -> str:
     for side in SIDES:
         r = f[side]
         lines.append(
-            f"| {names[side]} | {r['coverage']:.4f} | {r['selective_accuracy']:.4f} | {r['overall_accuracy']:.4f} | "
-            f"{r['fallback_share']:.4f} | {r['accepted_errors_share']:.4f} | {r['cost_fe']:.1f} | {r['wall_ms_per_image']:.2f} |"
+            f"| {names[side]} | {r['coverage']:.4f} | {r['selective_accuracy']:.4f} | "
+            f"{r['overall_accuracy']:.4f} | {r['fallback_share']:.4f} | {r['accepted_errors_share']:.4f} | "
+            f"{r['cost_fe']:.1f} | {r['wall_ms_per_image']:.2f} |"
         )
     lines += [
         "",

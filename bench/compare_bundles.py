@@ -100,11 +100,15 @@ def compare(a: Path, b: Path, n_boot: int = 1000, max_loss: float = 0.005) -> di
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         (
-            f"a = `{result['a']}`, b = `{result['b']}`; loss = val AUROC a - b (adopt b where <= {result['max_loss']}); "
-            f"test difference b - a with a paired {result['n_boot']}-resample bootstrap 95% CI."
+            f"a = `{result['a']}`, b = `{result['b']}`; loss = val AUROC a - b (adopt b where <= "
+            f"{result['max_loss']}); test difference b - a with a paired {result['n_boot']}-resample "
+            "bootstrap 95% CI."
         ),
         "",
-        "| signal set | val AUROC a | val AUROC b | val loss | test AUROC a | test AUROC b | test diff b - a [95% CI] | cost a (fwd-eq) | cost b (fwd-eq) | loss <= max |",
+        (
+            "| signal set | val AUROC a | val AUROC b | val loss | test AUROC a | test AUROC "
+            "b | test diff b - a [95% CI] | cost a (fwd-eq) | cost b (fwd-eq) | loss <= max |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
@@ -112,8 +116,8 @@ def markdown(result: dict[str, Any]) -> str:
         cost = [f"{c:.1f}" if c is not None else "–" for c in (r["cost_fe_a"], r["cost_fe_b"])]
         lines.append(
             f"| {r['signal_set']} | {r['val_auroc_a']:.4f} | {r['val_auroc_b']:.4f} | {r['val_loss']:+.4f} | "
-            f"{r['test_auroc_a']:.4f} | {r['test_auroc_b']:.4f} | {r['test_diff']:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}] | "
-            f"{cost[0]} | {cost[1]} | {'yes' if r['adopt'] else 'no'} |"
+            f"{r['test_auroc_a']:.4f} | {r['test_auroc_b']:.4f} | {r['test_diff']:+.4f} [{ci[0]:+.4f}, "
+            f"{ci[1]:+.4f}] | {cost[0]} | {cost[1]} | {'yes' if r['adopt'] else 'no'} |"
         )
     return "\n".join(lines) + "\n"
 

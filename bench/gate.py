@@ -545,7 +545,8 @@ def markdown(result: dict[str, Any]) -> str:
     floor = t.get("flop_floor", {})
     if "ratio_to_floor" in floor:
         lines.append(
-            f"| FLOP floor (1 + {result['n_mutants']} mutants) | {floor['floor_forward_equivalents']} forward-equivalents "
+            f"| FLOP floor (1 + {result['n_mutants']} mutants) | "
+            f"{floor['floor_forward_equivalents']} forward-equivalents "
             f"| - | - |"
         )
         for key, what in (("flop_floor", "whole gate"), ("flop_floor_onnx", "whole gate on ONNX Runtime")):

@@ -183,7 +183,8 @@ def table(outcomes: list[Outcome]) -> str:
     for o in outcomes:
         result = "ok" if o.ok else f"FAIL: {o.problem}"
         lines.append(
-            f"{o.name:40} {o.group:13} {o.status:>6} {o.error_type or '-':24} {1000 * o.seconds:8.1f}  {result}"
+            f"{o.name:40} {o.group:13} {o.status:>6} {o.error_type or '-':24} {1000 * o.seconds:8.1f}  "
+            f"{result}"
         )
     return "\n".join(lines)
 
@@ -243,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(
         f"\n{summary['kinds']} kinds: {summary['passed']} as expected, {summary['failed']} not, "
-        f"{summary['server_errors']} 5xx; statuses {summary['statuses']}; liveness problems: {len(alive_problems)}"
+        f"{summary['server_errors']} 5xx; statuses {summary['statuses']}; liveness problems: "
+        f"{len(alive_problems)}"
     )
     if sampler:
         print(

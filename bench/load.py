@@ -19,8 +19,9 @@ With ``--sigterm-after S --server-pid PID`` the server gets SIGTERM S seconds in
 at that moment must still be answered (graceful drain), and requests sent afterwards either get an
 answer or find the server gone (connection refused or closed before any answer: ``refused``, not
 lost; the worker then stops). A request that could not even connect never left the client, so after
-SIGTERM it is refused however early it was started. ``/metrics`` is sampled for the queue depth throughout. Exit status 1
-when anything was lost or unexpected. Loopback only unless ``--allow-remote``.
+SIGTERM it is refused however early it was started. ``/metrics`` is sampled for the queue depth
+throughout. Exit status 1 when anything was lost or unexpected. Loopback only unless
+``--allow-remote``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ instance (``--engine ray``, ``--ray-actors`` actors of one CPU each). Reports im
 the extraction itself (the manifest's stage seconds), the command's wall time (Ray's start-up
 included), and whether the two feature tables are equal (labels exactly, floats within 1e-5).
 
-    python -m bench.ray_features --bundle bundles/fashion-mnist-quick --split test --out reports/scaling/ray-features.json
+    python -m bench.ray_features --bundle bundles/fashion-mnist-quick --split test \\
+        --out reports/scaling/ray-features.json
 """
 
 from __future__ import annotations

@@ -323,9 +323,9 @@ def run(
 
 def render(result: dict[str, Any]) -> str:
     lines = [
-        f"{result['replicas']} replicas behind HAProxy, {result['concurrency']} clients, {result['seconds']:.0f} s, "
-        f"signal set {result['signal_set']}; {result['killed_replica']} got SIG{result['kill_signal']} "
-        f"at {result['killed_at_s']:.1f} s"
+        f"{result['replicas']} replicas behind HAProxy, {result['concurrency']} clients, "
+        f"{result['seconds']:.0f} s, signal set {result['signal_set']}; {result['killed_replica']} got "
+        f"SIG{result['kill_signal']} at {result['killed_at_s']:.1f} s"
         if result.get("killed_at_s") is not None
         else "no replica killed",
         f"{'phase':<12} {'requests':>9} {'ok':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}",
@@ -334,8 +334,8 @@ def render(result: dict[str, Any]) -> str:
         if phase in result:
             s = result[phase]
             lines.append(
-                f"{phase:<12} {s['requests']:>9} {s['ok']:>7} {s['throughput_rps']:>8.1f} {s['p50_ms']:>8.1f} "
-                f"{s['p99_ms']:>8.1f} {s['max_ms']:>8.1f}"
+                f"{phase:<12} {s['requests']:>9} {s['ok']:>7} {s['throughput_rps']:>8.1f} "
+                f"{s['p50_ms']:>8.1f} {s['p99_ms']:>8.1f} {s['max_ms']:>8.1f}"
             )
     h = result["haproxy"]
     lines.append(

@@ -313,26 +313,34 @@ def _fmt(value: float) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    head = "| server | signal set | concurrency | requests ok | errors | p50 ms | p95 ms | p99 ms | req/s | mean gate batch |"
+    head = (
+        "| server | signal set | concurrency | requests ok | errors | p50 ms | p95 ms | p99 ms | req/s "
+        "| mean gate batch |"
+    )
     lines = [head, "|" + " --- |" * 10]
     for mode, rows in result["results"].items():
         for r in rows:
             errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
             lines.append(
                 f"| {mode} | {r['signal_set']} | {r['concurrency']} | {r['requests_ok']} | {errors} | "
-                f"{_fmt(r['p50_ms'])} | {_fmt(r['p95_ms'])} | {_fmt(r['p99_ms'])} | {_fmt(r['throughput_rps'])} | "
+                f"{_fmt(r['p50_ms'])} | {_fmt(r['p95_ms'])} | {_fmt(r['p99_ms'])} | "
+                f"{_fmt(r['throughput_rps'])} | "
                 f"{_fmt(r['mean_batch_size'])} |"
             )
     if result["batching_ratio"]:
         lines += [
             "",
-            "| signal set | concurrency | batched req/s | unbatched req/s | ratio | batched p99 ms | goal | met |",
+            (
+                "| signal set | concurrency | batched req/s | unbatched req/s | ratio | batched p99 ms "
+                "| goal | met |"
+            ),
         ]
         lines.append("|" + " --- |" * 8)
         for r in result["batching_ratio"]:
             lines.append(
-                f"| {r['signal_set']} | {r['concurrency']} | {_fmt(r['batched_rps'])} | {_fmt(r['unbatched_rps'])} | "
-                f"{r['ratio']:.2f} | {_fmt(r['batched_p99_ms'])} | {r['target']} | {'yes' if r['met'] else 'no'} |"
+                f"| {r['signal_set']} | {r['concurrency']} | {_fmt(r['batched_rps'])} | "
+                f"{_fmt(r['unbatched_rps'])} | {r['ratio']:.2f} | {_fmt(r['batched_p99_ms'])} | "
+                f"{r['target']} | {'yes' if r['met'] else 'no'} |"
             )
     return "\n".join(lines)
 

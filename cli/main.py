@@ -48,8 +48,8 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--arch",
         default="resnet20",
-        help="resnet20, a torchvision model name, timm:NAME (a timm model, no download) or package.module:Class "
-        "(a class or function of your own, found on --code-path or installed)",
+        help="resnet20, a torchvision model name, timm:NAME (a timm model, no download) or "
+        "package.module:Class (a class or function of your own, found on --code-path or installed)",
     )
     model.add_argument(
         "--arch-kwargs", default=None, metavar="JSON", help="keyword arguments of --arch, as a JSON object"
@@ -61,8 +61,8 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         "--weights",
         type=Path,
         default=None,
-        help="import instead of training: safetensors, a state_dict (torch.save(model.state_dict())), a TorchScript "
-        "file or a torch.export program (.pt2); loaded into --arch",
+        help="import instead of training: safetensors, a state_dict (torch.save(model.state_dict())), a "
+        "TorchScript file or a torch.export program (.pt2); loaded into --arch",
     )
     model.add_argument(
         "--layer", default=None, help="conductance layer (default: the architecture's last feature map)"
@@ -82,7 +82,10 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         "--input-size",
         type=int,
         default=None,
-        help="side of the square input the model takes: images are scaled and centre-cropped as the server does",
+        help=(
+            "side of the square input the model takes: images "
+            "are scaled and centre-cropped as the server does"
+        ),
     )
     model.add_argument(
         "--channels",
@@ -99,8 +102,8 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         metavar="FILE",
-        help="indices (into the training files) of the images the model was trained on: cnn-train is drawn from "
-        "them, fit and val from the rest (text, .json or .npy)",
+        help="indices (into the training files) of the images the model was trained on: cnn-train is drawn "
+        "from them, fit and val from the rest (text, .json or .npy)",
     )
     model.add_argument(
         "--expected-accuracy",
@@ -158,7 +161,9 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="ALPHA",
-        help="stop LCR early: SPRT with alpha = beta = ALPHA over chunks of mutants, p0/p1 from the fit split",
+        help=(
+            "stop LCR early: SPRT with alpha = beta = ALPHA over chunks of mutants, p0/p1 from the fit split"
+        ),
     )
     parser.add_argument(
         "--lcr-chunk", type=int, default=None, help="mutants per chunk of the early-stopping LCR"
@@ -167,13 +172,19 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         "--cond-inputs",
         default=None,
         choices=["conductance", "conductance+class"],
-        help="what the conductance detector reads: conductance alone (the paper's, default) or with the predicted class",
+        help=(
+            "what the conductance detector reads: conductance alone "
+            "(the paper's, default) or with the predicted class"
+        ),
     )
     parser.add_argument(
         "--adv-train",
         default=None,
         choices=["pgd-linf", "pgd-l2"],
-        help="adversarial training: every batch replaced by its PGD version (Madry et al.; the seeds' robust models)",
+        help=(
+            "adversarial training: every batch replaced by its "
+            "PGD version (Madry et al.; the seeds' robust models)"
+        ),
     )
     parser.add_argument(
         "--adv-eps", type=float, default=None, help="adversarial training radius in [0, 1] pixels"
@@ -334,8 +345,8 @@ def cmd_mutants(args: argparse.Namespace) -> None:
     )
     info = bundle.manifest["mutants"]
     print(
-        f"{info['count']} {info['operator']} mutants at rate {info['rate']} in {info.get('modules') or 'all layers'} "
-        f"({info['filters_per_mutant']} of "
+        f"{info['count']} {info['operator']} mutants at rate {info['rate']} in "
+        f"{info.get('modules') or 'all layers'} ({info['filters_per_mutant']} of "
         f"{info['total_filters']} filters each), acceptance rate {info['acceptance_rate']:.2f}"
     )
 
@@ -415,8 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="DB",
-        help="with --from B --redo detectors: refit B's served signal set with the reviewed rejections of this "
-        "outbox (the server's PREDGATE_FALLBACK_DIR or its outbox.sqlite3); the report says if it helped",
+        help="with --from B --redo detectors: refit B's served signal set with the reviewed rejections of "
+        "this outbox (the server's PREDGATE_FALLBACK_DIR or its outbox.sqlite3); the report says if it "
+        "helped",
     )
     build.add_argument(
         "--review-held-out",

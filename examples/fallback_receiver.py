@@ -26,7 +26,8 @@ from pathlib import Path
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS received (
-    key TEXT PRIMARY KEY, request_id TEXT, verdict TEXT, image_bytes INTEGER, first_at REAL, deliveries INTEGER
+    key TEXT PRIMARY KEY, request_id TEXT, verdict TEXT, image_bytes INTEGER, first_at REAL,
+    deliveries INTEGER
 )
 """
 

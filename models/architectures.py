@@ -37,7 +37,8 @@ def check_eval(model: nn.Module, what: str) -> None:
     training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
     if training:
         raise ConfigError(
-            f"{what} needs the model in eval mode; call model.eval() (modules in training mode: {training[:5]})"
+            f"{what} needs the model in eval mode; call model.eval() (modules in training mode: "
+            f"{training[:5]})"
         )
 
 
@@ -123,8 +124,9 @@ def _torchvision_builder(arch: str) -> Callable[..., nn.Module]:
     except ValueError as exc:
         close = difflib.get_close_matches(arch, tvm.list_models(), n=3)
         raise BundleError(
-            f"unknown architecture {arch!r}: not resnet20, a torchvision model{f' (closest: {close})' if close else ''}, "
-            "timm:NAME (a timm model) nor package.module:Class (a class of your own, with --code-path)"
+            f"unknown architecture {arch!r}: not resnet20, a torchvision "
+            f"model{f' (closest: {close})' if close else ''}, timm:NAME (a timm model) nor "
+            "package.module:Class (a class of your own, with --code-path)"
         ) from exc
 
 
@@ -295,7 +297,10 @@ class ModelSpec:
             factory, file = import_factory(self.name, self._code_path_here())
             if self.code_sha256 is not None and file is not None and _file_sha256(file) != self.code_sha256:
                 log.warning(
-                    "%s has changed since the bundle was built (sha256 differs): the weights may not mean the same",
+                    (
+                        "%s has changed since the bundle was built (sha256 "
+                        "differs): the weights may not mean the same"
+                    ),
                     file,
                 )
             return _call_factory(factory, self.name, self.kwargs)
@@ -317,8 +322,9 @@ class ModelSpec:
             ):
                 return folder
         raise ConfigError(
-            f"the bundle's model code ({self.name}) was recorded at {recorded}, which does not exist here: copy "
-            f"that folder to this machine and set {CODE_PATH_ENV} to it (or recreate it at the same path)"
+            f"the bundle's model code ({self.name}) was recorded at {recorded}, which does not exist here: "
+            f"copy that folder to this machine and set {CODE_PATH_ENV} to it (or recreate it at the same "
+            "path)"
         )
 
     def resolved(self) -> ModelSpec:
@@ -395,7 +401,8 @@ def _call_factory(factory: Callable[..., Any], arch: str, kwargs: dict[str, Any]
         model = factory(**kwargs)
     except TypeError as exc:
         raise ConfigError(
-            f"--arch {arch}: calling it with {json.dumps(kwargs)} failed ({exc}); give its arguments with --arch-kwargs JSON"
+            f"--arch {arch}: calling it with {json.dumps(kwargs)} failed ({exc}); give its arguments with "
+            "--arch-kwargs JSON"
         ) from exc
     if not isinstance(model, nn.Module):
         raise ConfigError(f"--arch {arch}: returned a {type(model).__name__}, not a torch.nn.Module")
@@ -439,14 +446,16 @@ def check_input_channels(model: nn.Module, channels: int, arch: str) -> None:
     if found is not None and found[1].in_channels != channels:
         name, conv = found
         raise ConfigError(
-            f"--arch {arch}: its first convolution {name!r} reads {conv.in_channels} channels, the images have "
-            f"{channels}: pass --channels {conv.in_channels} (images converted as the server converts uploads: "
-            f"grey repeated into RGB, RGB to luma) or build the model for {channels} channels (--arch-kwargs)"
+            f"--arch {arch}: its first convolution {name!r} reads {conv.in_channels} channels, the images "
+            f"have {channels}: pass --channels {conv.in_channels} (images converted as the server converts "
+            f"uploads: grey repeated into RGB, RGB to luma) or build the model for {channels} channels "
+            "(--arch-kwargs)"
         )
 
 
 def check_forward(model: nn.Module, input_shape: tuple[int, int, int], num_classes: int, arch: str) -> None:
-    """One forward pass on two zero images: the model must take ``C x H x W`` and give ``num_classes`` logits."""
+    """One forward pass on two zero images: the model must take ``C x H x W`` and give ``num_classes``
+    logits."""
     was_training = model.training
     model.eval()
     try:
@@ -455,8 +464,8 @@ def check_forward(model: nn.Module, input_shape: tuple[int, int, int], num_class
     except Exception as exc:  # any failure of a user's forward, reported in one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
-            f"--arch {arch} fails on a batch of {'x'.join(map(str, input_shape))} images: {first}; set the input "
-            "size (--input-size) and channels (--channels) the model was made for"
+            f"--arch {arch} fails on a batch of {'x'.join(map(str, input_shape))} images: {first}; set the "
+            "input size (--input-size) and channels (--channels) the model was made for"
         ) from exc
     finally:
         model.train(was_training)

@@ -610,7 +610,8 @@ def read_index_file(path: str | Path, pool_size: int) -> np.ndarray:
         )
     if values.min() < 0 or values.max() >= pool_size:
         raise DataError(
-            f"{path}: indices span [{values.min()}, {values.max()}], the training files hold {pool_size} images (0-based)"
+            f"{path}: indices span [{values.min()}, {values.max()}], the training files hold {pool_size} "
+            "images (0-based)"
         )
     return np.unique(values.astype(np.int64))
 
@@ -659,7 +660,8 @@ def make_splits(
     if spec.fit_is_cnn_train:
         if spec.fit is not None and not 0 < spec.fit <= len(indices["cnn-train"]):
             raise ValueError(
-                f"fit_is_cnn_train: fit={spec.fit} must be a subset size of cnn-train ({len(indices['cnn-train'])})"
+                f"fit_is_cnn_train: fit={spec.fit} must be a subset size of cnn-train "
+                f"({len(indices['cnn-train'])})"
             )
         # cnn-train is in permutation order, so its prefix is a random subset.
         indices["fit"] = indices["cnn-train"][: spec.fit].copy()
@@ -702,7 +704,8 @@ def _splits_around(train_pool_size: int, test_pool_size: int, spec: SplitSpec, n
     if spec.fit_is_cnn_train:
         if spec.fit is not None and not 0 < spec.fit <= len(indices["cnn-train"]):
             raise ValueError(
-                f"fit_is_cnn_train: fit={spec.fit} must be a subset size of cnn-train ({len(indices['cnn-train'])})"
+                f"fit_is_cnn_train: fit={spec.fit} must be a subset size of cnn-train "
+                f"({len(indices['cnn-train'])})"
             )
         indices["fit"], pools["fit"] = indices["cnn-train"][: spec.fit].copy(), "train"
     ordered = {name: indices[name] for name in SPLIT_NAMES}

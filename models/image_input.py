@@ -98,7 +98,8 @@ def _to_mode(image: Any, mode: str) -> Any:
         image = Image.fromarray(pixels, mode="L")
     elif image.mode in ("I", "F"):
         raise InputError(
-            f"image mode {image.mode!r} (32-bit integer or float pixels) is not supported; send 8- or 16-bit PNG or JPEG"
+            f"image mode {image.mode!r} (32-bit integer or float pixels) is not supported; "
+            "send 8- or 16-bit PNG or JPEG"
         )
     return image if image.mode == mode else image.convert(mode)
 
@@ -131,7 +132,8 @@ def decode_image(data: bytes, contract: InputContract) -> np.ndarray:
     width, height = image.size
     if width * height > contract.max_pixels:
         raise InputError(
-            f"image is {width}x{height} = {width * height} pixels, more than the limit of {contract.max_pixels}"
+            f"image is {width}x{height} = {width * height} pixels, "
+            f"more than the limit of {contract.max_pixels}"
         )
     if width < 1 or height < 1:
         raise InputError(f"image has no pixels ({width}x{height})")

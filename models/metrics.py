@@ -92,7 +92,8 @@ def risk_coverage_curve(scores: np.ndarray, wrong: np.ndarray) -> tuple[np.ndarr
 
 
 def aurc(scores: np.ndarray, wrong: np.ndarray) -> float:
-    """Area under the risk-coverage curve: the mean of :func:`risk_coverage_curve`'s risks (lower is better)."""
+    """Area under the risk-coverage curve: the mean of :func:`risk_coverage_curve`'s risks (lower is
+    better)."""
     return float(risk_coverage_curve(scores, wrong)[1].mean())
 
 

@@ -133,8 +133,9 @@ def generate_mutants(
         raise MutationError(
             f"kept {len(kept_specs)} of {len(seeds)} candidate {operator} mutants (needed {n_mutants}) with "
             f"accuracy >= {min_relative_accuracy:g} x original {original:.4f}; each changes {n_filters} of "
-            f"{result.total_filters} filters at rate {rate:g}{' in ' + str(list(modules)) if modules else ''}; "
-            "try a lower rate or a larger max_attempts",
+            f"{result.total_filters} filters at rate "
+            f"{rate:g}{' in ' + str(list(modules)) if modules else ''}; try a lower rate or a larger "
+            "max_attempts",
             partial=result,
         )
     return result

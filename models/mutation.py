@@ -13,7 +13,8 @@ A :class:`MutantSpec` (operator, rate, seed, chosen filters) plus the original w
 the mutant exactly, so a bundle stores specs, never weight copies; :func:`mutant_weights_hash`
 lets it check that regeneration still gives the same weights.
 :func:`models.mutant_search.generate_mutants` applies the acceptance rule of the method (keep a
-mutant only if its validation accuracy is at least 0.9 x the original's). Batched evaluation of many mutants lives in :mod:`models.lcr`.
+mutant only if its validation accuracy is at least 0.9 x the original's). Batched evaluation of many
+mutants lives in :mod:`models.lcr`.
 """
 
 from __future__ import annotations

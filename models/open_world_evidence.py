@@ -80,7 +80,8 @@ class OpenWorldScorers:
         section = (bundle.get(OPEN_WORLD_DIR) or {}).get("scorers")
         if not section:
             raise BundleError(
-                "this bundle has no open-world scorers: run `predgate open-world --bundle B --adopt` to fit them"
+                "this bundle has no open-world scorers: "
+                "run `predgate open-world --bundle B --adopt` to fit them"
             )
         loaded = {}
         for name, kind in _SCORER_TYPES.items():

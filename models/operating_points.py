@@ -266,10 +266,10 @@ def choose_threshold(scores_val: np.ndarray, wrong_val: np.ndarray, spec: str) -
         if feasible.size == 0:
             best = float(risk_upper[some].min())
             raise ConfigError(
-                f"operating point {spec!r} is infeasible on val: the smallest {parsed.confidence:g}-confidence "
-                f"upper bound on risk over all thresholds is {best:.4f} > {parsed.target:g} "
-                f"({cand.n_wrong} wrong of {cand.n_wrong + cand.n_correct} val predictions); "
-                "relax the risk or confidence, or use a larger val split"
+                f"operating point {spec!r} is infeasible on val: the smallest "
+                f"{parsed.confidence:g}-confidence upper bound on risk over all thresholds is {best:.4f} > "
+                f"{parsed.target:g} ({cand.n_wrong} wrong of {cand.n_wrong + cand.n_correct} val "
+                "predictions); relax the risk or confidence, or use a larger val split"
             )
         index = int(feasible[-1])
     return OperatingPoint(

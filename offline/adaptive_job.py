@@ -276,22 +276,27 @@ def write_markdown(result: dict[str, Any], path: Path, plot_name: str) -> None:
         f"# Attacks that know the gate: `{result['bundle_id']}`",
         "",
         (
-            f"{result['clean_correct']} correctly classified images of the first {result['images']} test images; "
-            f"l-inf eps {result['eps']:g}, {result['steps']} steps of {result['step_size']:.4g} (random start); "
-            f"adaptive loss weight {result['lam']:g}; the attacker differentiates {result['attack_mutants']} mutants "
-            f"(the bundle holds {result['mutants_in_bundle']}); black box: Square with {result['square_queries']} "
-            f"queries on the CNN's probabilities, {result['verdict_tries']} tries, the first accepted kept. Judged by the real gate on the uint8 rounding at each "
-            f"set's default operating point; 95% CIs from {result['n_boot']} bootstrap resamples."
+            f"{result['clean_correct']} correctly classified images of the first {result['images']} test "
+            f"images; l-inf eps {result['eps']:g}, {result['steps']} steps of {result['step_size']:.4g} "
+            f"(random start); adaptive loss weight {result['lam']:g}; the attacker differentiates "
+            f"{result['attack_mutants']} mutants (the bundle holds {result['mutants_in_bundle']}); black "
+            f"box: Square with {result['square_queries']} queries on the CNN's probabilities, "
+            f"{result['verdict_tries']} tries, the first accepted kept. Judged by the real gate on the uint8 "
+            f"rounding at each set's default operating point; 95% CIs from {result['n_boot']} bootstrap "
+            "resamples."
         ),
         "",
         (
-            "**Survival** = the answer is wrong and the gate accepts it. Difference to MSP: the set's survival minus "
-            "MSP's under the same kind of attack (PGD that ignores the gate, the attack adaptive to that set, or "
-            "`any`: per image whichever attack got through), paired; below 0 means the set lets fewer wrong answers "
-            "through than MSP."
+            "**Survival** = the answer is wrong and the gate accepts it. Difference to MSP: the set's "
+            "survival minus MSP's under the same kind of attack (PGD that ignores the gate, the attack "
+            "adaptive to that set, or `any`: per image whichever attack got through), paired; below 0 means "
+            "the set lets fewer wrong answers through than MSP."
         ),
         "",
-        "| signal set | attack | clean rejection | success | rejected among fooled | survival [95% CI] | vs MSP [95% CI] | s |",
+        (
+            "| signal set | attack | clean rejection | success | rejected "
+            "among fooled | survival [95% CI] | vs MSP [95% CI] | s |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in result["sets"].items():
@@ -299,8 +304,9 @@ def write_markdown(result: dict[str, Any], path: Path, plot_name: str) -> None:
             ci, d = r["survival_ci"], r["vs_msp"]
             lines.append(
                 f"| {name} | {variant} | {_pct(entry['clean_rejection'])} | {_pct(r['success_rate'])} | "
-                f"{_pct(r['rejected_among_fooled'])} | {_pct(r['survival_rate'])} [{_pct(ci[0])}, {_pct(ci[1])}] | "
-                f"{100 * d['diff']:+.1f} [{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}] | {r['seconds']:.0f} |"
+                f"{_pct(r['rejected_among_fooled'])} | {_pct(r['survival_rate'])} [{_pct(ci[0])}, "
+                f"{_pct(ci[1])}] | {100 * d['diff']:+.1f} [{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}] "
+                f"| {r['seconds']:.0f} |"
             )
     skipped = [
         f"`{n}` ({e['not_attacked_adaptively']})"

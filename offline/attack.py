@@ -257,6 +257,7 @@ def run(args: argparse.Namespace, progress: bool) -> None:
     )
     print(
         f"{spec.tag}: {summary['images']} images, success rate {summary['success_rate']:.4f} "
-        f"(of {summary['clean_correct']} correctly classified), adversarial accuracy {summary['adv_accuracy']:.4f}, "
-        f"{summary['seconds_per_image'] * 1000:.1f} ms/image -> {args.bundle / ADVERSARIAL_DIR / spec.tag}"
+        f"(of {summary['clean_correct']} correctly classified), adversarial accuracy "
+        f"{summary['adv_accuracy']:.4f}, {summary['seconds_per_image'] * 1000:.1f} ms/image -> "
+        f"{args.bundle / ADVERSARIAL_DIR / spec.tag}"
     )

@@ -1,7 +1,7 @@
 """``predgate attribution``: attribution maps of natural vs. robust models on clean vs. adversarial inputs.
 
-    predgate attribution --bundle bundles/fm --compare bundles/fm-robust --tag pgd-linf-eps0.1-steps10-alpha0.025 \\
-        --images 200 --out reports/fashion-mnist/attribution
+    predgate attribution --bundle bundles/fm --compare bundles/fm-robust \\
+        --tag pgd-linf-eps0.1-steps10-alpha0.025 --images 200 --out reports/fashion-mnist/attribution
 
 For each model (the bundle, and ``--compare`` if given) and each captum method (saliency,
 integrated gradients, Grad-CAM), on the first ``--images`` test images and their stored adversarial
@@ -163,8 +163,9 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         f"# Attribution maps: {result['tag']}",
         "",
         (
-            f"First {result['images']} test images; top-k = {result['k_share']:.0%} of the pixels; instability noise "
-            f"std {result['noise_std']} (normalised units); bootstrap {result['n_boot']} replicates, 95% CIs."
+            f"First {result['images']} test images; top-k = {result['k_share']:.0%} of the pixels; "
+            f"instability noise std {result['noise_std']} (normalised units); bootstrap {result['n_boot']} "
+            "replicates, 95% CIs."
         ),
         "",
         "| model | clean acc | adv acc | success rate |",
@@ -177,8 +178,8 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
     lines += [
         "",
         (
-            "| model | method | cleanliness clean | cleanliness adversarial | top-k overlap clean/adv (successful) "
-            "| instability AUROC | MSP AUROC | difference [95% CI] |"
+            "| model | method | cleanliness clean | cleanliness adversarial | top-k overlap clean/adv "
+            "(successful) | instability AUROC | MSP AUROC | difference [95% CI] |"
         ),
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]

@@ -117,8 +117,8 @@ def build_bundle(
         _say(
             f"model: {bundle.model_spec.name} on {'x'.join(map(str, pre.input_shape))} inputs (size from "
             f"{pre.sources.get('input_size')}, channels from {pre.sources.get('channels')}), mean "
-            f"{[round(v, 4) for v in pre.mean]} std {[round(v, 4) for v in pre.std]} (from {pre.sources.get('mean')}); "
-            f"conductance layer {bundle.manifest['conductance']['layer']!r}"
+            f"{[round(v, 4) for v in pre.mean]} std {[round(v, 4) for v in pre.std]} (from "
+            f"{pre.sources.get('mean')}); conductance layer {bundle.manifest['conductance']['layer']!r}"
             + (
                 f" ({bundle.manifest['conductance']['layer_chosen_by']})"
                 if "layer_chosen_by" in bundle.manifest["conductance"]

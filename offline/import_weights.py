@@ -120,8 +120,8 @@ def _from_torch_save(path: Path) -> ImportedWeights:
         found = re.search(r"GLOBAL ([\w.]+)", text)
         what = f" ({found.group(1)})" if found else ""
         raise ConfigError(
-            f"--weights {path.name} holds a pickled Python object{what}, not a state_dict: predgate loads weights "
-            "with weights_only=True (unpickling can run any code). Save them with "
+            f"--weights {path.name} holds a pickled Python object{what}, not a state_dict: predgate loads "
+            "weights with weights_only=True (unpickling can run any code). Save them with "
             "torch.save(model.state_dict(), 'weights.pt') or safetensors.torch.save_file(model.state_dict(), "
             "'weights.safetensors') and name the class with --arch package.module:Class"
         ) from None
@@ -133,8 +133,8 @@ def _from_torch_save(path: Path) -> ImportedWeights:
                 return ImportedWeights(dict(obj[key]), f"checkpoint[{key!r}]")
         keys = sorted(map(str, obj))[:8]
         raise ConfigError(
-            f"--weights {path.name} is a dict without a state_dict (keys {keys}); save model.state_dict() itself, "
-            f"or put it under one of {list(CHECKPOINT_KEYS)}"
+            f"--weights {path.name} is a dict without a state_dict (keys {keys}); save model.state_dict() "
+            f"itself, or put it under one of {list(CHECKPOINT_KEYS)}"
         )
     raise ConfigError(
         f"--weights {path.name} holds a {type(obj).__name__}, not a state_dict; give {SUPPORTED}"
@@ -188,8 +188,8 @@ def read_weights(path: str | Path) -> ImportedWeights:
         return _from_export(path)
     if kind == "onnx":
         raise ConfigError(
-            f"--weights {path.name}: ONNX files are not read (conductance and mutants need the PyTorch module); "
-            f"give {SUPPORTED}"
+            f"--weights {path.name}: ONNX files are not read (conductance and mutants need the PyTorch "
+            f"module); give {SUPPORTED}"
         )
     raise ConfigError(f"--weights {path.name}: unknown format; give {SUPPORTED}")
 
@@ -217,9 +217,9 @@ def load_into(model: nn.Module, imported: ImportedWeights, arch: str, file: str)
         if have.ndim == 4 and have.shape[1] * module.groups != module.in_channels:
             channels = have.shape[1] * module.groups
             raise ConfigError(
-                f"--weights {file}: the first convolution {name!r} was trained on {channels}-channel images, the "
-                f"model is built for {module.in_channels}: pass --channels {channels} (images converted as the server "
-                f"converts uploads: grey repeated into RGB, RGB to luma)"
+                f"--weights {file}: the first convolution {name!r} was trained on {channels}-channel images, "
+                f"the model is built for {module.in_channels}: pass --channels {channels} (images converted "
+                "as the server converts uploads: grey repeated into RGB, RGB to luma)"
             )
     head = _last_linear(model)
     if head is not None and f"{head[0]}.weight" in state:
@@ -249,8 +249,8 @@ def load_into(model: nn.Module, imported: ImportedWeights, arch: str, file: str)
             f"; the file was made from class {imported.original_class}" if imported.original_class else ""
         )
         raise ConfigError(
-            f"--weights {file} does not fit --arch {arch}: {', '.join(parts)}{made_from}; name the architecture "
-            "(and its --arch-kwargs) the weights were saved from"
+            f"--weights {file} does not fit --arch {arch}: {', '.join(parts)}{made_from}; name the "
+            "architecture (and its --arch-kwargs) the weights were saved from"
         )
     model.load_state_dict(state, strict=True)
 
@@ -270,8 +270,8 @@ def check_reference(
         except Exception as exc:  # a scripted or exported forward fails in many ways
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ConfigError(
-                f"--weights {file}: its own forward fails on a batch of {tuple(x.shape)}: {first} (export it with a "
-                "dynamic batch dimension, e.g. dynamic_shapes={'x': {0: torch.export.Dim('n')}})"
+                f"--weights {file}: its own forward fails on a batch of {tuple(x.shape)}: {first} (export it "
+                "with a dynamic batch dimension, e.g. dynamic_shapes={'x': {0: torch.export.Dim('n')}})"
             ) from exc
     if not isinstance(theirs, torch.Tensor) or theirs.shape != ours.shape:
         got = tuple(theirs.shape) if isinstance(theirs, torch.Tensor) else type(theirs).__name__
@@ -283,7 +283,7 @@ def check_reference(
     if rel > REFERENCE_RTOL:
         made_from = f" (made from class {imported.original_class})" if imported.original_class else ""
         raise ConfigError(
-            f"--weights {file}{made_from}: with its weights, --arch {arch} gives logits {rel:.2g} (relative) away from the "
-            "file's own forward: --arch is not the architecture the file was made from"
+            f"--weights {file}{made_from}: with its weights, --arch {arch} gives logits {rel:.2g} (relative) "
+            "away from the file's own forward: --arch is not the architecture the file was made from"
         )
     return rel

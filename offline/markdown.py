@@ -32,12 +32,13 @@ def fit_source(manifest: dict[str, Any]) -> str:
     named = splits.get("cnn_train_indices")
     if named:
         return (
-            f"a **held-out fit split** of {splits['sizes']['fit']} images the CNN never saw (the {named['count']} "
-            f"images it was trained on, named by {named.get('given_as') or 'the index file'}, were left out)"
+            f"a **held-out fit split** of {splits['sizes']['fit']} images the CNN never saw (the "
+            f"{named['count']} images it was trained on, named by "
+            f"{named.get('given_as') or 'the index file'}, were left out)"
         )
     if (manifest.get("training") or {}).get("imported_weights"):
         return (
-            f"a fit split of {splits['sizes']['fit']} images that **may overlap the CNN's training data** (the "
-            "weights were imported and no --exclude-indices file named the images they were trained on)"
+            f"a fit split of {splits['sizes']['fit']} images that **may overlap the CNN's training data** "
+            "(the weights were imported and no --exclude-indices file named the images they were trained on)"
         )
     return f"a **held-out fit split** of {splits['sizes']['fit']} images the CNN never saw"

@@ -63,15 +63,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--held-out-class",
         default=None,
         metavar="DIR",
-        help="folder of images of a class the bundle was not trained on (an image-folder bundle's near unknown set)",
+        help=(
+            "folder of images of a class the bundle was not "
+            "trained on (an image-folder bundle's near unknown set)"
+        ),
     )
     parser.add_argument(
         "--adopt",
         nargs="*",
         default=None,
         metavar="VARIANT/SET",
-        help="store these evaluated sets (e.g. exposed/feat+softmax) and the scorers in the bundle, servable; "
-        "with no value: the set the report chooses",
+        help="store these evaluated sets (e.g. exposed/feat+softmax) and the scorers in the bundle, "
+        "servable; with no value: the set the report chooses",
     )
     parser.add_argument(
         "--make-default",

@@ -332,16 +332,31 @@ def render(result: OpenWorldResult, table: dict[str, Any], costs: dict[str, floa
     lines = [
         f"# Open-world report: {bundle_id}",
         "",
-        f"Settings: {json.dumps(result.settings)}. Clean test accuracy of the CNN: {result.accuracy_clean:.4f}.",
-        "Variants: `clean` = detectors fitted on the clean fit split, thresholds on clean val; `exposed` = fit and",
-        "val also hold the exposure rows (fit/val images under corruptions of other kinds than the evaluated ones,",
+        (
+            f"Settings: {json.dumps(result.settings)}. Clean test "
+            f"accuracy of the CNN: {result.accuracy_clean:.4f}."
+        ),
+        (
+            "Variants: `clean` = detectors fitted on the clean fit "
+            "split, thresholds on clean val; `exposed` = fit and"
+        ),
+        (
+            "val also hold the exposure rows (fit/val images under "
+            "corruptions of other kinds than the evaluated ones,"
+        ),
         "plus pixel- and patch-shuffled outliers). No regime below uses an exposure kind.",
-        "Differences are AUROC(set) - AUROC(baseline) on the same inputs, mean over detector seeds; the interval is",
+        (
+            "Differences are AUROC(set) - AUROC(baseline) on the "
+            "same inputs, mean over detector seeds; the interval is"
+        ),
         "seed 0's paired bootstrap 95% CI; (k/n) counts the seeds whose CI lies above 0.",
         "",
         "## Best set per regime",
         "",
-        "| regime | n (positive) | MSP | DOCTOR | best set, any cost | AUROC | vs MSP | vs DOCTOR | best at MSP's cost (1 fwd) | AUROC | vs MSP |",
+        (
+            "| regime | n (positive) | MSP | DOCTOR | best set, any cost | AUROC "
+            "| vs MSP | vs DOCTOR | best at MSP's cost (1 fwd) | AUROC | vs MSP |"
+        ),
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for regime, rows in table.items():
@@ -350,9 +365,9 @@ def render(result: OpenWorldResult, table: dict[str, Any], costs: dict[str, floa
         e = rows["sets"].get(b["equal_cost"]) if b["equal_cost"] else None
         lines.append(
             f"| {regime} | {rows['n']} ({rows['n_positive']}) | {rows['baselines']['msp']['auroc']:.4f} | "
-            f"{rows['baselines']['doctor']['auroc']:.4f} | `{b['any_cost']}` | {a['auroc']:.4f} | {_diff(a, 'msp')} | "
-            f"{_diff(a, 'doctor')} | `{b['equal_cost']}` | {_fmt(e['auroc'] if e else None)} | "
-            f"{_diff(e, 'msp') if e else '-'} |"
+            f"{rows['baselines']['doctor']['auroc']:.4f} | `{b['any_cost']}` | {a['auroc']:.4f} | "
+            f"{_diff(a, 'msp')} | {_diff(a, 'doctor')} | `{b['equal_cost']}` | "
+            f"{_fmt(e['auroc'] if e else None)} | {_diff(e, 'msp') if e else '-'} |"
         )
     shown = [("MSP", None), ("DOCTOR", None), (f"clean/{PAPER_SET}", f"clean/{PAPER_SET}")]
     if default["chosen"] is not None and default["chosen"] != f"clean/{PAPER_SET}":
@@ -375,7 +390,10 @@ def render(result: OpenWorldResult, table: dict[str, Any], costs: dict[str, floa
         "",
         f"## The paper's gate (`{PAPER_SET}`, clean variant) against MSP",
         "",
-        "| regime | AUROC | MSP | vs MSP | coverage (equal-recall) | accuracy accepted | MSP, same coverage |",
+        (
+            "| regime | AUROC | MSP | vs MSP | coverage "
+            "(equal-recall) | accuracy accepted | MSP, same coverage |"
+        ),
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for regime, row in paper_rows:
@@ -383,9 +401,9 @@ def render(result: OpenWorldResult, table: dict[str, Any], costs: dict[str, floa
             continue
         pts = row["per_seed"][0]["points"].get("equal-recall", {})
         lines.append(
-            f"| {regime} | {row['auroc']:.4f} | {table[regime]['baselines']['msp']['auroc']:.4f} | {_diff(row, 'msp')} | "
-            f"{_fmt(pts.get('coverage'), 3)} | {_fmt(pts.get('accuracy_accepted'), 3)} | "
-            f"{_fmt(pts.get('msp_accuracy_same_coverage'), 3)} |"
+            f"| {regime} | {row['auroc']:.4f} | {table[regime]['baselines']['msp']['auroc']:.4f} | "
+            f"{_diff(row, 'msp')} | {_fmt(pts.get('coverage'), 3)} | {_fmt(pts.get('accuracy_accepted'), 3)} "
+            f"| {_fmt(pts.get('msp_accuracy_same_coverage'), 3)} |"
         )
     lines += ["", "## Every set, AUROC per regime (mean over seeds)", ""]
     regimes = list(table)
@@ -445,7 +463,10 @@ def render(result: OpenWorldResult, table: dict[str, Any], costs: dict[str, floa
         "",
         "## Severity >= 3: accuracy among accepted inputs at the equal-recall point",
         "",
-        f"Target: above the bare CNN's clean accuracy ({result.accuracy_clean:.4f}) while MSP at the same coverage is not.",
+        (
+            "Target: above the bare CNN's clean accuracy "
+            f"({result.accuracy_clean:.4f}) while MSP at the same coverage is not."
+        ),
         "",
         "| regime | set | coverage | accuracy accepted | MSP, same coverage |",
         "| --- | --- | --- | --- | --- |",
@@ -467,7 +488,10 @@ def render(result: OpenWorldResult, table: dict[str, Any], costs: dict[str, floa
         "",
         "The exposed variant chooses its thresholds on a val mix with exposure rows; on clean test images:",
         "",
-        "| set | variant | clean AUROC | coverage (equal-recall) | accuracy accepted | risk=0.02@0.95 coverage |",
+        (
+            "| set | variant | clean AUROC | coverage (equal-recall) "
+            "| accuracy accepted | risk=0.02@0.95 coverage |"
+        ),
         "| --- | --- | --- | --- | --- | --- |",
     ]
     compared = [PAPER_SET] + ([default["chosen"].split("/", 1)[1]] if default["chosen"] else [])
@@ -480,9 +504,11 @@ def render(result: OpenWorldResult, table: dict[str, Any], costs: dict[str, floa
             eq = [p.get("equal-recall", {}) for p in seeds]
             rk = [p.get("risk=0.02@0.95", {}) for p in seeds]
             lines.append(
-                f"| `{name}` | {variant} | {row['auroc']:.4f} | {np.nanmean([p.get('coverage', np.nan) for p in eq]):.3f} | "
+                f"| `{name}` | {variant} | {row['auroc']:.4f} | "
+                f"{np.nanmean([p.get('coverage', np.nan) for p in eq]):.3f} | "
                 f"{np.nanmean([p.get('accuracy_accepted', np.nan) for p in eq]):.3f} | "
-                f"{_fmt(float(np.nanmean([p.get('coverage', np.nan) for p in rk])) if any(rk) else None, 3)} |"
+                f"{_fmt(float(np.nanmean([p.get('coverage', np.nan) for p in rk])) if any(rk) else None, 3)} "
+                "|"
             )
     lines += [
         "",
@@ -508,8 +534,14 @@ def render(result: OpenWorldResult, table: dict[str, Any], costs: dict[str, floa
         "",
         "## Default chosen by evidence",
         "",
-        f"Among sets costing at most the paper's gate ({costs.get(PAPER_SET, float('nan')):.1f} forward-equivalents),",
-        "ranked by the mean of the regime-group AUROCs (clean; shift, mean over severities; unknown, far and near; mixed):",
+        (
+            "Among sets costing at most the paper's gate "
+            f"({costs.get(PAPER_SET, float('nan')):.1f} forward-equivalents),"
+        ),
+        (
+            "ranked by the mean of the regime-group AUROCs (clean; "
+            "shift, mean over severities; unknown, far and near; mixed):"
+        ),
         "",
     ]
     for key, value in default["ranking"][:10]:
@@ -523,8 +555,9 @@ def render(result: OpenWorldResult, table: dict[str, Any], costs: dict[str, floa
         + ", perturbation "
         + json.dumps(result.scorers.get("perturbation")),
         (
-            f"Measured per image (2 CPU cores, batch 256): gate evidence {result.costs['gate_ms']:.2f} ms, penultimate "
-            f"features {result.costs['penultimate_ms']:.2f} ms, perturbation {result.costs['perturbation_ms']:.2f} ms."
+            f"Measured per image (2 CPU cores, batch 256): gate evidence {result.costs['gate_ms']:.2f} ms, "
+            f"penultimate features {result.costs['penultimate_ms']:.2f} ms, perturbation "
+            f"{result.costs['perturbation_ms']:.2f} ms."
         ),
         "",
         f"![shift]({OPEN_WORLD_REPORT['shift_plot']})",

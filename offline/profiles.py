@@ -113,7 +113,8 @@ def fixed_fields_differ(recorded: BuildProfile, requested: BuildProfile, redo: s
 # Fashion-MNIST has 60k train / 10k test images.
 PROFILES: dict[str, dict[str, BuildProfile]] = {
     "fashion-mnist": {
-        # Well within 15 minutes on 2 CPU cores: a 2-epoch CNN on 30k images, 50 mutants, 6k images of features.
+        # Well within 15 minutes on 2 CPU cores: a 2-epoch CNN on 30k images, 50 mutants, 6k images of
+        # features.
         # Default set chosen by the open-world report of this profile's bundle (docs/open-world.md):
         # best mean AUROC over clean, shifted, unknown and mixed inputs at one forward pass.
         "quick": BuildProfile(

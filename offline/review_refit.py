@@ -137,10 +137,11 @@ def _check_parts(refit: ReviewedInputs, held: ReviewedInputs, total: int, skippe
         right, wrong = int((~part.wrong).sum()), int(part.wrong.sum())
         if right < MIN_PER_PART or wrong < MIN_PER_PART:
             raise ConfigError(
-                f"{total} reviewed items fit this bundle ({int(sum(skipped.values()))} skipped: {skipped or 'none'}); "
-                f"the {name} part holds {right} right and {wrong} wrong answers, and each part needs at least "
-                f"{MIN_PER_PART} of both to refit and to judge the refit. Review more items on the review page "
-                "(both answers the CNN had right and ones it had wrong), then build again"
+                f"{total} reviewed items fit this bundle ({int(sum(skipped.values()))} skipped: "
+                f"{skipped or 'none'}); the {name} part holds {right} right and {wrong} wrong answers, and "
+                f"each part needs at least {MIN_PER_PART} of both to refit and to judge the refit. Review "
+                "more items on the review page (both answers the CNN had right and ones it had wrong), then "
+                "build again"
             )
 
 
@@ -295,7 +296,10 @@ def verdict(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     clean_worse = any(row["test"]["ci_vs_base"][1] < 0 for row in per_seed)
     beats_free = every_seed_above("held_out", "msp") and every_seed_above("held_out", "doctor")
     if helped:
-        text = "the refit helped: held-out reviewed AUROC above the base's on every seed (paired bootstrap CI > 0)"
+        text = (
+            "the refit helped: held-out reviewed AUROC above the base's on every seed "
+            "(paired bootstrap CI > 0)"
+        )
     elif hurt:
         text = "the refit hurt: held-out reviewed AUROC below the base's (CI < 0 on at least one seed)"
     else:
@@ -306,8 +310,8 @@ def verdict(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     text += "; " + (
         "above MSP and DOCTOR on the held-out reviews on every seed"
         if beats_free
-        else "NOT above both MSP and DOCTOR on the held-out reviews on every seed (softmax confidence is as good "
-        "or better)"
+        else "NOT above both MSP and DOCTOR on the held-out reviews on every seed (softmax confidence is "
+        "as good or better)"
     )
     return {
         "helped": helped,
@@ -470,6 +474,7 @@ def refit_from_reviews(
     bundle.save()
     _say(judged["text"])
     _say(
-        f"default signal set: {plan.refit_name} (the base set {plan.served!r} stays; PREDGATE_SIGNAL_SET switches)"
+        f"default signal set: {plan.refit_name} (the base set {plan.served!r} stays; PREDGATE_SIGNAL_SET "
+        "switches)"
     )
     return summary

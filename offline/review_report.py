@@ -45,11 +45,12 @@ def review_markdown(summary: dict[str, Any]) -> str:
         ),
         "",
         (
-            f"Reviews (`{summary['reviews_file']}`): {counts['reviewed']} fit this bundle, of which the CNN had "
-            f"{counts['wrong']} wrong ({counts['none_of_these']} of no class); skipped: "
-            f"{counts['skipped'] or 'none'}. Split (stratified by right/wrong, seed {summary['split_seed']}): "
-            f"{counts['refit']} to refit, {counts['held_out']} held out. Predictions recomputed by the bundle "
-            f"differing from those recorded at review time: {counts['prediction_changed']}."
+            f"Reviews (`{summary['reviews_file']}`): {counts['reviewed']} fit this bundle, of which the CNN "
+            f"had {counts['wrong']} wrong ({counts['none_of_these']} of no class); skipped: "
+            f"{counts['skipped'] or 'none'}. Split (stratified by right/wrong, seed "
+            f"{summary['split_seed']}): {counts['refit']} to refit, {counts['held_out']} held out. "
+            "Predictions recomputed by the bundle differing from those recorded at review time: "
+            f"{counts['prediction_changed']}."
         ),
         "",
         (
@@ -72,8 +73,8 @@ def review_markdown(summary: dict[str, Any]) -> str:
         for part, images in PARTS.items():
             got = row[part]
             lines.append(
-                f"| {row['seed']} | {images} | {fmt(got['auroc']['base'])} | {fmt(got['auroc']['reviewed'])} | "
-                f"{fmt(got['auroc']['msp'])} | {fmt(got['auroc']['doctor'])} | "
+                f"| {row['seed']} | {images} | {fmt(got['auroc']['base'])} | {fmt(got['auroc']['reviewed'])} "
+                f"| {fmt(got['auroc']['msp'])} | {fmt(got['auroc']['doctor'])} | "
                 + " | ".join(
                     f"{got[f'diff_vs_{n}']:+.4f} {signed_ci(got[f'ci_vs_{n}'])}"
                     for n in ("base", "msp", "doctor")
@@ -85,8 +86,8 @@ def review_markdown(summary: dict[str, Any]) -> str:
         f"## At the operating point `{summary['operating_point']}` (each arm's threshold chosen on val)",
         "",
         (
-            "On the held-out reviews the base gate rejected every image when it was served; an accepted right "
-            "answer is one a person need not have seen, an accepted wrong one is an error let through."
+            "On the held-out reviews the base gate rejected every image when it was served; an accepted "
+            "right answer is one a person need not have seen, an accepted wrong one is an error let through."
         ),
         "",
         "| seed | images | arm | coverage | selective accuracy | accepted right | accepted wrong |",

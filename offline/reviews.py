@@ -94,8 +94,8 @@ def read_reviews(path: Path | str, bundle: Bundle) -> ReviewedInputs:
     try:
         db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
         rows = db.execute(
-            "SELECT i.key, i.meta, i.image, i.image_type, r.label FROM items i JOIN reviews r ON r.key = i.key "
-            "ORDER BY r.reviewed_at, i.rowid"
+            "SELECT i.key, i.meta, i.image, i.image_type, r.label FROM items i JOIN reviews r ON r.key = "
+            "i.key ORDER BY r.reviewed_at, i.rowid"
         ).fetchall()
     except sqlite3.DatabaseError as exc:
         raise ConfigError(

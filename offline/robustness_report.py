@@ -191,12 +191,18 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         "",
         "Evidence of each rounded (uint8) adversarial image from the bundle's extractor; every signal set",
         "scores with the classifier and operating points fitted on clean data (it never saw an attack).",
-        f"AUROC with paired bootstrap 95% CI of the difference to {BASELINE} ({result['n_boot']} replicates);",
+        (
+            "AUROC with paired bootstrap 95% CI of the difference "
+            f"to {BASELINE} ({result['n_boot']} replicates);"
+        ),
         "**+** / **-**: CI above / below 0.",
         "",
         "## Attacks",
         "",
-        "| attack | images | clean correct | success rate | adversarial accuracy | mean LCR clean correct | mean LCR successful | raw-LCR AUROC adv vs clean |",
+        (
+            "| attack | images | clean correct | success rate | adversarial accuracy | "
+            "mean LCR clean correct | mean LCR successful | raw-LCR AUROC adv vs clean |"
+        ),
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for tag, r in result["attacks"].items():
@@ -204,8 +210,8 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         lcr_a = "-" if r["mean_lcr_successful"] is None else f"{r['mean_lcr_successful']:.3f}"
         raw = "-" if r["raw_lcr_auroc"] is None else f"{r['raw_lcr_auroc']:.3f}"
         lines.append(
-            f"| {tag} | {r['images']} | {r['clean_correct']} | {r['success_rate']:.3f} | {r['adv_accuracy']:.3f} "
-            f"| {lcr_c} | {lcr_a} | {raw} |"
+            f"| {tag} | {r['images']} | {r['clean_correct']} | {r['success_rate']:.3f} | "
+            f"{r['adv_accuracy']:.3f} | {lcr_c} | {lcr_a} | {raw} |"
         )
     for setting, title in (
         ("adv_vs_clean", "successful adversarial vs. clean correct (Wang et al.'s setting)"),

@@ -47,7 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--held-out-class",
         default=None,
         metavar="DIR",
-        help="folder of images of a class the bundle was not trained on (an image-folder bundle's near unknown set)",
+        help=(
+            "folder of images of a class the bundle was not "
+            "trained on (an image-folder bundle's near unknown set)"
+        ),
     )
 
 

@@ -53,8 +53,8 @@ def describe(name: str, setting: dict[str, Any]) -> str:
         f"{', in ' + ', '.join(mut['modules']) if mut.get('modules') else ''}); "
         f"conductance at `{cond.get('layer')}` ({cond.get('mode')} form)"
         f"{', its detector also reads the predicted class' if with_class else ''}; "
-        f"splits {', '.join(f'{k} {v}' for k, v in m['splits'].items())}; detectors trained on {fit_source(man)}"
-        f"{'; LCR stops early' if stopping else ''}."
+        f"splits {', '.join(f'{k} {v}' for k, v in m['splits'].items())}; detectors trained on "
+        f"{fit_source(man)}{'; LCR stops early' if stopping else ''}."
     )
 
 

@@ -283,21 +283,24 @@ def sweep_markdown(sweep: dict[str, Any]) -> str:
         (
             f"{sweep['n_mutants']} mutants per combination, each kept only with >= "
             f"{sweep['min_relative_accuracy']:g} x the original's accuracy on val images {a0}-{a1 - 1} "
-            f"(at most {sweep['max_attempts']} candidates); the model has {sweep['total_filters']} conv filters. "
-            f"LCR on {where}: {stop - start} images, {sweep['lcr_wrong']} wrong predictions "
-            f"(accuracy {fmt(sweep['lcr_accuracy'], 4)}). LCR is mean ± std (population) over correct and over "
-            "wrong predictions; AUROC is LCR's for finding wrong predictions."
+            f"(at most {sweep['max_attempts']} candidates); the model has {sweep['total_filters']} conv "
+            f"filters. LCR on {where}: {stop - start} images, {sweep['lcr_wrong']} wrong predictions "
+            f"(accuracy {fmt(sweep['lcr_accuracy'], 4)}). LCR is mean ± std (population) over correct and "
+            "over wrong predictions; AUROC is LCR's for finding wrong predictions."
         ),
         "",
-        "| operator | rate | filters per mutant | acceptance rate | kept acc. min | LCR correct | LCR wrong | AUROC |",
+        (
+            "| operator | rate | filters per mutant | acceptance "
+            "rate | kept acc. min | LCR correct | LCR wrong | AUROC |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in sweep["rows"]:
         if row.get("error"):
             lines.append(
-                f"| {row['operator']} | {row['rate']:g} | {_filters(row)} | {fmt(row.get('acceptance_rate'), 2)} "
-                f"({row.get('kept', 0)}/{row.get('attempts', 0)}) | {fmt(row.get('kept_accuracy_min'), 4)} | "
-                "failed | failed | – |"
+                f"| {row['operator']} | {row['rate']:g} | {_filters(row)} | "
+                f"{fmt(row.get('acceptance_rate'), 2)} ({row.get('kept', 0)}/{row.get('attempts', 0)}) | "
+                f"{fmt(row.get('kept_accuracy_min'), 4)} | failed | failed | – |"
             )
             continue
         lines.append(
@@ -312,8 +315,8 @@ def sweep_markdown(sweep: dict[str, Any]) -> str:
         msp = sweep.get("msp_auroc")
         reference = f" (max softmax probability on the same images: {fmt(msp, 3)})" if msp is not None else ""
         lines.append(
-            f"Best on val AUROC: **{best['operator']} at rate {best['rate']:g}** ({_filters(best)} filters per "
-            f"mutant), AUROC {fmt(best['auroc'], 3)}{reference}."
+            f"Best on val AUROC: **{best['operator']} at rate {best['rate']:g}** ({_filters(best)} filters "
+            f"per mutant), AUROC {fmt(best['auroc'], 3)}{reference}."
         )
     else:
         lines.append(

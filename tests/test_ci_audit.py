@@ -1,4 +1,5 @@
-"""CI's audit summary (.ci/audit_summary.py): a fixable vulnerability fails, nothing is read as clean unaudited."""
+"""CI's audit summary (.ci/audit_summary.py): a fixable vulnerability fails, nothing is read as clean
+unaudited."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Cleanliness and top-k overlap against naive implementations; instability is 0 for a map that cannot move."""
+"""Cleanliness and top-k overlap against naive implementations; instability is 0 for a map that
+cannot move."""
 
 from __future__ import annotations
 

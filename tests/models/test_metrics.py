@@ -159,7 +159,8 @@ def test_paired_bootstrap():
 
 
 def test_paired_bootstrap_ci_width_is_honest():
-    """Over independent val sets, the 90% CI of one fixed score covers the true AUROC about 90% of the time."""
+    """Over independent val sets, the 90% CI of one fixed score covers the true AUROC about 90% of the
+    time."""
     rng = np.random.default_rng(0)
     # binormal model: AUROC = Phi(d / sqrt(2))
     from scipy.stats import norm

@@ -1,4 +1,5 @@
-"""predgate attribution on the tiny bundle: its cleanliness and overlap equal captum and numpy called directly."""
+"""predgate attribution on the tiny bundle: its cleanliness and overlap equal captum and numpy called
+directly."""
 
 from __future__ import annotations
 

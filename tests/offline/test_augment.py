@@ -1,4 +1,5 @@
-"""The training dataset against the serving-time normalisation, and augmentation against a brute-force search."""
+"""The training dataset against the serving-time normalisation, and augmentation against a brute-force
+search."""
 
 from __future__ import annotations
 

@@ -136,7 +136,9 @@ def _initial_weights_digest(seed: int) -> str:
     ).stdout
 
 
-@pytest.mark.slow  # two fresh interpreters importing torch; test_train_twice_with_one_seed_gives_one_cnn checks seeding in-process
+# two fresh interpreters importing torch; test_train_twice_with_one_seed_gives_one_cnn checks seeding
+# in-process
+@pytest.mark.slow
 def test_the_same_seed_gives_the_same_initial_cnn_in_every_process() -> None:
     from offline.train import build_seeded_model
 
