@@ -249,7 +249,7 @@ def stage_factories(subject: Subject, x: torch.Tensor) -> dict[str, Callable[[],
     if onnx is not None:
 
         def forward_onnx() -> object:  # the ORT graph; outputs the conductance layer too where it is read
-            return onnx.model(x)
+            return onnx.forward(x)
 
         out["forward_onnx"] = lambda: forward_onnx
         if onnx.ensemble is not None:

@@ -41,10 +41,11 @@ class Normalisation:
         if tensor.ndim != 4:
             raise ValueError(f"expected N x H x W x C images, got shape {tuple(tensor.shape)}")
         mean, std = self._constants
-        out = torch.empty(
-            (tensor.shape[0], tensor.shape[3], tensor.shape[1], tensor.shape[2]), dtype=torch.float32
-        )
-        out.copy_(tensor.permute(0, 3, 1, 2))
+        channels_first = tensor.permute(0, 3, 1, 2)
+        # The batch keeps the pixels' own memory order (channels last, as decoded), as the
+        # out-of-place form did: the CNN's kernels were tuned and measured on that layout.
+        out = torch.empty_like(channels_first, dtype=torch.float32)
+        out.copy_(channels_first)
         return out.div_(255.0).sub_(mean).div_(std)
 
     @functools.cached_property

@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(32, ge=1, description="most images the gate runs in one batch")
     max_queue_delay_ms: float = Field(5.0, ge=0, description="longest wait for a batch to fill")
+    single_thread_below: int = Field(
+        8,
+        ge=0,
+        description="gate batches of fewer images run on one torch intra-op thread (0: never); a small "
+        "batch cannot keep several threads busy and pays their hand-offs (bench.gate_threads measures it)",
+    )
     queue_limit: int = Field(256, ge=1, description="most images waiting; beyond it requests get 503")
     batch_watchdog_s: float = Field(
         30.0, gt=0, description="a gate batch running longer than this is stuck: readiness off, new work 503"

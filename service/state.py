@@ -142,6 +142,7 @@ class ServiceState:
             gate,
             batcher_metrics=reports,
             stage_prefix=prefix,
+            single_thread_below=self.settings.single_thread_below,
             max_batch_size=self.settings.max_batch_size,
             max_queue_delay_s=self.settings.max_queue_delay_ms / 1000.0,
             queue_limit=self.settings.queue_limit,

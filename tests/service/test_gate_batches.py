@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 import torch
 
 from models.bundle import Bundle
 from models.gate import Gate
-from service.gate_batches import gate_batcher, stack_rows
+from service.gate_batches import GateBatches, gate_batcher, stack_rows
 
 
 def test_consecutive_rows_of_one_batch_are_joined_as_a_view() -> None:
@@ -21,6 +22,12 @@ def test_consecutive_rows_of_one_batch_are_joined_as_a_view() -> None:
     assert joined.data_ptr() == x.data_ptr()  # no copy
     middle = stack_rows(rows[1:4])
     assert torch.equal(middle, x[1:4]) and middle.data_ptr() == x[1].data_ptr()
+
+
+def test_a_channels_last_batch_is_joined_as_a_view_in_its_own_layout() -> None:
+    x = torch.randn(4, 6, 6, 3).permute(0, 3, 1, 2)  # decoded pixels: N x C x H x W, channels last
+    joined = stack_rows(list(x))
+    assert torch.equal(joined, x) and joined.data_ptr() == x.data_ptr() and joined.stride() == x.stride()
 
 
 def test_rows_from_several_requests_or_out_of_order_are_stacked() -> None:
@@ -58,3 +65,28 @@ def test_answers_are_rows_of_one_gate_output_equal_to_gate_run(
     np.testing.assert_allclose(out.unified_score, expected.unified_score, atol=1e-6)
     np.testing.assert_array_equal(out.reject, expected.reject)
     assert [out.verdict(i) for i in range(6)] == ["unknown" if r else "accept" for r in expected.reject]
+
+
+def test_small_batches_run_on_one_thread_and_large_ones_on_all(
+    gate: Gate, bundle: Bundle, sample_images: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[int] = []
+    real_run = gate.run
+
+    def recording_run(x: torch.Tensor, **kwargs: object) -> object:
+        seen.append(torch.get_num_threads())
+        return real_run(x, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(gate, "run", recording_run)
+    before = torch.get_num_threads()
+    try:
+        batches = GateBatches(gate, single_thread_below=4, threads=2)
+        plan = gate.plan()
+        for n in (1, 3, 4, 8):
+            out = batches(bundle.normalisation.apply(sample_images[:n]), plan)
+            assert len(out) == n
+        never = GateBatches(gate, single_thread_below=0, threads=2)
+        never(bundle.normalisation.apply(sample_images[:1]), plan)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1, 2, 2, 2]
