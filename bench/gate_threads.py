@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -64,18 +65,30 @@ def measure(
                 }
             )
     torch.set_num_threads(threads)
-    crossover = {}
-    for name in {r["signal_set"] for r in rows}:
-        wins = [r["batch_size"] for r in rows if r["signal_set"] == name and r["ratio_one_over_all"] > 1.0]
-        crossover[name] = min(wins) if wins else None
     return {
         "bundle": str(bundle.manifest["bundle_id"]),
         "threads": threads,
         "repeats": repeats,
-        "machine": {"cpus": torch.get_num_threads(), "processor": platform.processor()},
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor()},
         "rows": rows,
-        "all_threads_win_from": crossover,
+        "all_threads_win_from": crossover(rows),
     }
+
+
+def crossover(rows: list[dict[str, Any]]) -> dict[str, int | None]:
+    """Per signal set, the smallest measured batch from which all threads win at that batch and at
+    every larger one (None: one thread wins at the largest batch measured)."""
+    out: dict[str, int | None] = {}
+    for name in sorted({r["signal_set"] for r in rows}):
+        ordered = sorted((r for r in rows if r["signal_set"] == name), key=lambda r: r["batch_size"])
+        start = None
+        for row in ordered:
+            if row["ratio_one_over_all"] > 1.0:
+                start = row["batch_size"] if start is None else start
+            else:
+                start = None
+        out[name] = start
+    return out
 
 
 def table(result: dict[str, Any]) -> str:

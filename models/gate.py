@@ -8,7 +8,7 @@ on are the numbers it sees when serving.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -65,21 +65,34 @@ class SignalSet:
 Verdict = Literal["accept", "unknown"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GatePlan:
     """A signal set and operating point resolved once (by :meth:`Gate.plan`), for every image of a
     group: the names are checked when a request arrives, and the objects travel with its images to
-    :meth:`Gate.run`. Plans compare and hash by name, so they are the batcher's group key."""
+    :meth:`Gate.run`. Plans compare and hash by :attr:`key` (the names), so they are the batcher's
+    group key."""
 
-    signal_set: SignalSet = field(compare=False, hash=False, repr=False)
-    point: OperatingPoint = field(compare=False, hash=False, repr=False)
+    signal_set: SignalSet
+    point: OperatingPoint
     full_evidence: bool = False
-    set_name: str = field(init=False)
-    point_name: str = field(init=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "set_name", self.signal_set.name)
-        object.__setattr__(self, "point_name", self.point.name)
+    @property
+    def key(self) -> tuple[str, str, bool]:
+        return self.signal_set.name, self.point.name, self.full_evidence
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, GatePlan) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    @property
+    def set_name(self) -> str:
+        return self.signal_set.name
+
+    @property
+    def point_name(self) -> str:
+        return self.point.name
 
     @property
     def needs_conductance(self) -> bool:
@@ -145,6 +158,8 @@ class Gate:
         self.cond_inputs = check_cond_inputs(cond_inputs)
         self.num_classes = num_classes
         self.open_world = open_world
+        self.point_names = frozenset(name for s in signal_sets.values() for name in s.operating_points)
+        """Every operating point name of any set: what a request may name (checked per request)."""
         needing = [n for n, s in signal_sets.items() if any(sig in OPEN_WORLD_SIGNALS for sig in s.signals)]
         if needing and open_world is None:
             raise BundleError(

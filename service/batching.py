@@ -109,10 +109,6 @@ PRIMARY_METRICS = BatcherMetrics(metrics.QUEUE_DEPTH, metrics.BATCH_SIZE)
 CASCADE_METRICS = BatcherMetrics(metrics.CASCADE_QUEUE_DEPTH, metrics.CASCADE_BATCH_SIZE)
 
 
-def _as_list(items: list[ItemT]) -> list[ItemT]:
-    return items
-
-
 class Batcher(Generic[KeyT, ItemT, OutT]):
     """Bounded queue plus one worker loop; see the module docstring.
 
@@ -120,20 +116,19 @@ class Batcher(Generic[KeyT, ItemT, OutT]):
     ----------
     run_batch : the batch function ``(batch, key) -> OutT`` (blocking; runs on a dedicated thread), where
         ``batch`` is ``collate`` of the group's items.
-    collate : turns a group's items (in queue order) into the batch function's input (default: the
-        list itself).
+    collate : turns a group's items (in queue order) into the batch function's input.
     max_batch_size : most images taken from the queue per round.
     max_queue_delay_s : how long the loop waits, after the first image, for a batch to fill.
     queue_limit : most images waiting; ``submit`` beyond it raises :class:`QueueFull`.
     watchdog_s : a gate run longer than this counts as stuck (None: no watchdog).
-    batcher_metrics : the queue-depth gauge, batch-size histogram and stage-label prefix it reports to.
+    batcher_metrics : the queue-depth gauge and batch-size histogram it reports to.
     """
 
     def __init__(
         self,
         run_batch: Callable[[object, KeyT], OutT],
         *,
-        collate: Callable[[list[ItemT]], object] = _as_list,
+        collate: Callable[[list[ItemT]], object],
         max_batch_size: int,
         max_queue_delay_s: float,
         queue_limit: int,

@@ -161,7 +161,7 @@ def _check_names(loaded: LoadedService, options: PredictOptions) -> None:
     if options.signal_set is not None:
         loaded.gate.signal_set(options.signal_set)
     if options.operating_point is not None:
-        points = {name for chosen in loaded.gate.signal_sets.values() for name in chosen.operating_points}
+        points = loaded.gate.point_names
         if options.operating_point not in points:
             raise ConfigError(
                 f"unknown operating point {options.operating_point!r}; stored: {sorted(points)}"

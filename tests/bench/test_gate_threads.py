@@ -44,3 +44,20 @@ def test_gate_threads_times_each_batch_on_one_and_on_all_threads(tiny_bundle: Pa
         assert row["ms_one_thread"] > 0 and row["ms_all_threads"] > 0
         assert row["ratio_one_over_all"] == row["ms_one_thread"] / row["ms_all_threads"]
     assert set(result["all_threads_win_from"]) == {r["signal_set"] for r in result["rows"]}
+
+
+def test_the_crossover_is_where_all_threads_win_from_then_on() -> None:
+    def row(name: str, bs: int, ratio: float) -> dict[str, object]:
+        return {"signal_set": name, "batch_size": bs, "ratio_one_over_all": ratio}
+
+    rows = [
+        row("a", 8, 1.4),
+        row("a", 1, 1.1),
+        row("a", 2, 0.9),
+        row("a", 4, 1.2),  # noise win at 1
+        row("b", 1, 0.5),
+        row("b", 2, 0.8),  # one thread wins throughout
+        row("c", 1, 1.3),
+        row("c", 2, 1.5),
+    ]
+    assert gate_threads.crossover(rows) == {"a": 4, "b": None, "c": 1}

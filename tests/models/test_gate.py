@@ -30,14 +30,23 @@ def test_plans_resolve_names_once_and_compare_by_name(gate: Gate) -> None:
         gate.plan(None, "nope")
 
 
-def test_run_with_a_plan_equals_run_with_names(gate: Gate, tiny_bundle: Path) -> None:
+def test_a_plan_computes_only_what_its_set_reads_and_decides_at_its_point(
+    gate: Gate, tiny_bundle: Path
+) -> None:
     bundle = load_bundle(tiny_bundle)
-    x = bundle.normalisation.apply(np.random.default_rng(0).integers(0, 256, (8, 28, 28, 1), dtype=np.uint8))
-    for name in gate.signal_sets:
-        by_name = gate.run(x, signal_set=name, full_evidence=True)
-        by_plan = gate.run(x, plan=gate.plan(name, full_evidence=True))
-        np.testing.assert_array_equal(by_plan.unified_score, by_name.unified_score)
-        assert len(by_plan) == 8 and by_plan.signal_set == name
-        assert [by_plan.verdict(i) for i in range(8)] == [
-            "unknown" if r else "accept" for r in by_name.reject
-        ]
+    c, h, w = bundle.input_shape
+    pixels = np.random.default_rng(0).integers(0, 256, (8, h, w, c), dtype=np.uint8)
+    x = bundle.normalisation.apply(pixels)
+    full = gate.run(x, plan=gate.plan(full_evidence=True))
+    assert full.conductance is not None and full.lcr is not None
+    for name, chosen in gate.signal_sets.items():
+        for point_name, point in chosen.operating_points.items():
+            out = gate.run(x, plan=gate.plan(name, point_name))
+            assert out.signal_set == name and out.operating_point is point and len(out) == 8
+            assert (out.lcr is not None) == ("lcr" in chosen.signals)
+            assert (out.conductance is not None) == ("cond" in chosen.signals)
+            np.testing.assert_array_equal(out.reject, out.unified_score > point.threshold)
+            assert [out.verdict(i) for i in range(8)] == ["unknown" if r else "accept" for r in out.reject]
+            np.testing.assert_array_equal(out.prediction, full.prediction)
+            if out.lcr is not None:
+                np.testing.assert_array_equal(out.lcr, full.lcr)
