@@ -34,7 +34,7 @@ from tqdm import tqdm
 from models.bundle import load_bundle
 from models.data import DataSource, Splits
 from models.gate import load_gate
-from models.metrics import bootstrap_indices
+from models.metrics import accept_lowest, paired_selective_accuracy
 from offline.corruptions import corrupt_images
 from offline.open_world_suites import EVAL_KINDS
 from offline.review_refit import auroc_comparison, baseline_scores
@@ -148,31 +148,6 @@ def _selective(wrong: np.ndarray, reject: np.ndarray) -> dict[str, float]:
     }
 
 
-def accept_lowest(scores: np.ndarray, n: int) -> np.ndarray:
-    """Accept the ``n`` images with the lowest risk score (stable order): any score at a given coverage."""
-    accepted = np.zeros(len(scores), dtype=bool)
-    accepted[np.argsort(scores, kind="stable")[:n]] = True
-    return accepted
-
-
-def paired_selective_ci(
-    accepted_a: np.ndarray, accepted_b: np.ndarray, wrong: np.ndarray, n_boot: int = 1000, seed: int = 0
-) -> dict[str, float | list[float]]:
-    """Selective accuracy of a minus b (the accepted sets fixed) with a paired percentile bootstrap 95% CI:
-    each replicate resamples the images once for both."""
-
-    def sel_acc(accepted: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        return ((counts * (accepted & ~wrong)).sum(1)) / np.maximum((counts * accepted).sum(1), 1)
-
-    diffs = []
-    for idx in bootstrap_indices(len(wrong), n_boot, seed):
-        counts = np.stack([np.bincount(row, minlength=len(wrong)) for row in idx])
-        diffs.append(sel_acc(accepted_a, counts) - sel_acc(accepted_b, counts))
-    both = np.concatenate(diffs)
-    full = float(1 - wrong[accepted_a].mean() - (1 - wrong[accepted_b].mean()))
-    return {"diff": full, "ci": [float(v) for v in np.percentile(both, [2.5, 97.5])]}
-
-
 def evaluate(args: argparse.Namespace) -> None:
     """Both sets of the refitted bundle (the base set and its refit) on a fresh stream nobody reviewed:
     AUROC against the base, MSP and DOCTOR with paired CIs, and every score at the base gate's coverage
@@ -220,7 +195,7 @@ def evaluate(args: argparse.Namespace) -> None:
         }
         if regime == "all":
             row["refit_minus_at_base_coverage"] = {
-                name: paired_selective_ci(at_base_coverage["reviewed"], acc, wrong)
+                name: paired_selective_accuracy(at_base_coverage["reviewed"], acc, wrong)
                 for name, acc in at_base_coverage.items()
                 if name != "reviewed"
             }

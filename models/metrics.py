@@ -135,6 +135,17 @@ def accuracy_with_fallback(wrong: np.ndarray, rejected: np.ndarray) -> dict[str,
     }
 
 
+def accept_lowest(scores: np.ndarray, n: int) -> np.ndarray:
+    """Accept the ``n`` inputs with the lowest risk score (stable order on ties): any score at the
+    coverage another one reached, so two scores are compared accepting exactly as many inputs."""
+    scores = np.asarray(scores).ravel()
+    if not 0 <= n <= scores.size:
+        raise ValueError(f"cannot accept {n} of {scores.size} inputs")
+    accepted = np.zeros(scores.size, dtype=bool)
+    accepted[np.argsort(scores, kind="stable")[:n]] = True
+    return accepted
+
+
 # --------------------------------------------------------------------------------------------------
 # paired bootstrap
 # --------------------------------------------------------------------------------------------------
@@ -252,3 +263,50 @@ def summarise(scores: np.ndarray, wrong: np.ndarray, threshold: float | None = N
     if threshold is not None:
         out.update(recalls_at_threshold(scores, wrong, threshold))
     return out
+
+
+def paired_selective_accuracy(
+    accepted_a: np.ndarray,
+    accepted_b: np.ndarray,
+    wrong: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """Accuracy among accepted inputs of two acceptance masks on the same inputs (typically at equal
+    coverage, see :func:`accept_lowest`), their difference a - b, and its paired percentile bootstrap
+    CI: each replicate resamples the inputs once for both masks, which stay fixed.
+
+    Returns ``accuracy_a``, ``accuracy_b``, ``diff`` (on the full data, nan where a mask accepts
+    nothing), ``ci_diff`` and ``n_boot``.
+    """
+    wrong = np.asarray(wrong).ravel().astype(bool)
+    accepted_a = np.asarray(accepted_a).ravel().astype(bool)
+    accepted_b = np.asarray(accepted_b).ravel().astype(bool)
+    if not wrong.shape == accepted_a.shape == accepted_b.shape or wrong.size == 0:
+        raise ValueError(
+            f"need equally long, non-empty arrays, got {wrong.shape}, {accepted_a.shape}, {accepted_b.shape}"
+        )
+    n = wrong.size
+
+    def selective(accepted: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (counts @ (accepted & ~wrong)) / (counts @ accepted)
+
+    diffs = []
+    for idx in bootstrap_indices(n, n_boot, seed):
+        rows = np.repeat(np.arange(idx.shape[0]), n)
+        counts = np.bincount(rows * n + idx.ravel(), minlength=idx.shape[0] * n).reshape(idx.shape[0], n)
+        diffs.append(selective(accepted_a, counts) - selective(accepted_b, counts))
+    both = np.concatenate(diffs)
+    both = both[np.isfinite(both)]
+    full = selective(accepted_a, np.ones((1, n)))[0], selective(accepted_b, np.ones((1, n)))[0]
+    tail = 100.0 * (1.0 - confidence) / 2.0
+    ci = [float(v) for v in np.percentile(both, [tail, 100.0 - tail])] if both.size else [np.nan, np.nan]
+    return {
+        "accuracy_a": float(full[0]),
+        "accuracy_b": float(full[1]),
+        "diff": float(full[0] - full[1]),
+        "ci_diff": ci,
+        "n_boot": int(n_boot),
+    }

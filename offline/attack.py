@@ -2,7 +2,11 @@
 
     predgate attack --bundle bundles/fashion-mnist-quick --attack pgd-linf --eps 0.1 --steps 10 --images 500
 
-Outputs go to ``BUNDLE/adversarial/<tag>/chunk-NNNNN.npz`` (``index`` into the test split,
+``--split fit`` / ``--split val`` attack those splits instead (stored as ``fit-<tag>`` / ``val-<tag>``):
+the rows a detector fitted with adversarial examples learns from (``predgate robustness
+--adv-exposure``), never the images it is measured on.
+
+Outputs go to ``BUNDLE/adversarial/<tag>/chunk-NNNNN.npz`` (``index`` into the attacked split,
 ``pixels`` float32 ``N x C x H x W`` in [0, 1] as the attack returned them, ``images`` the uint8
 rounding a PNG would carry, ``clean_prediction`` and ``adv_prediction`` of the rounded image).
 Each chunk is attacked with its own seed (``seed + chunk``), so an interrupted run resumes at the
@@ -48,10 +52,32 @@ from offline.ray_engine import (
 log = logging.getLogger("predgate.attack")
 
 
+SPLITS = ("test", "fit", "val")
+
+
+def stored_tag(tag: str, split: str) -> str:
+    """Where an attack on ``split`` is stored: the attack's own tag for the test split, else the split's
+    name in front, so adversarial rows a detector may learn from never mix with measured ones."""
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; attack one of {list(SPLITS)}")
+    return tag if split == "test" else f"{split}-{tag}"
+
+
+def attacked_split(bundle: Bundle, tag: str) -> str:
+    """The split the stored attack ``tag`` was made on (``test`` for records made before splits)."""
+    record = (bundle.get(ADVERSARIAL_DIR) or {}).get(tag)
+    if record is None:
+        raise ConfigError(
+            f"bundle has no adversarial images under {ADVERSARIAL_DIR}/{tag}: run predgate attack first"
+        )
+    return str(record["settings"].get("split", "test"))
+
+
 def run_attack(
     bundle: Bundle,
     spec: AttackSpec,
     *,
+    split: str = "test",
     images: int | None = None,
     chunk_size: int = 100,
     seed: int = 0,
@@ -59,32 +85,36 @@ def run_attack(
     progress: bool = True,
     engine: RayEngine | None = None,
 ) -> dict[str, Any]:
-    """Attack the first ``images`` test images (all when None) chunk by chunk; returns the summary.
+    """Attack the first ``images`` images of ``split`` (all when None) chunk by chunk; returns the
+    summary.
 
     With a Ray ``engine`` the missing chunks run on its actors, each seeded as here (``seed +
     chunk``), so the stored images are the same; ``seconds`` is then the wall time of the pool."""
-    test = load_splits(bundle)["test"]
-    n = len(test) if images is None else min(int(images), len(test))
+    tag = stored_tag(spec.tag, split)
+    data = load_splits(bundle)[split]
+    n = len(data) if images is None else min(int(images), len(data))
     if n < 1 or chunk_size < 1:
         raise ConfigError(f"need at least one image and chunk size >= 1, got {n} and {chunk_size}")
-    record = (bundle.get(ADVERSARIAL_DIR) or {}).get(spec.tag)
-    settings = {"spec": spec.to_dict(), "seed": seed, "chunk_size": chunk_size}
+    record = (bundle.get(ADVERSARIAL_DIR) or {}).get(tag)
+    settings: dict[str, Any] = {"spec": spec.to_dict(), "seed": seed, "chunk_size": chunk_size}
+    if split != "test":
+        settings["split"] = split
     if record is not None and record["settings"] != settings:
         raise ConfigError(
-            f"{ADVERSARIAL_DIR}/{spec.tag} was made with {record['settings']}, not {settings}: "
+            f"{ADVERSARIAL_DIR}/{tag} was made with {record['settings']}, not {settings}: "
             "rerun with the same settings or remove its files"
         )
     chunks = range(-(-n // chunk_size))
     seconds = float(record["seconds"]) if record else 0.0
-    missing = [c for c in chunks if not _chunk_stored(bundle, spec.tag, c)]
+    missing = [c for c in chunks if not _chunk_stored(bundle, tag, c)]
 
     def store(chunk: int, arrays: dict[str, np.ndarray], took: float) -> None:
         nonlocal seconds
         seconds += took
-        bundle.write_arrays(adversarial_chunk_file(spec.tag, chunk), arrays)
+        bundle.write_arrays(adversarial_chunk_file(tag, chunk), arrays)
         bundle.set(
             ADVERSARIAL_DIR,
-            {**(bundle.get(ADVERSARIAL_DIR) or {}), spec.tag: {"settings": settings, "seconds": seconds}},
+            {**(bundle.get(ADVERSARIAL_DIR) or {}), tag: {"settings": settings, "seconds": seconds}},
         )
         bundle.save()
 
@@ -95,15 +125,15 @@ def run_attack(
         kwargs = {
             "bundle_path": str(bundle.path),
             "spec": asdict(spec),
-            "images": ray.put(test.images),
-            "labels": ray.put(test.labels),
+            "images": ray.put(data.images),
+            "labels": ray.put(data.labels),
             "chunk_size": chunk_size,
             "seed": seed,
         }
         for out in tqdm(
             engine.map_chunks(AttackWorker, kwargs, missing),
             total=len(missing),
-            desc=f"attack {spec.tag} (ray)",
+            desc=f"attack {tag} (ray)",
             disable=not progress,
             unit="chunk",
         ):
@@ -114,26 +144,26 @@ def run_attack(
             start = now
     elif missing:
         model = bundle.load_model(device).eval()
-        for chunk in tqdm(missing, desc=f"attack {spec.tag}", disable=not progress, unit="chunk"):
-            idx = np.arange(chunk * chunk_size, min((chunk + 1) * chunk_size, len(test)))
+        for chunk in tqdm(missing, desc=f"attack {tag}", disable=not progress, unit="chunk"):
+            idx = np.arange(chunk * chunk_size, min((chunk + 1) * chunk_size, len(data)))
             start = time.perf_counter()
-            arrays = attack_chunk(
-                spec, model, bundle.normalisation, test.images, test.labels, idx, seed + chunk, device
+            chunk_arrays = attack_chunk(
+                spec, model, bundle.normalisation, data.images, data.labels, idx, seed + chunk, device
             )
-            store(chunk, arrays, time.perf_counter() - start)
-    table = load_adversarial(bundle, spec.tag, n)
-    correct = table["clean_prediction"] == test.labels[table["index"]]
-    fooled = correct & (table["adv_prediction"] != test.labels[table["index"]])
+            store(chunk, chunk_arrays, time.perf_counter() - start)
+    table = load_adversarial(bundle, tag, n)
+    correct = table["clean_prediction"] == data.labels[table["index"]]
+    fooled = correct & (table["adv_prediction"] != data.labels[table["index"]])
     summary = {
         "settings": settings,
         "images": len(table["index"]),
         "clean_correct": int(correct.sum()),
         "success_rate": float(fooled.sum() / max(int(correct.sum()), 1)),
-        "adv_accuracy": float((table["adv_prediction"] == test.labels[table["index"]]).mean()),
+        "adv_accuracy": float((table["adv_prediction"] == data.labels[table["index"]]).mean()),
         "seconds": seconds,
         "seconds_per_image": seconds / max(len(table["index"]), 1),
     }
-    bundle.set(ADVERSARIAL_DIR, {**(bundle.get(ADVERSARIAL_DIR) or {}), spec.tag: summary})
+    bundle.set(ADVERSARIAL_DIR, {**(bundle.get(ADVERSARIAL_DIR) or {}), tag: summary})
     bundle.save()
     return summary
 
@@ -229,7 +259,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=None, help="step size (default 2.5 * eps / steps)")
     parser.add_argument("--cw-c", type=float, default=1.0, help="C&W: weight of the misclassification term")
     parser.add_argument("--cw-lr", type=float, default=0.01, help="C&W: Adam learning rate")
-    parser.add_argument("--images", type=int, default=None, help="first N test images (default: all)")
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=list(SPLITS),
+        help="the split to attack: test (measured), or fit / val (rows for --adv-exposure detectors)",
+    )
+    parser.add_argument("--images", type=int, default=None, help="first N images (default: all)")
     parser.add_argument("--chunk-size", type=int, default=100, help="images per resumable chunk")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
@@ -248,6 +284,7 @@ def run(args: argparse.Namespace, progress: bool) -> None:
     summary = run_attack(
         load_bundle(args.bundle),
         spec,
+        split=args.split,
         images=args.images,
         chunk_size=args.chunk_size,
         seed=args.seed,
@@ -255,9 +292,10 @@ def run(args: argparse.Namespace, progress: bool) -> None:
         progress=progress,
         engine=engine_from(args),
     )
+    tag = stored_tag(spec.tag, args.split)
     print(
-        f"{spec.tag}: {summary['images']} images, success rate {summary['success_rate']:.4f} "
+        f"{tag}: {summary['images']} images, success rate {summary['success_rate']:.4f} "
         f"(of {summary['clean_correct']} correctly classified), adversarial accuracy "
         f"{summary['adv_accuracy']:.4f}, {summary['seconds_per_image'] * 1000:.1f} ms/image -> "
-        f"{args.bundle / ADVERSARIAL_DIR / spec.tag}"
+        f"{args.bundle / ADVERSARIAL_DIR / tag}"
     )

@@ -37,16 +37,21 @@ from models.bundle import (
     ROBUSTNESS_FILE,
     ROBUSTNESS_MARKDOWN_FILE,
     Bundle,
-    adversarial_evidence_file,
     load_bundle,
-    load_features,
 )
-from models.data import ImageArrays, load_splits
-from models.gate import Gate, load_early_stopping, load_gate
-from models.metrics import auroc, paired_bootstrap_auroc
-from models.signals import OPEN_WORLD_SIGNALS, signal_matrix
-from offline.attack import load_adversarial
-from offline.features import apply_early_stopping, extract_features
+from models.errors import ConfigError
+from models.gate import Gate, load_gate
+from models.metrics import accept_lowest, auroc, paired_bootstrap_auroc, paired_selective_accuracy
+from models.scores import doctor, msp_score
+from offline.adversarial_evidence import (
+    adversarial_evidence,
+    scorable_sets,
+    set_scores,
+    split_evidence,
+)
+from offline.adversarial_exposure import exposure_lines, exposure_study
+from offline.attack import attacked_split, run_attack
+from offline.attack_plans import plan_for
 
 log = logging.getLogger("predgate.robustness")
 
@@ -61,50 +66,45 @@ WANG_ANCHORS = {
         "jsma": 0.976,
     },
 }
-BASELINE = "msp"
+BASELINES = {"msp": msp_score, "doctor": doctor}
+"""The free scores every set is set against, computed from the same logits: softmax confidence
+(MSP) and DOCTOR (Granese et al. 2021)."""
+SETTINGS = {
+    "adv_vs_clean": "successful adversarial vs. clean correct (Wang et al.'s setting)",
+    "wrong_vs_correct": "wrong for any reason vs. correct (clean + adversarial rows)",
+}
 
 
-def evidence_of(
-    bundle: Bundle, gate: Gate, tag: str, images: int | None, progress: bool
-) -> dict[str, np.ndarray]:
-    """The gate's evidence of ``tag``'s rounded adversarial images (cached in the bundle)."""
-    adv = load_adversarial(bundle, tag, images)
-    name = adversarial_evidence_file(tag)
-    if bundle.has_file(name) and (bundle.path / name).exists():
-        cached = bundle.read_arrays(name)
-        if len(cached["index"]) == len(adv["index"]) and np.array_equal(cached["index"], adv["index"]):
-            return cached
-    test = load_splits(bundle)["test"]
-    arrays = ImageArrays(adv["images"], test.labels[adv["index"]], bundle.class_names)
-    feats = extract_features(
-        gate.extractor,
-        bundle.normalisation,
-        arrays,
-        with_lcr=gate.extractor.ensemble is not None,
-        progress=progress,
-        desc=f"evidence {tag}",
-    )
-    feats["index"] = adv["index"]
-    bundle.write_arrays(name, feats)
-    bundle.save()
-    return feats
+def compare_auroc(
+    scores: np.ndarray, baselines: dict[str, np.ndarray], positive: np.ndarray, n_boot: int, seed: int
+) -> dict[str, Any]:
+    """AUROC of ``scores`` and its paired bootstrap CI against every baseline on the same rows."""
+    out: dict[str, Any] = {"auroc": auroc(scores, positive)}
+    for name, base in baselines.items():
+        out[f"vs_{name}"] = paired_bootstrap_auroc(scores, base, positive, n_boot=n_boot, seed=seed)
+    return out
 
 
-def set_scores(gate: Gate, name: str, table: dict[str, np.ndarray]) -> np.ndarray:
-    """Signal set ``name``'s unified score of every row, as :meth:`Gate.run` computes it."""
-    chosen = gate.signal_set(name)
-    cond = gate.cond_score(table["conductance"].astype(np.float64), table["prediction"], chosen)
-    return chosen.classifier.decision_function(
-        signal_matrix(chosen.signals, table["logits"], cond, table.get("lcr"))
-    )
-
-
-def _take(table: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
-    return {k: (v[:, rows] if k == "mutant_labels" else v[rows]) for k, v in table.items() if np.ndim(v) >= 1}
+def at_equal_coverage(
+    accepted: np.ndarray, baselines: dict[str, np.ndarray], wrong: np.ndarray, n_boot: int, seed: int
+) -> dict[str, Any]:
+    """Each baseline accepting as many rows as ``accepted`` (its most confident ones), and the paired
+    CI of the accuracy difference among accepted rows (the set minus the baseline)."""
+    n = int(accepted.sum())
+    return {
+        name: paired_selective_accuracy(accepted, accept_lowest(base, n), wrong, n_boot=n_boot, seed=seed)
+        for name, base in baselines.items()
+    }
 
 
 def evaluate_attack(
-    gate: Gate, clean: dict[str, np.ndarray], adv: dict[str, np.ndarray], *, n_boot: int, seed: int = 0
+    gate: Gate,
+    clean: dict[str, np.ndarray],
+    adv: dict[str, np.ndarray],
+    *,
+    n_boot: int,
+    seed: int = 0,
+    sets: list[str] | None = None,
 ) -> dict[str, Any]:
     """Every figure of one attack; ``clean`` holds the same test rows as ``adv`` (same order)."""
     label = adv["label"]
@@ -120,37 +120,44 @@ def evaluate_attack(
         "mean_lcr_successful": float(adv["lcr"][fooled].mean()) if "lcr" in adv and fooled.any() else None,
         "sets": {},
     }
-    # Sets with open-world signals need penultimate features the stored evidence lacks: not scored here.
-    scores = {
-        name: (set_scores(gate, name, clean), set_scores(gate, name, adv))
-        for name, chosen in gate.signal_sets.items()
-        if not any(sig in OPEN_WORLD_SIGNALS for sig in chosen.signals)
+    names = sets if sets is not None else scorable_sets(gate)
+    scores = {name: (set_scores(gate, name, clean), set_scores(gate, name, adv)) for name in names}
+    free = {k: (np.asarray(f(clean["logits"])), np.asarray(f(adv["logits"]))) for k, f in BASELINES.items()}
+    wang_target = np.r_[np.zeros(int(clean_correct.sum())), np.ones(int(fooled.sum()))].astype(int)
+    mix_wrong = np.concatenate([clean["prediction"] != label, adv["prediction"] != label])
+
+    def wang(pair: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        return np.concatenate([pair[0][clean_correct], pair[1][fooled]])
+
+    def mix(pair: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        return np.concatenate(pair)
+
+    has_both = 0 < mix_wrong.sum() < len(mix_wrong)
+    out["baselines"] = {
+        "adv_vs_clean": {k: auroc(wang(v), wang_target) for k, v in free.items()} if fooled.any() else {},
+        "wrong_vs_correct": {k: auroc(mix(v), mix_wrong) for k, v in free.items()} if has_both else {},
     }
-    wang_target = np.concatenate([np.zeros(int(clean_correct.sum())), np.ones(int(fooled.sum()))]).astype(int)
-    mix_wrong = np.concatenate([clean["prediction"] != label, adv["prediction"] != label]).astype(int)
-    base_c, base_a = scores[BASELINE]
-    for name, (sc, sa) in scores.items():
+    free_mix = {k: mix(v) for k, v in free.items()}
+    for name, pair in scores.items():
         row: dict[str, Any] = {"signals": list(gate.signal_set(name).signals)}
         if fooled.any():
-            wang = np.concatenate([sc[clean_correct], sa[fooled]])
-            wang_base = np.concatenate([base_c[clean_correct], base_a[fooled]])
-            row["adv_vs_clean"] = paired_bootstrap_auroc(
-                wang, wang_base, wang_target, n_boot=n_boot, seed=seed
+            row["adv_vs_clean"] = compare_auroc(
+                wang(pair), {k: wang(v) for k, v in free.items()}, wang_target, n_boot, seed
             )
-        mix = np.concatenate([sc, sa])
-        if 0 < mix_wrong.sum() < len(mix_wrong):
-            row["wrong_vs_correct"] = paired_bootstrap_auroc(
-                mix, np.concatenate([base_c, base_a]), mix_wrong, n_boot=n_boot, seed=seed
-            )
+        if has_both:
+            row["wrong_vs_correct"] = compare_auroc(mix(pair), free_mix, mix_wrong, n_boot, seed)
         points = {}
         for pname, point in gate.signal_set(name).operating_points.items():
-            rej_c, rej_a = point.reject(sc), point.reject(sa)
+            rej_c, rej_a = point.reject(pair[0]), point.reject(pair[1])
             accepted = ~np.concatenate([rej_c, rej_a])
             points[pname] = {
                 "reject_successful_adv": float(rej_a[fooled].mean()) if fooled.any() else None,
                 "reject_clean_correct": float(rej_c[clean_correct].mean()) if clean_correct.any() else None,
                 "accuracy_accepted_mix": float(1 - mix_wrong[accepted].mean()) if accepted.any() else None,
                 "accepted_mix": float(accepted.mean()),
+                "same_coverage": at_equal_coverage(accepted, free_mix, mix_wrong, n_boot, seed)
+                if accepted.any()
+                else {},
             }
         row["operating_points"] = points
         out["sets"][name] = row
@@ -171,34 +178,28 @@ def wang_check(clean: dict[str, np.ndarray], adv: dict[str, np.ndarray]) -> floa
     )
 
 
-def _fmt_ci(r: dict[str, Any] | None, key: str = "auroc_a") -> str:
-    if r is None:
-        return "-"
-    return f"{r[key]:.3f}"
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
-def _fmt_diff(r: dict[str, Any] | None) -> str:
-    if r is None:
+def fmt_diff(diff: float | None, ci: Any) -> str:
+    """``+0.012 [+0.004, +0.020]``, with **+** / **-** where the CI excludes 0."""
+    if diff is None or ci is None or not np.isfinite(diff):
         return "-"
-    low, high = r["ci_diff"]
+    low, high = ci
     mark = " **+**" if low > 0 else (" **-**" if high < 0 else "")
-    return f"{r['diff']:+.3f} [{low:+.3f}, {high:+.3f}]{mark}"
+    return f"{diff:+.3f} [{low:+.3f}, {high:+.3f}]{mark}"
 
 
-def write_markdown(result: dict[str, Any], path: Path) -> None:
+def _vs(row: dict[str, Any] | None, baseline: str) -> str:
+    if row is None:
+        return "-"
+    cmp = row[f"vs_{baseline}"]
+    return fmt_diff(cmp["diff"], cmp["ci_diff"])
+
+
+def attack_lines(result: dict[str, Any]) -> list[str]:
     lines = [
-        f"# Adversarial inputs: {result['bundle_id']}",
-        "",
-        "Evidence of each rounded (uint8) adversarial image from the bundle's extractor; every signal set",
-        "scores with the classifier and operating points fitted on clean data (it never saw an attack).",
-        (
-            "AUROC with paired bootstrap 95% CI of the difference "
-            f"to {BASELINE} ({result['n_boot']} replicates);"
-        ),
-        "**+** / **-**: CI above / below 0.",
-        "",
-        "## Attacks",
-        "",
         (
             "| attack | images | clean correct | success rate | adversarial accuracy | "
             "mean LCR clean correct | mean LCR successful | raw-LCR AUROC adv vs clean |"
@@ -206,46 +207,51 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for tag, r in result["attacks"].items():
-        lcr_c = "-" if r["mean_lcr_clean_correct"] is None else f"{r['mean_lcr_clean_correct']:.3f}"
-        lcr_a = "-" if r["mean_lcr_successful"] is None else f"{r['mean_lcr_successful']:.3f}"
-        raw = "-" if r["raw_lcr_auroc"] is None else f"{r['raw_lcr_auroc']:.3f}"
         lines.append(
             f"| {tag} | {r['images']} | {r['clean_correct']} | {r['success_rate']:.3f} | "
-            f"{r['adv_accuracy']:.3f} | {lcr_c} | {lcr_a} | {raw} |"
+            f"{r['adv_accuracy']:.3f} | {fmt(r['mean_lcr_clean_correct'])} | "
+            f"{fmt(r['mean_lcr_successful'])} | {fmt(r['raw_lcr_auroc'])} |"
         )
-    for setting, title in (
-        ("adv_vs_clean", "successful adversarial vs. clean correct (Wang et al.'s setting)"),
-        ("wrong_vs_correct", "wrong for any reason vs. correct (clean + adversarial rows)"),
-    ):
-        sets = list(next(iter(result["attacks"].values()))["sets"])
+    return lines
+
+
+def auroc_lines(result: dict[str, Any], setting: str) -> list[str]:
+    sets = list(next(iter(result["attacks"].values()))["sets"])
+    lines = [
+        f"## AUROC, {SETTINGS[setting]}",
+        "",
+        "| attack | MSP (raw) | DOCTOR (raw) | " + " | ".join(sets) + " |",
+        "| --- | --- | --- |" + " --- |" * len(sets),
+    ]
+    for tag, r in result["attacks"].items():
+        base = r["baselines"].get(setting, {})
+        cells = [fmt((r["sets"][s].get(setting) or {}).get("auroc")) for s in sets]
+        lines.append(
+            f"| {tag} | {fmt(base.get('msp'))} | {fmt(base.get('doctor'))} | " + " | ".join(cells) + " |"
+        )
+    for baseline in BASELINES:
         lines += [
             "",
-            f"## AUROC, {title}",
+            f"Difference to {baseline.upper()} [paired 95% CI]:",
             "",
             "| attack | " + " | ".join(sets) + " |",
             "| --- |" + " --- |" * len(sets),
         ]
         for tag, r in result["attacks"].items():
-            lines.append(f"| {tag} | " + " | ".join(_fmt_ci(r["sets"][s].get(setting)) for s in sets) + " |")
-        lines += [
-            "",
-            f"Difference to {BASELINE} [95% CI]:",
-            "",
-            "| attack | " + " | ".join(s for s in sets if s != BASELINE) + " |",
-            "| --- |" + " --- |" * (len(sets) - 1),
-        ]
-        for tag, r in result["attacks"].items():
             lines.append(
-                f"| {tag} | "
-                + " | ".join(_fmt_diff(r["sets"][s].get(setting)) for s in sets if s != BASELINE)
-                + " |"
+                f"| {tag} | " + " | ".join(_vs(r["sets"][s].get(setting), baseline) for s in sets) + " |"
             )
-    lines += [
+    return lines
+
+
+def point_lines(result: dict[str, Any]) -> list[str]:
+    lines = [
+        "## At the operating points, and MSP / DOCTOR at the same coverage",
         "",
-        "## At the operating points",
-        "",
-        "Rejected share of successful adversarial inputs / of clean correct inputs; accuracy among the",
-        "accepted inputs of the clean + adversarial mix.",
+        "Rejected share of successful adversarial inputs / of clean correct inputs; coverage and accuracy",
+        "among accepted inputs of the clean + adversarial mix; MSP and DOCTOR accepting exactly as many",
+        "inputs of the mix (their most confident), with the paired 95% CI of the accuracy difference",
+        "(set minus baseline; **+**: the set keeps more right answers at equal coverage).",
         "",
     ]
     # The union over sets: a set may lack a point its scores cannot reach (e.g. a risk target on val).
@@ -261,21 +267,51 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         lines += [
             f"### {point}",
             "",
-            "| attack | set | reject adv | reject clean correct | acc. accepted (mix) |",
-            "| --- | --- | --- | --- | --- |",
+            (
+                "| attack | set | reject adv | reject clean correct | coverage (mix) | acc. accepted (mix) "
+                "| MSP, same coverage | vs MSP | DOCTOR, same coverage | vs DOCTOR |"
+            ),
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for tag, r in result["attacks"].items():
             for s, row in r["sets"].items():
                 p = row["operating_points"].get(point)
                 if p is None:
-                    lines.append(f"| {tag} | {s} | not stored for this set | - | - |")
+                    lines.append(f"| {tag} | {s} | not stored for this set | - | - | - | - | - | - | - |")
                     continue
-                f = lambda v: "-" if v is None else f"{v:.3f}"
+                same = p.get("same_coverage", {})
+                cells = []
+                for baseline in BASELINES:
+                    b = same.get(baseline)
+                    cells += [fmt(b["accuracy_b"]), fmt_diff(b["diff"], b["ci_diff"])] if b else ["-", "-"]
                 lines.append(
-                    f"| {tag} | {s} | {f(p['reject_successful_adv'])} | {f(p['reject_clean_correct'])} "
-                    f"| {f(p['accuracy_accepted_mix'])} |"
+                    f"| {tag} | {s} | {fmt(p['reject_successful_adv'])} | {fmt(p['reject_clean_correct'])} "
+                    f"| {fmt(p['accepted_mix'])} | {fmt(p['accuracy_accepted_mix'])} | "
+                    + " | ".join(cells)
+                    + " |"
                 )
         lines.append("")
+    return lines
+
+
+def write_markdown(result: dict[str, Any], path: Path) -> None:
+    lines = [
+        f"# Adversarial inputs: {result['bundle_id']}",
+        "",
+        "Evidence of each rounded (uint8) adversarial image from the bundle's extractor; every signal set",
+        "scores with the classifier and operating points fitted on clean data (it never saw an attack).",
+        "AUROC with the paired bootstrap 95% CI of the difference to MSP and to DOCTOR, both computed from",
+        f"the same logits ({result['n_boot']} replicates); **+** / **-**: CI above / below 0.",
+        "",
+        "## Attacks",
+        "",
+        *attack_lines(result),
+    ]
+    for setting in SETTINGS:
+        lines += ["", *auroc_lines(result, setting)]
+    lines += ["", *point_lines(result)]
+    if result.get("adv_exposure"):
+        lines += ["", *exposure_lines(result["adv_exposure"])]
     lines += [
         "## Anchors (Wang et al., ICSE 2019, AUROC adversarial vs. clean, best operator)",
         "",
@@ -294,11 +330,22 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     tags = list(result["attacks"])
     sets = list(next(iter(result["attacks"].values()))["sets"])
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    width = 0.8 / len(sets)
-    for ax, setting in zip(axes, ("adv_vs_clean", "wrong_vs_correct"), strict=True):
-        for i, s in enumerate(sets):
-            vals = [(result["attacks"][t]["sets"][s].get(setting) or {}).get("auroc_a", np.nan) for t in tags]
-            ax.bar(np.arange(len(tags)) + i * width, vals, width, label=s)
+    width = 0.8 / (len(sets) + len(BASELINES))
+    for ax, setting in zip(axes, SETTINGS, strict=True):
+        bars = {
+            f"{b.upper()} (raw)": [
+                result["attacks"][t]["baselines"].get(setting, {}).get(b, np.nan) for t in tags
+            ]
+            for b in BASELINES
+        }
+        bars.update(
+            {
+                s: [(result["attacks"][t]["sets"][s].get(setting) or {}).get("auroc", np.nan) for t in tags]
+                for s in sets
+            }
+        )
+        for i, (name, vals) in enumerate(bars.items()):
+            ax.bar(np.arange(len(tags)) + i * width, vals, width, label=name)
         ax.set_xticks(np.arange(len(tags)) + 0.4 - width / 2)
         ax.set_xticklabels(tags, rotation=60, ha="right", fontsize=6)
         ax.set_ylim(0.4, 1.0)
@@ -311,33 +358,49 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def measured_tags(bundle: Bundle) -> list[str]:
+    """Stored attacks on the test split (those on fit / val are rows a detector may learn from)."""
+    return sorted(t for t in (bundle.get(ADVERSARIAL_DIR) or {}) if attacked_split(bundle, t) == "test")
+
+
 def robustness_report(
-    bundle: Bundle, *, tags: list[str] | None = None, n_boot: int = 1000, progress: bool = True
+    bundle: Bundle,
+    *,
+    tags: list[str] | None = None,
+    n_boot: int = 1000,
+    adv_exposure: str | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
+    """Score every stored set on each attack (``tags``, default every test-split attack); with
+    ``adv_exposure`` (an attack tag also stored on fit and val) also fit and measure the detectors
+    that learn from those adversarial rows (:mod:`offline.adversarial_exposure`)."""
     gate = load_gate(bundle)
-    stopping = load_early_stopping(bundle)
-    test = (
-        apply_early_stopping(load_features(bundle)["test"], stopping)
-        if stopping
-        else load_features(bundle)["test"]
-    )
-    stored = sorted(bundle.get(ADVERSARIAL_DIR) or {})
-    tags = tags or stored
+    tags = tags or measured_tags(bundle)
+    for tag in tags:
+        if attacked_split(bundle, tag) != "test":
+            raise ConfigError(
+                f"{tag} attacks the {attacked_split(bundle, tag)} split: only test attacks are measured"
+            )
     result: dict[str, Any] = {
         "bundle_id": bundle.manifest.get("bundle_id", bundle.path.name),
         "n_boot": n_boot,
         "attacks": {},
     }
+    tables = {}
     for tag in tags:
         n = (bundle.get(ADVERSARIAL_DIR) or {}).get(tag, {}).get("images")
-        adv = evidence_of(bundle, gate, tag, n, progress)
-        if stopping is not None and "mutant_labels" in adv:
-            adv = apply_early_stopping(adv, stopping)
-        clean = _take(test, adv["index"])
+        adv = adversarial_evidence(bundle, gate, tag, n, progress)
+        clean = split_evidence(bundle, gate, "test", adv["index"])
+        tables[tag] = (clean, adv)
+        log.info("robustness: scoring %s", tag)
         r = evaluate_attack(gate, clean, adv, n_boot=n_boot)
         r["raw_lcr_auroc"] = wang_check(clean, adv)
         r["attack"] = (bundle.get(ADVERSARIAL_DIR) or {}).get(tag, {}).get("settings")
         result["attacks"][tag] = r
+    if adv_exposure is not None:
+        result["adv_exposure"] = exposure_study(
+            bundle, gate, adv_exposure, tables, n_boot=n_boot, progress=progress
+        )
     out = bundle.path / REPORT_DIR
     out.mkdir(exist_ok=True)
     (bundle.path / ROBUSTNESS_FILE).write_text(json.dumps(result, indent=2))
@@ -349,11 +412,50 @@ def robustness_report(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument(
-        "--tags", nargs="+", default=None, help="attack folders to include (default: all stored)"
+        "--tags", nargs="+", default=None, help="attack folders to include (default: all stored on test)"
     )
     parser.add_argument("--n-boot", type=int, default=1000)
+    parser.add_argument(
+        "--plan",
+        choices=["standard"],
+        default=None,
+        help="first run the data set's standard attacks (offline/attack_plans.py; resumable), also on "
+        "fit and val for --adv-exposure, then report on them all",
+    )
+    parser.add_argument(
+        "--images", type=int, default=500, help="with --plan: test images per attack (default 500)"
+    )
+    parser.add_argument(
+        "--adv-exposure",
+        default=None,
+        metavar="TAG",
+        help="also fit detectors with adversarial rows: the attack TAG made on fit and val "
+        "(predgate attack --split fit / --split val), measured on every other attack",
+    )
+
+
+def run_plan(bundle: Bundle, images: int, progress: bool) -> tuple[list[str], str]:
+    """Run (or resume) the data set's standard attacks; returns the measured tags and the exposure tag."""
+    plan = plan_for(bundle.manifest["dataset"]["name"])
+    tags = []
+    for planned in plan.attacks:
+        n = planned.images or images
+        summary = run_attack(bundle, planned.spec, images=n, progress=progress)
+        log.info("%s: success rate %.3f on %d images", planned.spec.tag, summary["success_rate"], n)
+        tags.append(planned.spec.tag)
+    for split in ("fit", "val"):
+        run_attack(bundle, plan.exposure, split=split, images=plan.exposure_images, progress=progress)
+    if plan.exposure.tag not in tags:
+        run_attack(bundle, plan.exposure, images=images, progress=progress)
+        tags.append(plan.exposure.tag)
+    return tags, plan.exposure.tag
 
 
 def run(args: argparse.Namespace, progress: bool) -> None:
-    robustness_report(load_bundle(args.bundle), tags=args.tags, n_boot=args.n_boot, progress=progress)
+    bundle = load_bundle(args.bundle)
+    tags, exposure = args.tags, args.adv_exposure
+    if args.plan is not None:
+        planned, planned_exposure = run_plan(bundle, args.images, progress)
+        tags, exposure = tags or planned, exposure or planned_exposure
+    robustness_report(bundle, tags=tags, n_boot=args.n_boot, adv_exposure=exposure, progress=progress)
     print(f"robustness report written to {args.bundle / ROBUSTNESS_MARKDOWN_FILE}")

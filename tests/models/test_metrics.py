@@ -10,6 +10,7 @@ from sklearn.metrics import roc_auc_score
 
 from models.metrics import (
     _weighted_auroc,
+    accept_lowest,
     accuracy_with_fallback,
     aupr_error,
     aurc,
@@ -17,6 +18,7 @@ from models.metrics import (
     bootstrap_indices,
     fpr_at_wrong_recall,
     paired_bootstrap_auroc,
+    paired_selective_accuracy,
     recalls_at_threshold,
     risk_coverage_curve,
     summarise,
@@ -188,3 +190,29 @@ def test_summarise_and_input_checks():
         aurc(np.array([0.1, np.nan]), np.array([0, 1]))
     with pytest.raises(ValueError):
         aurc(np.array([0.1, 0.2]), np.array([0, 2]))
+
+
+def test_accept_lowest_takes_the_n_most_confident_with_stable_ties():
+    scores = np.array([0.3, 0.1, 0.3, 0.2, 0.3])
+    assert accept_lowest(scores, 3).tolist() == [True, True, False, True, False]
+    assert accept_lowest(scores, 0).sum() == 0 and accept_lowest(scores, 5).all()
+    with pytest.raises(ValueError):
+        accept_lowest(scores, 6)
+
+
+def test_paired_selective_accuracy_equals_materialised_resamples():
+    """Each replicate's difference equals the one computed on the resampled arrays themselves."""
+    scores_a, wrong = make_scores(300, seed=4)
+    scores_b = scores_a + np.random.default_rng(5).normal(scale=1.5, size=scores_a.size)
+    acc_a, acc_b = accept_lowest(scores_a, 200), accept_lowest(scores_b, 200)
+    out = paired_selective_accuracy(acc_a, acc_b, wrong, n_boot=200, seed=9)
+    assert out["accuracy_a"] == pytest.approx(1 - wrong[acc_a].mean())
+    assert out["accuracy_b"] == pytest.approx(1 - wrong[acc_b].mean())
+    naive = []
+    for idx in bootstrap_indices(wrong.size, 200, 9):
+        for row in idx:
+            w, a, b = wrong[row], acc_a[row], acc_b[row]
+            naive.append((1 - w[a].mean()) - (1 - w[b].mean()))
+    assert out["ci_diff"] == pytest.approx(list(np.percentile(naive, [2.5, 97.5])))
+    # a score that ranks errors better accepts fewer of them at equal coverage: its CI lies above 0
+    assert out["diff"] > 0 and out["ci_diff"][0] > 0
