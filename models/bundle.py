@@ -67,9 +67,10 @@ CNN_TRAIN_INDICES_FILE = (
 ADVERSARIAL_DIR = "adversarial"  # also the manifest section that records each attack
 
 
-def adaptive_report_files(eps: float) -> dict[str, str]:
-    """``predgate adaptive``'s report of the l-inf budget ``eps``: ``json``, ``md`` and ``png`` names."""
-    stem = f"{REPORT_DIR}/adaptive-linf-eps{eps:g}"
+def adaptive_report_files(eps: float, point: str | None = None) -> dict[str, str]:
+    """``predgate adaptive``'s report of the l-inf budget ``eps`` (at operating point ``point`` when
+    one is forced on every set): ``json``, ``md`` and ``png`` names."""
+    stem = f"{REPORT_DIR}/adaptive-linf-eps{eps:g}" + (f"-{point}" if point else "")
     return {"json": f"{stem}.json", "md": f"{stem}.md", "png": f"{stem}.png"}
 
 

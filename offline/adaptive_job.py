@@ -16,7 +16,10 @@ every signal set in ``--sets`` (default: MSP, the paper's cond+lcr and the bundl
 - ``any``: per image, whichever of those got through (an attacker tries them all).
 
 Every adversarial image is rounded to uint8 (what a PNG carries) and judged by the real gate at the
-set's default operating point. The figure that matters is the **survival rate**: the share of
+set's default operating point, or with ``--point SPEC`` at that point for every set (chosen now on the
+set's stored val scores where the bundle lacks it): ``--point correct-recall=0.8`` makes every set
+reject the same share of correct val images, so the sets are compared at equal clean coverage.
+The figure that matters is the **survival rate**: the share of
 images whose answer is wrong *and* accepted, the failure a gate exists to prevent; with it the
 attack's success rate (label flipped), the clean rejection rate of the same images (what the
 operating point costs), and the paired bootstrap difference in survival to MSP under the same kind
@@ -47,19 +50,44 @@ from models.adaptive_attack import (
     redraw_mutants,
 )
 from models.attacks import AttackSpec, attack_batch, to_pixels, to_uint8
-from models.bundle import REPORT_DIR, Bundle, adaptive_report_files, load_bundle
+from models.bundle import REPORT_DIR, SCORES_FILE, Bundle, adaptive_report_files, load_bundle, scores_key
 from models.data import load_splits
 from models.errors import ConfigError
 from models.gate import Gate, load_gate, load_mutants
-from models.metrics import bootstrap_indices
+from models.metrics import bootstrap_indices, wrong_labels
+from models.operating_points import OperatingPoint, choose_threshold
 from models.progress import maybe_tqdm
 
 log = logging.getLogger("predgate.adaptive")
 DEFAULT_SETS = ("msp", "cond+lcr")
 
 
+def point_on_val(bundle: Bundle, name: str, spec: str) -> OperatingPoint:
+    """Signal set ``name``'s operating point ``spec`` chosen on its stored val scores (seed 0), as the
+    build chooses the points it stores (:func:`models.operating_points.choose_threshold`)."""
+    scores = bundle.read_arrays(SCORES_FILE)
+    key = scores_key(0, name, "val")
+    if key not in scores:
+        raise ConfigError(f"the bundle stores no val scores of signal set {name!r}, so no point {spec!r}")
+    return choose_threshold(scores[key], wrong_labels(bundle.read_features("val")), spec)
+
+
+def force_point(bundle: Bundle, gate: Gate, sets: list[str], spec: str) -> None:
+    """Give every set in ``sets`` the point ``spec`` (the stored one, else chosen on val now)."""
+    for name in sets:
+        chosen = gate.signal_set(name)
+        if spec not in chosen.operating_points:
+            chosen.operating_points[spec] = point_on_val(bundle, name, spec)
+
+
 def judge(
-    gate: Gate, bundle: Bundle, pixels: torch.Tensor, labels: np.ndarray, set_name: str, chunk: int = 100
+    gate: Gate,
+    bundle: Bundle,
+    pixels: torch.Tensor,
+    labels: np.ndarray,
+    set_name: str,
+    chunk: int = 100,
+    point: str | None = None,
 ) -> dict[str, np.ndarray]:
     """The real gate's verdict on the uint8 rounding of ``pixels``: ``wrong`` and ``rejected`` per image."""
     norm = bundle.normalisation
@@ -68,7 +96,7 @@ def judge(
     wrong, rejected = [], []
     for s in range(0, len(pixels), chunk):
         rounded = to_pixels(to_uint8(pixels[s : s + chunk]))
-        out = gate.run((rounded - mean) / std, signal_set=set_name)
+        out = gate.run((rounded - mean) / std, signal_set=set_name, operating_point=point)
         wrong.append(out.prediction != labels[s : s + chunk])
         rejected.append(out.reject)
     return {"wrong": np.concatenate(wrong), "rejected": np.concatenate(rejected)}
@@ -107,6 +135,7 @@ def adaptive_report(
     chunk: int = 100,
     n_boot: int = 1000,
     seed: int = 0,
+    point: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     gate = load_gate(bundle)
@@ -116,20 +145,22 @@ def adaptive_report(
         sets.insert(0, "msp")
     for name in sets:
         gate.signal_set(name)  # unknown names stop here, before any attack
+    if point is not None:
+        force_point(bundle, gate, sets, point)
     test = load_splits(bundle)["test"]
     n = min(int(images), len(test))
     if n < 1:
         raise ConfigError("need at least one test image")
     pixels_all = to_pixels(test.images[:n])
     labels_all = np.asarray(test.labels[:n])
-    clean = judge(gate, bundle, pixels_all, labels_all, gate.default_set)
+    clean = judge(gate, bundle, pixels_all, labels_all, gate.default_set)  # only "wrong" is read
     keep = np.flatnonzero(~clean["wrong"])
     pixels, labels = pixels_all[keep], labels_all[keep]
     model = gate.extractor.model
     specs = load_mutants(bundle, model, verify=False).specs if gate.extractor.ensemble is not None else ()
     known = list(specs[:attack_mutants])
     redrawn = redraw_mutants(model, specs, attack_mutants, seed=10_000 + seed) if specs else []
-    spec = AdaptiveSpec(eps=eps, steps=steps, lam=lam)
+    spec = AdaptiveSpec(eps=eps, steps=steps, lam=lam, operating_point=point)
     pgd = AttackSpec("pgd-linf", eps=eps, steps=steps, alpha=spec.step_size)
     result: dict[str, Any] = {
         "bundle_id": bundle.manifest.get("bundle_id", bundle.path.name),
@@ -145,6 +176,7 @@ def adaptive_report(
         "mutants_in_bundle": len(specs),
         "square_queries": square_queries,
         "verdict_tries": verdict_tries,
+        "point": point,
         "n_boot": n_boot,
         "sets": {},
     }
@@ -190,11 +222,11 @@ def adaptive_report(
             variants["adaptive"] = []
         entry: dict[str, Any] = {
             "signals": list(signals),
-            "operating_point": gate.signal_set(name).default_point,
+            "operating_point": point or gate.signal_set(name).default_point,
             "not_attacked_adaptively": not_differentiable,
             "attacks": {},
         }
-        clean_v = judge(gate, bundle, pixels, labels, name)
+        clean_v = judge(gate, bundle, pixels, labels, name, point=point)
         entry["clean_rejection"] = float(clean_v["rejected"].mean())
         entry["clean_rejection_ci"] = _rate_ci(clean_v["rejected"].astype(float), n_boot, seed)
         verdicts[name] = {}
@@ -204,7 +236,7 @@ def adaptive_report(
                 adv = adv_pgd
                 seconds = seconds_pgd
             elif variant == "blackbox":
-                tries = [judge(gate, bundle, a, labels, name) for a in adv_square]
+                tries = [judge(gate, bundle, a, labels, name, point=point) for a in adv_square]
                 ok = [t["wrong"] & ~t["rejected"] for t in tries]
                 # per image: the first accepted-and-wrong try, else the last try
                 pick = np.full(len(labels), len(tries) - 1)
@@ -223,7 +255,7 @@ def adaptive_report(
                     f"{variant} vs {name}",
                 )
                 seconds = time.perf_counter() - t0
-            v = judge(gate, bundle, adv, labels, name)
+            v = judge(gate, bundle, adv, labels, name, point=point)
             verdicts[name][variant] = v
             survive = v["wrong"] & ~v["rejected"]
             entry["attacks"][variant] = {
@@ -260,7 +292,7 @@ def adaptive_report(
             ref = survive["msp"].get(same, survive["msp"]["any"])
             result["sets"][name]["attacks"][variant]["vs_msp"] = _paired_diff(mine, ref, n_boot, seed)
     (bundle.path / REPORT_DIR).mkdir(exist_ok=True)
-    files = adaptive_report_files(eps)
+    files = adaptive_report_files(eps, point)
     (bundle.path / files["json"]).write_text(json.dumps(result, indent=2))
     write_markdown(result, bundle.path / files["md"], Path(files["png"]).name)
     write_plot(result, bundle.path / files["png"])
@@ -282,7 +314,13 @@ def write_markdown(result: dict[str, Any], path: Path, plot_name: str) -> None:
             f"{result['attack_mutants']} mutants (the bundle holds {result['mutants_in_bundle']}); black "
             f"box: Square with {result['square_queries']} queries on the CNN's probabilities, "
             f"{result['verdict_tries']} tries, the first accepted kept. Judged by the real gate on the uint8 "
-            f"rounding at each set's default operating point; 95% CIs from {result['n_boot']} bootstrap "
+            "rounding at "
+            + (
+                f"the point `{result['point']}` of every set (equal clean coverage on val)"
+                if result.get("point")
+                else "each set's default operating point"
+            )
+            + f"; 95% CIs from {result['n_boot']} bootstrap "
             "resamples."
         ),
         "",
@@ -385,6 +423,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk", type=int, default=100)
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--point",
+        default=None,
+        metavar="SPEC",
+        help="judge (and attack) every set at this operating point, chosen on its val scores where not "
+        "stored; e.g. correct-recall=0.8: every set rejects 20%% of correct val images (equal coverage)",
+    )
 
 
 def run(args: argparse.Namespace, progress: bool) -> None:
@@ -401,6 +446,8 @@ def run(args: argparse.Namespace, progress: bool) -> None:
         chunk=args.chunk,
         n_boot=args.n_boot,
         seed=args.seed,
+        point=args.point,
         progress=progress,
     )
-    print(f"adaptive-attack report written to {args.bundle / adaptive_report_files(args.eps)['md']}")
+    report = args.bundle / adaptive_report_files(args.eps, args.point)["md"]
+    print(f"adaptive-attack report written to {report}")

@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 
 from cli.main import main
-from models.bundle import adaptive_report_files
+from models.bundle import SCORES_FILE, adaptive_report_files, load_bundle, scores_key
+from offline.adaptive_job import point_on_val
 
 
 def test_adaptive_job_report_follows_the_real_gates_verdicts(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -56,3 +57,31 @@ def test_adaptive_job_report_follows_the_real_gates_verdicts(tiny_bundle: Path, 
                 assert rows["any"]["survival_rate"] >= r["survival_rate"]
     assert result["sets"]["msp"]["attacks"]["pgd"]["vs_msp"]["diff"] == 0.0
     assert main(["adaptive", "--bundle", str(out), "--sets", "nope", "--images", "5"]) == 2
+
+
+def test_adaptive_at_one_point_for_every_set_is_equal_clean_coverage(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """``--point correct-recall=0.7``: each set's threshold accepts 70% of the correct val images
+    (checked from the stored val scores by hand), and the report is judged at that point."""
+    out = tmp_path / "b"
+    shutil.copytree(tiny_bundle, out)
+    args = ["adaptive", "--bundle", str(out), "--images", "30", "--eps", "0.1", "--steps", "2"]
+    args += ["--attack-mutants", "2", "--square-queries", "20", "--verdict-tries", "1", "--n-boot", "50"]
+    assert main([*args, "--sets", "cond", "--point", "correct-recall=0.7"]) == 0
+    result = json.loads((out / adaptive_report_files(0.1, "correct-recall=0.7")["json"]).read_text())
+    assert result["point"] == "correct-recall=0.7"
+    bundle = load_bundle(out)
+    val = bundle.read_features("val")
+    correct = val["prediction"] == val["label"]
+    stored = bundle.read_arrays(SCORES_FILE)
+    for name in ("msp", "cond"):
+        assert result["sets"][name]["operating_point"] == "correct-recall=0.7"
+        t = point_on_val(bundle, name, "correct-recall=0.7").threshold
+        scores = stored[scores_key(0, name, "val")][correct]
+        assert (scores <= t).mean() >= 0.7
+        below = scores[scores < t]
+        assert below.size == 0 or (scores <= below.max()).mean() < 0.7
+    assert (
+        "equal clean coverage" in (out / adaptive_report_files(0.1, "correct-recall=0.7")["md"]).read_text()
+    )
