@@ -9,6 +9,7 @@ Evidence of the rounded adversarial images is cached beside them (``adversarial/
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -124,3 +125,37 @@ def scorable_sets(gate: Gate) -> list[str]:
         for name, chosen in gate.signal_sets.items()
         if gate.open_world is not None or not any(sig in OPEN_WORLD_SIGNALS for sig in chosen.signals)
     ]
+
+
+@dataclass(frozen=True)
+class AttackRows:
+    """Which rows of one attack each setting reads, from its clean and adversarial tables (same
+    images, same order): Wang et al.'s setting (successful adversarial vs. clean correct) and the
+    any-reason mix (clean and adversarial rows, wrong vs. correct)."""
+
+    clean_correct: np.ndarray
+    fooled: np.ndarray
+    mix_wrong: np.ndarray
+
+    @classmethod
+    def of(cls, clean: dict[str, np.ndarray], adv: dict[str, np.ndarray]) -> AttackRows:
+        label = adv["label"]
+        clean_correct = clean["prediction"] == label
+        return cls(
+            clean_correct=clean_correct,
+            fooled=clean_correct & (adv["prediction"] != label),
+            mix_wrong=np.concatenate([clean["prediction"] != label, adv["prediction"] != label]),
+        )
+
+    @property
+    def wang_target(self) -> np.ndarray:
+        return np.r_[np.zeros(int(self.clean_correct.sum())), np.ones(int(self.fooled.sum()))].astype(int)
+
+    def wang(self, clean_scores: np.ndarray, adv_scores: np.ndarray) -> np.ndarray:
+        """Scores of the clean correct rows, then of the successful adversarial ones."""
+        return np.concatenate([clean_scores[self.clean_correct], adv_scores[self.fooled]])
+
+    @staticmethod
+    def mix(clean_scores: np.ndarray, adv_scores: np.ndarray) -> np.ndarray:
+        """Scores of every clean row, then of every adversarial row."""
+        return np.concatenate([clean_scores, adv_scores])

@@ -33,9 +33,9 @@ from models.metrics import (
 )
 from models.scores import msp_score
 from models.signals import CANDIDATE_SETS, OPEN_WORLD_SETS
-from offline.adversarial_evidence import adversarial_evidence, split_evidence
+from offline.adversarial_evidence import AttackRows, adversarial_evidence, split_evidence
 from offline.attack import stored_tag
-from offline.open_world import VariantFit, concat_tables, fit_variant
+from offline.open_world import VariantFit, concat_tables, fit_variants
 
 log = logging.getLogger("predgate.robustness")
 
@@ -101,15 +101,8 @@ def _setting_rows(
     n_boot: int,
 ) -> dict[str, Any]:
     """Both settings of one set: mean AUROC per variant, adv - clean and adv - MSP over seeds."""
-    label = adv["label"]
-    clean_correct = clean["prediction"] == label
-    fooled = clean_correct & (adv["prediction"] != label)
-    mix_wrong = np.concatenate([clean["prediction"] != label, adv["prediction"] != label])
-    wang_target = np.r_[np.zeros(int(clean_correct.sum())), np.ones(int(fooled.sum()))].astype(int)
-    pick = {
-        "wrong_vs_correct": (lambda c, a: np.concatenate([c, a]), mix_wrong),
-        "adv_vs_clean": (lambda c, a: np.concatenate([c[clean_correct], a[fooled]]), wang_target),
-    }
+    rows = AttackRows.of(clean, adv)
+    pick = {"wrong_vs_correct": (rows.mix, rows.mix_wrong), "adv_vs_clean": (rows.wang, rows.wang_target)}
     out: dict[str, Any] = {}
     for setting, (join, positive) in pick.items():
         if positive.min() == positive.max():
@@ -135,10 +128,8 @@ def _at_point(
     n_boot: int,
 ) -> dict[str, Any]:
     """Each variant at its equal-recall point (seed 0): what it rejects, and MSP at its coverage."""
-    label = adv["label"]
-    mix_wrong = np.concatenate([clean["prediction"] != label, adv["prediction"] != label])
-    clean_correct = clean["prediction"] == label
-    fooled = clean_correct & (adv["prediction"] != label)
+    rows = AttackRows.of(clean, adv)
+    mix_wrong, clean_correct, fooled = rows.mix_wrong, rows.clean_correct, rows.fooled
     msp = np.concatenate(free)
     out = {}
     for v, vf in variants.items():
@@ -198,17 +189,13 @@ def exposure_study(
     cond_inputs = section.conductance.inputs if section else DEFAULT_COND_INPUTS
     seeds = len(section.seeds) if section and section.seeds else 3
     signal_sets = _sets(gate)
-    variants = {}
-    for variant, var_tables in (("clean", base), ("adv", exposed)):
-        log.info("adversarial exposure: fitting the %s detectors (%d seeds)", variant, seeds)
-        variants[variant] = fit_variant(
-            variant,
-            var_tables,
-            seeds=seeds,
-            cond_inputs=cond_inputs,
-            signal_sets=signal_sets,
-            progress=progress,
-        )
+    variants = fit_variants(
+        {"clean": base, "adv": exposed},
+        seeds=seeds,
+        cond_inputs=cond_inputs,
+        signal_sets=signal_sets,
+        progress=progress,
+    )
     fitted = [
         n for n in signal_sets if n in variants["adv"].fits[0].sets and n in variants["clean"].fits[0].sets
     ]

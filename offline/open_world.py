@@ -249,6 +249,29 @@ def fit_variant(
     return VariantFit(variant, fits, points)
 
 
+def fit_variants(
+    tables: dict[str, dict[str, dict[str, np.ndarray]]],
+    *,
+    seeds: int,
+    cond_inputs: str,
+    signal_sets: dict[str, tuple[str, ...]],
+    progress: bool = False,
+) -> dict[str, VariantFit]:
+    """:func:`fit_variant` for each variant's tables (variant name -> split -> table)."""
+    out = {}
+    for variant, var_tables in tables.items():
+        log.info("fitting the %s detectors (%d seeds)", variant, seeds)
+        out[variant] = fit_variant(
+            variant,
+            var_tables,
+            seeds=seeds,
+            cond_inputs=cond_inputs,
+            signal_sets=signal_sets,
+            progress=progress,
+        )
+    return out
+
+
 @dataclass
 class OpenWorldResult:
     """Everything the report needs: per suite its labels and predictions, and the scores of every
@@ -453,17 +476,13 @@ def run_open_world(
         signal_sets = {k: v for k, v in signal_sets.items() if "lcr" not in v}
     cond_inputs = bundle.detectors.conductance.inputs if bundle.detectors else DEFAULT_COND_INPUTS
     num_classes = int(bundle.manifest["architecture"]["num_classes"])
-    variants = {}
-    for variant, var_tables in (("clean", tables), ("exposed", exposed_tables)):
-        log.info("open world: fitting the %s detectors (%d seeds)", variant, seeds)
-        variants[variant] = fit_variant(
-            variant,
-            var_tables,
-            seeds=seeds,
-            cond_inputs=cond_inputs,
-            signal_sets=signal_sets,
-            progress=progress,
-        )
+    variants = fit_variants(
+        {"clean": tables, "exposed": exposed_tables},
+        seeds=seeds,
+        cond_inputs=cond_inputs,
+        signal_sets=signal_sets,
+        progress=progress,
+    )
 
     scores: dict[str, dict[tuple[str, int, str], np.ndarray]] = {}
     for name, table in suite_tables.items():

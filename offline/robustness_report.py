@@ -44,6 +44,7 @@ from models.gate import Gate, load_gate
 from models.metrics import accept_lowest, auroc, paired_bootstrap_auroc, paired_selective_accuracy
 from models.scores import doctor, msp_score
 from offline.adversarial_evidence import (
+    AttackRows,
     adversarial_evidence,
     scorable_sets,
     set_scores,
@@ -108,8 +109,8 @@ def evaluate_attack(
 ) -> dict[str, Any]:
     """Every figure of one attack; ``clean`` holds the same test rows as ``adv`` (same order)."""
     label = adv["label"]
-    clean_correct = clean["prediction"] == label
-    fooled = clean_correct & (adv["prediction"] != label)
+    rows = AttackRows.of(clean, adv)
+    clean_correct, fooled, mix_wrong = rows.clean_correct, rows.fooled, rows.mix_wrong
     out: dict[str, Any] = {
         "images": len(label),
         "clean_correct": int(clean_correct.sum()),
@@ -123,14 +124,13 @@ def evaluate_attack(
     names = sets if sets is not None else scorable_sets(gate)
     scores = {name: (set_scores(gate, name, clean), set_scores(gate, name, adv)) for name in names}
     free = {k: (np.asarray(f(clean["logits"])), np.asarray(f(adv["logits"]))) for k, f in BASELINES.items()}
-    wang_target = np.r_[np.zeros(int(clean_correct.sum())), np.ones(int(fooled.sum()))].astype(int)
-    mix_wrong = np.concatenate([clean["prediction"] != label, adv["prediction"] != label])
+    wang_target = rows.wang_target
 
     def wang(pair: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        return np.concatenate([pair[0][clean_correct], pair[1][fooled]])
+        return rows.wang(*pair)
 
     def mix(pair: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        return np.concatenate(pair)
+        return rows.mix(*pair)
 
     has_both = 0 < mix_wrong.sum() < len(mix_wrong)
     out["baselines"] = {
