@@ -41,6 +41,7 @@ def _copy(bundle: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow  # a Ray instance and its actors: about a minute; make test-all
 def test_features_on_ray_equal_the_single_process_path(
     tiny_bundle: Path, tmp_path: Path, local_ray: RayEngine
 ) -> None:
@@ -76,6 +77,7 @@ def test_features_on_ray_equal_the_single_process_path(
     assert load_bundle(local).manifest["stages"]["features:test"]["engine"] == "local"
 
 
+@pytest.mark.slow  # a Ray instance and its actors: about a minute; make test-all
 def test_attack_on_ray_stores_the_single_process_images(
     tiny_bundle: Path, tmp_path: Path, local_ray: RayEngine
 ) -> None:

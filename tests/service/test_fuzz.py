@@ -40,10 +40,11 @@ from service.main import create_app
 from tests.service.conftest import make_settings, png_bytes
 
 API_KEY = "fuzz-key"
-PER_OPERATION_AND_MODE = int(os.environ.get("PREDGATE_FUZZ_EXAMPLES", "250"))
-"""Hypothesis examples per (predict operation, positive | negative): 2 x 2 x 250 = 1000 cases, plus
-one for each operation without parameters."""
-MIN_CASES = 1000
+PER_OPERATION_AND_MODE = int(os.environ.get("PREDGATE_FUZZ_EXAMPLES", "125"))
+"""Hypothesis examples per (predict operation, positive | negative): 2 x 2 x 125 = 500 cases, plus
+one for each operation without parameters. Seeded, so CI replays the same cases; the unseeded and
+larger runs are in docs/reliability.md."""
+MIN_CASES = 4 * PER_OPERATION_AND_MODE
 DOCUMENTED_5XX = {504: "deadline_exceeded"}
 
 CONFIG = schemathesis.Config.from_dict(
