@@ -95,7 +95,7 @@ def make_attack(spec: AttackSpec, pixel_model: nn.Module, seed: int = 0) -> Any:
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:
     """``N x H x W x C`` uint8 -> ``N x C x H x W`` float32 in [0, 1]."""
-    return torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).to(torch.float32).div(255.0)
+    return torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).to(torch.float32).div(255.0).contiguous()
 
 
 def to_uint8(pixels: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -105,3 +105,26 @@ def test_bad_spec() -> None:
         AttackSpec("jsma")
     with pytest.raises(ConfigError):
         AttackSpec("fgsm", eps=0)
+
+
+def test_pgd_l2_on_colour_images_matches_torchattacks() -> None:
+    # N x H x W x 3 uint8 permuted to N x 3 x H x W is not contiguous; torchattacks' PGD-l2 views
+    # its perturbation flat and needs contiguous pixels (a CIFAR-10 bundle failed here).
+    from models.architectures import build_model
+    from models.preprocess import Normalisation
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10, in_channels=3).eval()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=8)
+    norm = Normalisation.from_images(images)
+    spec = AttackSpec("pgd-l2", eps=0.5, steps=3)
+    ours = attack_batch(spec, model, norm, images, labels, seed=1)
+    direct = torchattacks.PGDL2(model, eps=spec.eps, alpha=spec.step_size, steps=spec.steps)
+    direct.set_normalization_used(mean=list(norm.mean), std=list(norm.std))
+    torch.manual_seed(1)
+    theirs = direct.inverse_normalize(direct(norm.apply(images).contiguous(), torch.as_tensor(labels)))
+    assert float((ours - theirs).abs().mean()) < 2e-3
+    x = to_pixels(images)
+    assert float((ours - x).flatten(1).norm(dim=1).max()) <= spec.eps + 1e-4
