@@ -9,10 +9,12 @@ import pytest
 import torch
 import torchattacks
 
+from models.architectures import build_model
 from models.attacks import AttackSpec, PixelModel, attack_batch, predict_pixels, to_pixels, to_uint8
 from models.bundle import load_bundle
 from models.data import load_splits
 from models.errors import ConfigError
+from models.preprocess import Normalisation
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +112,6 @@ def test_bad_spec() -> None:
 def test_pgd_l2_on_colour_images_matches_torchattacks() -> None:
     # N x H x W x 3 uint8 permuted to N x 3 x H x W is not contiguous; torchattacks' PGD-l2 views
     # its perturbation flat and needs contiguous pixels (a CIFAR-10 bundle failed here).
-    from models.architectures import build_model
-    from models.preprocess import Normalisation
-
     torch.manual_seed(0)
     model = build_model("resnet20", num_classes=10, in_channels=3).eval()
     rng = np.random.default_rng(0)
